@@ -1,0 +1,456 @@
+//! Command-line parsing and the one-shot subcommands.
+
+use std::collections::HashSet;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use vfs_core::backup::{self, BackupOptions, Progress, Source, StdinSource};
+use vfs_core::chunker::{parse_size, ChunkerKind};
+use vfs_core::local_store::LocalStore;
+use vfs_core::repo::{Repository, RestorePointName};
+use vfs_core::restore::{self, RestoreOptions};
+use vfs_core::verify;
+
+use crate::exit;
+use crate::progress::ProgressDisplay;
+
+#[derive(Parser)]
+#[command(
+    name = "flr",
+    version,
+    about = "Back up databases and mount any restore point instantly"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a repository in a new or empty directory.
+    Init {
+        repo: PathBuf,
+        /// Encrypt chunks and metadata; the password comes from
+        /// FLR_PASSWORD or is asked on the terminal.
+        #[arg(long)]
+        encrypt: bool,
+    },
+    /// Back up files and directories, or a stream from standard input.
+    Backup {
+        #[arg(long)]
+        repo: PathBuf,
+        #[arg(long)]
+        job: String,
+        /// Read standard input and store it as one file of this name.
+        #[arg(long, conflicts_with = "paths")]
+        stdin_name: Option<String>,
+        /// auto (per file), cdc, or fixed:SIZE (e.g. fixed:8k).
+        #[arg(long, default_value = "auto")]
+        chunker: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, short)]
+        quiet: bool,
+        #[arg(required_unless_present = "stdin_name")]
+        paths: Vec<PathBuf>,
+    },
+    /// List restore points with their sizes.
+    RestorePoints {
+        #[arg(long)]
+        repo: PathBuf,
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a restore point's files (or some of them) to a directory.
+    Restore {
+        #[arg(long)]
+        repo: PathBuf,
+        /// JOB/TIMESTAMP, or JOB for the newest.
+        restore_point: String,
+        #[arg(long)]
+        to: PathBuf,
+        /// Replace files that already exist in the target.
+        #[arg(long)]
+        overwrite: bool,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, short)]
+        quiet: bool,
+        /// Paths inside the restore point; all when none.
+        paths: Vec<String>,
+    },
+    /// Check the repository; with --read-data, re-read and re-hash all data.
+    Verify {
+        #[arg(long)]
+        repo: PathBuf,
+        #[arg(long)]
+        read_data: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mount restore points read-only at MOUNTPOINT/<job>/<restore point>.
+    Mount(crate::mount::MountArgs),
+}
+
+pub fn run(cli: Cli) -> Result<u8> {
+    match cli.command {
+        Command::Init { repo, encrypt } => init(&repo, encrypt),
+        Command::Backup {
+            repo,
+            job,
+            stdin_name,
+            chunker,
+            json,
+            quiet,
+            paths,
+        } => run_backup(&repo, job, stdin_name, &chunker, json, quiet, paths),
+        Command::RestorePoints { repo, job, json } => list(&repo, job.as_deref(), json),
+        Command::Restore {
+            repo,
+            restore_point,
+            to,
+            overwrite,
+            json,
+            quiet,
+            paths,
+        } => run_restore(&repo, &restore_point, &to, overwrite, json, quiet, paths),
+        Command::Verify {
+            repo,
+            read_data,
+            json,
+        } => run_verify(&repo, read_data, json),
+        Command::Mount(args) => crate::mount::run(args),
+    }
+}
+
+/// The password from FLR_PASSWORD, or asked on the terminal.
+pub fn password(repo: &Path, confirm: bool) -> vfs_core::Result<Vec<u8>> {
+    if let Ok(p) = std::env::var("FLR_PASSWORD") {
+        return Ok(p.into_bytes());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(vfs_core::Error::PasswordNeeded(repo.to_path_buf()));
+    }
+    let io = |e| vfs_core::Error::io("terminal", e);
+    let first =
+        rpassword::prompt_password(format!("password for {}: ", repo.display())).map_err(io)?;
+    if confirm {
+        let again = rpassword::prompt_password("repeat password: ").map_err(io)?;
+        if again != first {
+            return Err(vfs_core::Error::InvalidInput("the passwords differ".into()));
+        }
+    }
+    if first.is_empty() {
+        return Err(vfs_core::Error::InvalidInput("empty password".into()));
+    }
+    Ok(first.into_bytes())
+}
+
+pub fn open_repo(path: &Path) -> Result<Repository> {
+    let store = LocalStore::open(path)
+        .with_context(|| format!("cannot open repository {}", path.display()))?;
+    Ok(Repository::open(Arc::new(store), || password(path, false))?)
+}
+
+fn init(path: &Path, encrypt: bool) -> Result<u8> {
+    if path.exists() {
+        let mut entries =
+            std::fs::read_dir(path).with_context(|| format!("cannot read {}", path.display()))?;
+        if entries.next().is_some() {
+            bail!(
+                "{} is not empty; a repository needs a new or empty directory",
+                path.display()
+            );
+        }
+    } else {
+        std::fs::create_dir_all(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+    }
+    let pw = if encrypt {
+        Some(password(path, true)?)
+    } else {
+        None
+    };
+    let store = LocalStore::open(path)?;
+    Repository::init(&store, pw.as_deref())?;
+    eprintln!(
+        "created {}repository at {}",
+        if encrypt { "encrypted " } else { "" },
+        path.display()
+    );
+    Ok(exit::OK)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(unix)]
+fn own_ids() -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map_or((0, 0), |m| (m.uid(), m.gid()))
+}
+
+#[cfg(not(unix))]
+fn own_ids() -> (u32, u32) {
+    (0, 0)
+}
+
+fn run_backup(
+    repo_path: &Path,
+    job: String,
+    stdin_name: Option<String>,
+    chunker: &str,
+    json: bool,
+    quiet: bool,
+    paths: Vec<PathBuf>,
+) -> Result<u8> {
+    let chunker = ChunkerKind::parse(chunker).map_err(anyhow::Error::msg)?;
+    vfs_core::manifest::validate_job_name(&job)?;
+    let repo = open_repo(repo_path)?;
+    if let Ok(local) = LocalStore::open(repo_path) {
+        local.clean_stale_temp_files();
+    }
+    let source = match stdin_name {
+        Some(name) => {
+            let (uid, gid) = own_ids();
+            Source::Stream(StdinSource {
+                name,
+                reader: Box::new(std::io::stdin()),
+                mode: 0o640,
+                uid,
+                gid,
+            })
+        }
+        None => Source::Paths(paths),
+    };
+    let progress = Arc::new(Progress::default());
+    let display = ProgressDisplay::start(progress.clone(), "backup", !quiet && !json);
+    let opts = BackupOptions {
+        job,
+        chunker,
+        hostname: hostname(),
+        progress,
+    };
+    let manifest = backup::backup(&repo, source, &opts)
+        .context("backup failed; no restore point was created")?;
+    drop(display);
+    let s = &manifest.stats;
+    if json {
+        println!(
+            "{}",
+            json!({
+                "restore_point": manifest.full_name(),
+                "stats": stats_json(s),
+            })
+        );
+    } else if !quiet {
+        println!(
+            "restore point {}: {} files, {} read, {} new chunks, {} added in {:.1}s ({}/s)",
+            manifest.full_name(),
+            s.files,
+            human(s.logical_bytes),
+            s.new_chunks,
+            human(s.added_bytes()),
+            s.duration_ms as f64 / 1000.0,
+            human((s.logical_bytes as f64 / (s.duration_ms.max(1) as f64 / 1000.0)) as u64),
+        );
+    }
+    if !s.changed_while_reading.is_empty() {
+        for f in &s.changed_while_reading {
+            eprintln!(
+                "flr: warning: {f} changed while it was being read; its copy may be inconsistent"
+            );
+        }
+        return Ok(exit::CHANGED_DURING_BACKUP);
+    }
+    Ok(exit::OK)
+}
+
+fn stats_json(s: &vfs_core::manifest::BackupStats) -> serde_json::Value {
+    json!({
+        "files": s.files,
+        "dirs": s.dirs,
+        "symlinks": s.symlinks,
+        "logical_bytes": s.logical_bytes,
+        "read_bytes": s.read_bytes,
+        "chunks": s.chunks,
+        "new_chunks": s.new_chunks,
+        "new_chunk_bytes": s.new_chunk_bytes,
+        "new_meta_bytes": s.new_meta_bytes,
+        "added_bytes": s.added_bytes(),
+        "duration_ms": s.duration_ms,
+        "changed_while_reading": s.changed_while_reading,
+    })
+}
+
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn list(repo_path: &Path, job: Option<&str>, json: bool) -> Result<u8> {
+    let repo = open_repo(repo_path)?;
+    let names = repo.list_restore_points(job)?;
+    let mut rows = Vec::new();
+    for name in &names {
+        let m = repo.load_manifest(name)?;
+        // Stored size: each distinct chunk the restore point needs, once.
+        let index = repo.index().read();
+        let mut seen = HashSet::new();
+        let mut stored = 0u64;
+        for node in &m.nodes {
+            for id in node.content.ids() {
+                if seen.insert(id) {
+                    stored += index.chunks.get(&id).map_or(0, |l| l.stored_len as u64);
+                }
+            }
+        }
+        rows.push((
+            name.clone(),
+            m.time,
+            m.stats.files,
+            m.stats.logical_bytes,
+            stored,
+            m.stats.added_bytes(),
+        ));
+    }
+    if json {
+        let arr: Vec<_> = rows
+            .iter()
+            .map(|(n, time, files, logical, stored, added)| {
+                json!({
+                    "name": n.to_string(), "job": n.job, "time": time, "files": files,
+                    "logical_bytes": logical, "stored_bytes": stored, "added_bytes": added,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(arr));
+    } else {
+        println!(
+            "{:<48} {:>8} {:>12} {:>12} {:>12}",
+            "RESTORE POINT", "FILES", "LOGICAL", "STORED", "ADDED"
+        );
+        for (n, _, files, logical, stored, added) in &rows {
+            println!(
+                "{:<48} {:>8} {:>12} {:>12} {:>12}",
+                n.to_string(),
+                files,
+                human(*logical),
+                human(*stored),
+                human(*added)
+            );
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn run_restore(
+    repo_path: &Path,
+    spec: &str,
+    to: &Path,
+    overwrite: bool,
+    json: bool,
+    quiet: bool,
+    paths: Vec<String>,
+) -> Result<u8> {
+    let repo = open_repo(repo_path)?;
+    let name: RestorePointName = repo.resolve(spec)?;
+    let manifest = repo.load_manifest(&name)?;
+    let progress = Arc::new(Progress::default());
+    let display = ProgressDisplay::start(progress.clone(), "restore", !quiet && !json);
+    let opts = RestoreOptions {
+        paths,
+        overwrite,
+        progress,
+        cancel: Default::default(),
+    };
+    let stats = restore::restore(&repo, &manifest, to, &opts)
+        .with_context(|| format!("restore of {name} to {} failed", to.display()))?;
+    drop(display);
+    if json {
+        println!(
+            "{}",
+            json!({"restore_point": name.to_string(), "files": stats.files, "dirs": stats.dirs,
+                   "symlinks": stats.symlinks, "bytes": stats.bytes})
+        );
+    } else if !quiet {
+        println!(
+            "restored {name}: {} files, {} to {}",
+            stats.files,
+            human(stats.bytes),
+            to.display()
+        );
+    }
+    Ok(exit::OK)
+}
+
+fn run_verify(repo_path: &Path, read_data: bool, json: bool) -> Result<u8> {
+    let repo = open_repo(repo_path)?;
+    let progress = Arc::new(Progress::default());
+    let display = ProgressDisplay::start(progress.clone(), "verify", !json);
+    let report = verify::verify(&repo, read_data, &progress)?;
+    drop(display);
+    if json {
+        let mut v = serde_json::to_value(&report)?;
+        v["clean"] = json!(report.is_clean());
+        println!("{v}");
+    } else {
+        for p in &report.problems {
+            eprintln!("flr: damage: {p}");
+        }
+        for (rp, files) in &report.damaged {
+            eprintln!("flr: damaged restore point {rp}:");
+            for f in files {
+                eprintln!("  {f}");
+            }
+        }
+        println!(
+            "checked {} restore points, {} packs{}: {}",
+            report.restore_points,
+            report.packs,
+            if read_data {
+                format!(
+                    ", {} chunks ({})",
+                    report.chunks_checked,
+                    human(report.bytes_checked)
+                )
+            } else {
+                String::new()
+            },
+            if report.is_clean() {
+                "no damage found"
+            } else {
+                "DAMAGE FOUND"
+            }
+        );
+    }
+    Ok(if report.is_clean() {
+        exit::OK
+    } else {
+        exit::DAMAGED
+    })
+}
+
+/// Parses a size argument such as `512M`.
+pub fn size_arg(s: &str) -> std::result::Result<u64, String> {
+    parse_size(s)
+}

@@ -1,0 +1,36 @@
+//! `flr`: the command line and mount daemon of flr.
+//!
+//! Subcommands map one to one onto the core: `init`, `backup`,
+//! `restore-points`, `restore`, `verify` work on a repository through
+//! `vfs_core`; `mount` builds the filesystem model and hands it to the FUSE
+//! adapter in `backends`. Errors carry context with `anyhow` and end in
+//! the exit codes documented in `docs/cli.md`.
+
+mod cli;
+mod mount;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Exit codes scripts can rely on.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const ERROR: u8 = 1;
+    /// Backup committed, but some files changed while being read.
+    pub const CHANGED_DURING_BACKUP: u8 = 3;
+    /// Verify found damage.
+    pub const DAMAGED: u8 = 4;
+}
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("flr: error: {e:#}");
+            ExitCode::from(exit::ERROR)
+        }
+    }
+}

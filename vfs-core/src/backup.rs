@@ -1,0 +1,651 @@
+//! Backing up files, directories and streams into a restore point.
+//!
+//! Data flow: a walk collects the tree's metadata first (so progress knows
+//! the total); a reader thread streams each file through its chunker into
+//! batches; the caller's thread hashes the batch on all cores, compresses
+//! and seals only chunks the repository lacks (again on all cores), and
+//! appends them to the open pack; a writer thread makes full packs and
+//! their index files durable. The manifest is written last: until then no
+//! restore point is visible, and every pack already written is indexed, so
+//! an interrupted backup's chunks are reused by the next one.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use rayon::prelude::*;
+
+use crate::chunker::{ChunkBatch, ChunkStream, ChunkerKind};
+use crate::error::{Error, Result};
+use crate::format::{self, CHUNK_ZSTD};
+use crate::ids::{ChunkId, PackId};
+use crate::manifest::{
+    timestamp_name, validate_job_name, BackupStats, Content, Manifest, Node, NodeKind,
+};
+use crate::repo::{index_key, pack_key, IndexEntry, IndexFile, Repository, RestorePointName};
+
+/// Bytes read from a file per batch: large enough to keep both cores busy
+/// between hand-offs, small enough that memory stays a few batches.
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Live counters for a progress display; all fields are updated as the
+/// backup runs.
+#[derive(Default)]
+pub struct Progress {
+    pub total_bytes: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub files_done: AtomicU64,
+    pub total_files: AtomicU64,
+    pub current: Mutex<String>,
+}
+
+pub struct StdinSource {
+    pub name: String,
+    pub reader: Box<dyn Read + Send>,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+pub enum Source {
+    Paths(Vec<PathBuf>),
+    Stream(StdinSource),
+}
+
+pub struct BackupOptions {
+    pub job: String,
+    /// `None` chooses per file (see [`ChunkerKind::choose`]).
+    pub chunker: Option<ChunkerKind>,
+    pub hostname: String,
+    pub progress: Arc<Progress>,
+}
+
+/// What the reader thread reads for one file node.
+enum FileInput {
+    Path(PathBuf),
+    Stream(Box<dyn Read + Send>),
+}
+
+struct Walk {
+    nodes: Vec<Node>,
+    inputs: Vec<(usize, FileInput)>,
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn node_from_meta(parent: u32, name: Vec<u8>, meta: &std::fs::Metadata, kind: NodeKind) -> Node {
+    let (mode, uid, gid, mtime_sec, mtime_nsec) = unix_meta(meta);
+    Node {
+        parent,
+        name,
+        kind,
+        mode,
+        uid,
+        gid,
+        mtime_sec,
+        mtime_nsec,
+        size: if kind == NodeKind::File {
+            meta.len()
+        } else {
+            0
+        },
+        target: Vec::new(),
+        content: Content::Empty,
+    }
+}
+
+#[cfg(unix)]
+fn unix_meta(meta: &std::fs::Metadata) -> (u32, u32, u32, i64, u32) {
+    use std::os::unix::fs::MetadataExt;
+    (
+        meta.mode() & 0o7777,
+        meta.uid(),
+        meta.gid(),
+        meta.mtime(),
+        meta.mtime_nsec() as u32,
+    )
+}
+
+#[cfg(not(unix))]
+fn unix_meta(meta: &std::fs::Metadata) -> (u32, u32, u32, i64, u32) {
+    let mode = if meta.is_dir() {
+        0o755
+    } else if meta.permissions().readonly() {
+        0o444
+    } else {
+        0o644
+    };
+    let (s, ns) = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or((0, 0), |d| (d.as_secs() as i64, d.subsec_nanos()));
+    (mode, 0, 0, s, ns)
+}
+
+#[cfg(unix)]
+fn name_bytes(name: &std::ffi::OsStr) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    name.as_bytes().to_vec()
+}
+
+#[cfg(not(unix))]
+fn name_bytes(name: &std::ffi::OsStr) -> Vec<u8> {
+    name.to_string_lossy().as_bytes().to_vec()
+}
+
+#[cfg(unix)]
+fn link_bytes(target: PathBuf) -> Vec<u8> {
+    use std::os::unix::ffi::OsStringExt;
+    target.into_os_string().into_vec()
+}
+
+#[cfg(not(unix))]
+fn link_bytes(target: PathBuf) -> Vec<u8> {
+    target.to_string_lossy().as_bytes().to_vec()
+}
+
+fn walk(source: Source) -> Result<Walk> {
+    let mut root = Node {
+        parent: 0,
+        name: Vec::new(),
+        kind: NodeKind::Dir,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime_sec: now_secs(),
+        mtime_nsec: 0,
+        size: 0,
+        target: Vec::new(),
+        content: Content::Empty,
+    };
+    let mut walk = Walk {
+        nodes: Vec::new(),
+        inputs: Vec::new(),
+    };
+    match source {
+        Source::Stream(s) => {
+            if s.name.is_empty() || s.name.contains('/') || s.name == "." || s.name == ".." {
+                return Err(Error::InvalidInput(format!(
+                    "invalid stream name {:?}",
+                    s.name
+                )));
+            }
+            walk.nodes.push(root.clone());
+            walk.nodes.push(Node {
+                parent: 0,
+                name: s.name.into_bytes(),
+                kind: NodeKind::File,
+                mode: s.mode,
+                uid: s.uid,
+                gid: s.gid,
+                ..root
+            });
+            walk.inputs.push((1, FileInput::Stream(s.reader)));
+        }
+        Source::Paths(paths) => {
+            if paths.is_empty() {
+                return Err(Error::InvalidInput(
+                    "nothing to back up: no paths given".into(),
+                ));
+            }
+            #[cfg(unix)]
+            {
+                // The root directory belongs to whoever runs the backup.
+                let me = std::fs::metadata(".").ok();
+                if let Some(m) = me {
+                    let (_, uid, gid, _, _) = unix_meta(&m);
+                    root.uid = uid;
+                    root.gid = gid;
+                }
+            }
+            walk.nodes.push(root);
+            let mut seen = HashSet::new();
+            for path in paths {
+                let meta = std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
+                let name = match path.file_name() {
+                    Some(n) => name_bytes(n),
+                    None => {
+                        let canon = path.canonicalize().map_err(|e| Error::io(&path, e))?;
+                        canon
+                            .file_name()
+                            .map(name_bytes)
+                            .unwrap_or_else(|| b"root".to_vec())
+                    }
+                };
+                if !seen.insert(name.clone()) {
+                    return Err(Error::InvalidInput(format!(
+                        "two paths to back up share the name {:?}; back them up in separate jobs or from their parent",
+                        String::from_utf8_lossy(&name)
+                    )));
+                }
+                walk_path(&mut walk, 0, name, &path, meta)?;
+            }
+        }
+    }
+    Ok(walk)
+}
+
+fn walk_path(
+    walk: &mut Walk,
+    parent: u32,
+    name: Vec<u8>,
+    path: &Path,
+    meta: std::fs::Metadata,
+) -> Result<()> {
+    let ft = meta.file_type();
+    let idx = walk.nodes.len();
+    if ft.is_dir() {
+        walk.nodes
+            .push(node_from_meta(parent, name, &meta, NodeKind::Dir));
+        let rd = std::fs::read_dir(path).map_err(|e| Error::io(path, e))?;
+        let mut entries = Vec::new();
+        for e in rd {
+            let e = e.map_err(|e| Error::io(path, e))?;
+            entries.push(e.file_name());
+        }
+        entries.sort();
+        for child in entries {
+            let cpath = path.join(&child);
+            let cmeta = std::fs::symlink_metadata(&cpath).map_err(|e| Error::io(&cpath, e))?;
+            walk_path(walk, idx as u32, name_bytes(&child), &cpath, cmeta)?;
+        }
+    } else if ft.is_symlink() {
+        let mut node = node_from_meta(parent, name, &meta, NodeKind::Symlink);
+        node.target = link_bytes(std::fs::read_link(path).map_err(|e| Error::io(path, e))?);
+        node.size = node.target.len() as u64;
+        walk.nodes.push(node);
+    } else if ft.is_file() {
+        walk.nodes
+            .push(node_from_meta(parent, name, &meta, NodeKind::File));
+        walk.inputs.push((idx, FileInput::Path(path.to_path_buf())));
+    } else {
+        return Err(Error::InvalidInput(format!(
+            "{}: not a regular file, directory or symlink (devices, sockets and pipes are not backed up; to back up a stream, pipe it to `flr backup --stdin-name`)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Messages from the reader thread.
+enum ReadEvent {
+    Start { node: usize, kind: ChunkerKind },
+    Batch(ChunkBatch),
+    End { node: usize, changed: bool },
+    Failed(Error),
+}
+
+fn read_files(
+    inputs: Vec<(usize, FileInput)>,
+    paths: Vec<String>,
+    chunker: Option<ChunkerKind>,
+    tx: crossbeam_channel::Sender<ReadEvent>,
+) {
+    for ((node, input), display) in inputs.into_iter().zip(paths) {
+        let (reader, before, path): (Box<dyn Read + Send>, _, _) = match input {
+            FileInput::Stream(r) => (r, None, None),
+            FileInput::Path(p) => match File::open(&p).and_then(|f| Ok((f.metadata()?, f))) {
+                Ok((m, f)) => (Box::new(f), Some(m), Some(p)),
+                Err(e) => {
+                    let _ = tx.send(ReadEvent::Failed(Error::io(&p, e)));
+                    return;
+                }
+            },
+        };
+        let mut reader = reader;
+        // The chunker is chosen from the first bytes (SQLite's header
+        // declares the page size), which are then fed back in front.
+        let mut head = vec![0u8; 100];
+        let mut got = 0;
+        while got < head.len() {
+            match reader.read(&mut head[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = tx.send(ReadEvent::Failed(Error::io(&display, e)));
+                    return;
+                }
+            }
+        }
+        head.truncate(got);
+        let base = display
+            .rsplit('/')
+            .next()
+            .unwrap_or(&display)
+            .as_bytes()
+            .to_vec();
+        let kind = chunker.unwrap_or_else(|| ChunkerKind::choose(&base, &head));
+        if tx.send(ReadEvent::Start { node, kind }).is_err() {
+            return;
+        }
+        let mut stream =
+            ChunkStream::new(std::io::Cursor::new(head).chain(reader), kind, BATCH_BYTES);
+        loop {
+            match stream.next_batch() {
+                Ok(Some(batch)) => {
+                    if tx.send(ReadEvent::Batch(batch)).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(ReadEvent::Failed(Error::io(&display, e)));
+                    return;
+                }
+            }
+        }
+        let changed = match (before, path) {
+            (Some(before), Some(p)) => match std::fs::metadata(&p) {
+                Ok(after) => {
+                    after.len() != before.len() || after.modified().ok() != before.modified().ok()
+                }
+                Err(_) => true,
+            },
+            _ => false,
+        };
+        if tx.send(ReadEvent::End { node, changed }).is_err() {
+            return;
+        }
+    }
+}
+
+/// The file whose batches are arriving.
+struct CurrentFile {
+    node: usize,
+    kind: ChunkerKind,
+    chunks: Vec<(Option<ChunkId>, u32)>,
+    size: u64,
+}
+
+/// A chunk after the parallel step: its id (`None` for a hole) and, if
+/// the repository lacks it, its stored bytes and chunk flags.
+type Encoded = (Option<ChunkId>, Option<(Vec<u8>, u8)>);
+
+/// A pack being filled, and the hand-off of full packs to the writer.
+struct PackBuilder {
+    buf: Vec<u8>,
+    entries: Vec<IndexEntry>,
+}
+
+impl PackBuilder {
+    fn new() -> Self {
+        let mut buf = Vec::with_capacity(format::PACK_TARGET_SIZE + (1 << 20));
+        buf.extend_from_slice(&format::pack_header());
+        PackBuilder {
+            buf,
+            entries: Vec::new(),
+        }
+    }
+}
+
+/// Writes a finished pack and then its index file; returns the bytes
+/// written. The pack is durable before the index that points into it.
+fn write_pack(repo: &Repository, pack: PackBuilder) -> Result<u64> {
+    let id = PackId(*blake3::hash(&pack.buf).as_bytes());
+    repo.store().put(&pack_key(&id), &pack.buf)?;
+    let file = IndexFile {
+        pack: id,
+        pack_len: pack.buf.len() as u64,
+        entries: pack.entries,
+    };
+    let idx = repo.encode_meta(format::INDEX_MAGIC, &file);
+    repo.store().put(&index_key(&id), &idx)?;
+    repo.index().write().add_pack(&file);
+    Ok((format::PACK_HEADER_LEN + idx.len()) as u64)
+}
+
+thread_local! {
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(level: i32, data: &[u8]) -> Vec<u8> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = Some((
+                level,
+                zstd::bulk::Compressor::new(level).expect("zstd context"),
+            ));
+        }
+        c.as_mut()
+            .unwrap()
+            .1
+            .compress(data)
+            .expect("zstd compresses in memory")
+    })
+}
+
+fn is_zero(data: &[u8]) -> bool {
+    // Word-sized steps; the compiler vectorises this loop.
+    let mut words = data.chunks_exact(8);
+    words.all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
+}
+
+/// Runs a backup and commits it as a new restore point.
+pub fn backup(repo: &Repository, source: Source, opts: &BackupOptions) -> Result<Manifest> {
+    validate_job_name(&opts.job)?;
+    let started = Instant::now();
+    let start_secs = now_secs();
+    let Walk { mut nodes, inputs } = walk(source)?;
+
+    let progress = &opts.progress;
+    let total: u64 = inputs.iter().map(|(i, _)| nodes[*i].size).sum();
+    progress.total_bytes.store(total, Ordering::Relaxed);
+    progress
+        .total_files
+        .store(inputs.len() as u64, Ordering::Relaxed);
+
+    let mut stats = BackupStats::default();
+    for n in &nodes[1..] {
+        match n.kind {
+            NodeKind::Dir => stats.dirs += 1,
+            NodeKind::File => stats.files += 1,
+            NodeKind::Symlink => stats.symlinks += 1,
+        }
+    }
+
+    let display: Vec<String> = inputs.iter().map(|(i, _)| path_in(&nodes, *i)).collect();
+
+    let (tx, rx) = crossbeam_channel::bounded::<ReadEvent>(2);
+    let (pack_tx, pack_rx) = crossbeam_channel::bounded::<PackBuilder>(1);
+    let level = repo.config().compression_level;
+    let hasher = repo.hasher().clone();
+    let keys = repo.keys().cloned();
+
+    let outcome: Result<()> = std::thread::scope(|scope| {
+        let chunker = opts.chunker;
+        scope.spawn(move || read_files(inputs, display, chunker, tx));
+        let writer = scope.spawn(move || -> Result<u64> {
+            let mut meta = 0;
+            for pack in pack_rx {
+                meta += write_pack(repo, pack)?;
+            }
+            Ok(meta)
+        });
+
+        let mut pending: HashSet<ChunkId> = HashSet::new();
+        let mut pack = PackBuilder::new();
+        let mut current: Option<CurrentFile> = None;
+        let mut failure = None;
+
+        for event in rx.iter() {
+            match event {
+                ReadEvent::Failed(e) => {
+                    failure = Some(e);
+                    break;
+                }
+                ReadEvent::Start { node, kind } => {
+                    *progress.current.lock() = path_in(&nodes, node);
+                    current = Some(CurrentFile {
+                        node,
+                        kind,
+                        chunks: Vec::new(),
+                        size: 0,
+                    });
+                }
+                ReadEvent::Batch(batch) => {
+                    let Some(CurrentFile { chunks, size, .. }) = current.as_mut() else {
+                        continue;
+                    };
+                    let index = repo.index().read();
+                    let results: Vec<Encoded> = batch
+                        .chunks
+                        .par_iter()
+                        .map(|r| {
+                            let data = &batch.data[r.clone()];
+                            if is_zero(data) {
+                                return (None, None);
+                            }
+                            let id = hasher.id(data);
+                            if index.chunks.contains_key(&id) || pending.contains(&id) {
+                                return (Some(id), None);
+                            }
+                            let mut stored = compress(level, data);
+                            let mut flags = CHUNK_ZSTD;
+                            if stored.len() >= data.len() {
+                                stored = data.to_vec();
+                                flags = 0;
+                            }
+                            if let Some(k) = &keys {
+                                stored = k.seal_chunk(&id, &stored);
+                            }
+                            (Some(id), Some((stored, flags)))
+                        })
+                        .collect();
+                    drop(index);
+                    for (r, (id, stored)) in batch.chunks.iter().zip(results) {
+                        let len = r.len() as u32;
+                        chunks.push((id, len));
+                        *size += len as u64;
+                        stats.chunks += 1;
+                        if let (Some(id), Some((bytes, flags))) = (id, stored) {
+                            if !pending.insert(id) {
+                                continue;
+                            }
+                            pack.entries.push(IndexEntry {
+                                id,
+                                offset: pack.buf.len() as u32,
+                                stored_len: bytes.len() as u32,
+                                raw_len: len,
+                                flags,
+                            });
+                            pack.buf.extend_from_slice(&bytes);
+                            stats.new_chunks += 1;
+                            stats.new_chunk_bytes += bytes.len() as u64;
+                            if pack.buf.len() >= format::PACK_TARGET_SIZE {
+                                let full = std::mem::replace(&mut pack, PackBuilder::new());
+                                if pack_tx.send(full).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                        if id.is_some() {
+                            stats.read_bytes += len as u64;
+                        }
+                    }
+                    progress
+                        .read_bytes
+                        .fetch_add(batch.data.len() as u64, Ordering::Relaxed);
+                }
+                ReadEvent::End { node, changed } => {
+                    let Some(CurrentFile {
+                        node: n,
+                        kind,
+                        chunks,
+                        size,
+                    }) = current.take()
+                    else {
+                        continue;
+                    };
+                    debug_assert_eq!(n, node);
+                    let file = &mut nodes[node];
+                    file.size = size;
+                    stats.logical_bytes += size;
+                    file.content = if chunks.is_empty() {
+                        Content::Empty
+                    } else {
+                        match kind {
+                            ChunkerKind::Fixed(chunk_size) => Content::Fixed {
+                                chunk_size,
+                                chunks: chunks.into_iter().map(|c| c.0).collect(),
+                            },
+                            ChunkerKind::Cdc { .. } => Content::Variable { chunks },
+                        }
+                    };
+                    if changed {
+                        stats.changed_while_reading.push(path_in(&nodes, node));
+                    }
+                    progress.files_done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        drop(rx);
+        if failure.is_none() && !pack.entries.is_empty() {
+            let _ = pack_tx.send(pack);
+        }
+        drop(pack_tx);
+        let written = writer.join().expect("pack writer thread panicked");
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        stats.new_meta_bytes += written?;
+        Ok(())
+    });
+    outcome?;
+
+    // Commit: the manifest goes last, under a name no other writer holds.
+    let hostname = opts.hostname.clone();
+    let mut time = start_secs;
+    loop {
+        stats.duration_ms = started.elapsed().as_millis() as u64;
+        let mut manifest = Manifest {
+            job: opts.job.clone(),
+            name: timestamp_name(time),
+            time,
+            hostname: hostname.clone(),
+            stats: stats.clone(),
+            nodes: std::mem::take(&mut nodes),
+        };
+        manifest.validate("new restore point")?;
+        let estimate = repo.encode_meta(format::MANIFEST_MAGIC, &manifest).len() as u64;
+        manifest.stats.new_meta_bytes += estimate;
+        let encoded = repo.encode_meta(format::MANIFEST_MAGIC, &manifest);
+        let name = RestorePointName {
+            job: manifest.job.clone(),
+            name: manifest.name.clone(),
+        };
+        match repo.store().put_new(&name.key(), &encoded) {
+            Ok(()) => return Ok(manifest),
+            Err(Error::AlreadyExists(_)) => {
+                // Another backup of this job finished in the same second.
+                nodes = manifest.nodes;
+                time += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn path_in(nodes: &[Node], mut i: usize) -> String {
+    let mut parts = Vec::new();
+    while i != 0 {
+        parts.push(String::from_utf8_lossy(&nodes[i].name).into_owned());
+        i = nodes[i].parent as usize;
+    }
+    parts.reverse();
+    parts.join("/")
+}

@@ -1,0 +1,72 @@
+//! The core's error type. Every variant names what broke (which file,
+//! which chunk, which restore point) so a user can act on the message.
+
+use std::path::PathBuf;
+
+use crate::ids::ChunkId;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}: not found")]
+    NotFound(String),
+    #[error("{0}: already exists")]
+    AlreadyExists(String),
+    #[error("{what}: malformed: {why}")]
+    Malformed { what: String, why: String },
+    #[error(
+        "{what}: format version {found} is not supported (this build reads version {supported})"
+    )]
+    UnsupportedVersion {
+        what: String,
+        found: u32,
+        supported: u32,
+    },
+    #[error("wrong password for repository {0}")]
+    WrongPassword(PathBuf),
+    #[error(
+        "repository {0} is encrypted: a password is needed (set FLR_PASSWORD or run on a terminal)"
+    )]
+    PasswordNeeded(PathBuf),
+    #[error("chunk {id} (pack {pack}): {why}")]
+    CorruptChunk {
+        id: ChunkId,
+        pack: String,
+        why: String,
+    },
+    #[error("chunk {0} is referenced but not stored in the repository")]
+    MissingChunk(ChunkId),
+    #[error("{0}")]
+    InvalidInput(String),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn malformed(what: impl Into<String>, why: impl Into<String>) -> Self {
+        Error::Malformed {
+            what: what.into(),
+            why: why.into(),
+        }
+    }
+
+    /// True when the error means stored data failed verification.
+    pub fn is_corruption(&self) -> bool {
+        matches!(
+            self,
+            Error::CorruptChunk { .. } | Error::MissingChunk(_) | Error::Malformed { .. }
+        )
+    }
+}

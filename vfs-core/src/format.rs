@@ -1,0 +1,168 @@
+//! The one owner of the on-disk format: magic numbers, versions, header
+//! layouts and the envelope every metadata file is wrapped in.
+//!
+//! Repository layout (all names relative to the repository root):
+//!
+//! ```text
+//! config                       Envelope(CONFIG): JSON RepoConfig, never encrypted
+//! packs/<2 hex>/<pack id>.pack PACK_HEADER, then stored chunks back to back
+//! index/<pack id>.idx          Envelope(INDEX): the entries of that one pack
+//! restore-points/<job>/<ts>.rp Envelope(MANIFEST): one restore point
+//! tmp/                         objects being written; never read
+//! ```
+//!
+//! An envelope is `EnvelopeHeader | payload | blake3(header | payload)`.
+//! The payload is zstd-compressed postcard (JSON for the config) and, in an
+//! encrypted repository, sealed with XChaCha20-Poly1305 after compression.
+
+use crate::error::{Error, Result};
+
+/// Version of the repository layout as a whole; bumped when a reader of an
+/// older version would misread anything.
+pub const REPO_VERSION: u32 = 1;
+
+/// Magic of each kind of envelope. Eight bytes so a hexdump shows the kind.
+pub const CONFIG_MAGIC: [u8; 8] = *b"FLRCONF\0";
+pub const INDEX_MAGIC: [u8; 8] = *b"FLRINDX\0";
+pub const MANIFEST_MAGIC: [u8; 8] = *b"FLRMANI\0";
+pub const PACK_MAGIC: [u8; 8] = *b"FLRPACK\0";
+
+/// Version of each structure, checked independently of REPO_VERSION so one
+/// structure can evolve without touching the others.
+pub const ENVELOPE_VERSION: u32 = 1;
+pub const PACK_VERSION: u32 = 1;
+
+/// Envelope flag: payload is zstd-compressed.
+pub const FLAG_ZSTD: u32 = 1;
+/// Envelope flag: payload is sealed (nonce prefix + ciphertext + tag).
+pub const FLAG_SEALED: u32 = 2;
+
+/// Length of the trailing checksum of an envelope.
+pub const CHECKSUM_LEN: usize = 32;
+
+/// Envelope header: magic (8) | version u32 | flags u32 | payload length u64.
+/// Little-endian throughout.
+pub const ENVELOPE_HEADER_LEN: usize = 24;
+const _: () = assert!(ENVELOPE_HEADER_LEN == 8 + 4 + 4 + 8);
+
+/// Pack header: magic (8) | version u32 | reserved u32. A pack has no
+/// trailer: its entries live in the matching index file, which is written
+/// only after the pack itself is durable.
+pub const PACK_HEADER_LEN: usize = 16;
+const _: () = assert!(PACK_HEADER_LEN == 8 + 4 + 4);
+
+/// Target size of a pack. Large enough that a terabyte is tens of
+/// thousands of files (memory maps and S3 objects stay manageable), small
+/// enough that a crash loses little work and a pack builds in memory.
+pub const PACK_TARGET_SIZE: usize = 32 << 20;
+
+/// Stored-chunk flag: the stored bytes are zstd-compressed (otherwise raw,
+/// used when compression would not shrink the chunk).
+pub const CHUNK_ZSTD: u8 = 1;
+
+/// Largest chunk any chunker may emit; readers refuse larger raw lengths so
+/// a garbled index cannot make us allocate gigabytes.
+pub const MAX_CHUNK_SIZE: u32 = 16 << 20;
+
+pub fn pack_header() -> [u8; PACK_HEADER_LEN] {
+    let mut h = [0u8; PACK_HEADER_LEN];
+    h[..8].copy_from_slice(&PACK_MAGIC);
+    h[8..12].copy_from_slice(&PACK_VERSION.to_le_bytes());
+    h
+}
+
+pub fn check_pack_header(what: &str, bytes: &[u8]) -> Result<()> {
+    if bytes.len() < PACK_HEADER_LEN || bytes[..8] != PACK_MAGIC {
+        return Err(Error::malformed(what, "not a pack file (bad magic)"));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+    if version != PACK_VERSION {
+        return Err(Error::UnsupportedVersion {
+            what: what.to_string(),
+            found: version,
+            supported: PACK_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Wraps `payload` (already compressed/sealed as `flags` says) in an envelope.
+pub fn seal_envelope(magic: [u8; 8], flags: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ENVELOPE_HEADER_LEN + payload.len() + CHECKSUM_LEN);
+    out.extend_from_slice(&magic);
+    out.extend_from_slice(&ENVELOPE_VERSION.to_le_bytes());
+    out.extend_from_slice(&flags.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(payload);
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+/// Checks magic, version, length and checksum; returns (flags, payload).
+pub fn open_envelope<'a>(what: &str, magic: [u8; 8], bytes: &'a [u8]) -> Result<(u32, &'a [u8])> {
+    if bytes.len() < ENVELOPE_HEADER_LEN + CHECKSUM_LEN {
+        return Err(Error::malformed(
+            what,
+            format!("truncated ({} bytes)", bytes.len()),
+        ));
+    }
+    if bytes[..8] != magic {
+        return Err(Error::malformed(
+            what,
+            "bad magic (not the expected kind of file)",
+        ));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+    if version != ENVELOPE_VERSION {
+        return Err(Error::UnsupportedVersion {
+            what: what.to_string(),
+            found: version,
+            supported: ENVELOPE_VERSION,
+        });
+    }
+    let flags = u32::from_le_bytes(bytes[12..16].try_into().unwrap());
+    let len = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
+    let expected = ENVELOPE_HEADER_LEN as u64 + len + CHECKSUM_LEN as u64;
+    if expected != bytes.len() as u64 {
+        return Err(Error::malformed(
+            what,
+            format!(
+                "length mismatch: header says {expected} bytes, file has {}",
+                bytes.len()
+            ),
+        ));
+    }
+    let body_end = bytes.len() - CHECKSUM_LEN;
+    let sum = blake3::hash(&bytes[..body_end]);
+    if sum.as_bytes() != &bytes[body_end..] {
+        return Err(Error::malformed(
+            what,
+            "checksum mismatch (file is damaged)",
+        ));
+    }
+    if flags & !(FLAG_ZSTD | FLAG_SEALED) != 0 {
+        return Err(Error::malformed(what, format!("unknown flags {flags:#x}")));
+    }
+    Ok((flags, &bytes[ENVELOPE_HEADER_LEN..body_end]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trips_and_detects_damage() {
+        let sealed = seal_envelope(INDEX_MAGIC, FLAG_ZSTD, b"hello");
+        let (flags, payload) = open_envelope("x", INDEX_MAGIC, &sealed).unwrap();
+        assert_eq!(flags, FLAG_ZSTD);
+        assert_eq!(payload, b"hello");
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 0x40;
+            assert!(open_envelope("x", INDEX_MAGIC, &bad).is_err(), "byte {i}");
+        }
+        assert!(open_envelope("x", INDEX_MAGIC, &sealed[..sealed.len() - 1]).is_err());
+        assert!(open_envelope("x", MANIFEST_MAGIC, &sealed).is_err());
+    }
+}

@@ -1,0 +1,906 @@
+//! The OS-neutral filesystem model of a mount: restore points as a
+//! read-only tree `<job>/<restore point>/<files>`, with a `latest` link per
+//! job. Mount backends (FUSE, NFS, WinFsp, Dokan) translate their requests
+//! into calls on [`RepoFs`] and map [`FsError`] to their own codes.
+//!
+//! Inodes: 1 is the root; jobs, restore point directories and `latest`
+//! links get numbers when listed. A restore point's manifest is loaded on
+//! first access and its nodes get a contiguous inode range
+//! (`base + node index`), so lookups inside a restore point are array
+//! indexing, never a scan.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::cache::ChunkCache;
+use crate::ids::ChunkId;
+use crate::manifest::{Content, Manifest, NodeKind};
+use crate::repo::{Repository, RestorePointName};
+
+pub const ROOT_INO: u64 = 1;
+
+/// How often the job and restore point lists are re-read from the
+/// repository when a directory of them is listed.
+const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Bytes read ahead of a sequential reader.
+const READAHEAD_BYTES: u64 = 8 << 20;
+
+/// Readahead requests waiting for a worker; beyond this they are dropped,
+/// so prefetching never delays what readers asked for.
+const READAHEAD_QUEUE: usize = 1024;
+
+/// The filesystem model's errors. Backends map each to their own code.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("not a directory")]
+    NotADirectory,
+    #[error("is a directory")]
+    IsADirectory,
+    #[error("not a symbolic link")]
+    NotASymlink,
+    #[error("read-only filesystem")]
+    ReadOnly,
+    #[error("invalid argument")]
+    InvalidArgument,
+    #[error("bad file handle")]
+    BadHandle,
+    /// Stored data failed verification; the detail names the chunk.
+    #[error("data corrupt: {0}")]
+    Corrupt(String),
+    /// The repository could not be read (I/O, missing object).
+    #[error("repository I/O error: {0}")]
+    Io(String),
+}
+
+impl From<crate::Error> for FsError {
+    fn from(e: crate::Error) -> Self {
+        if e.is_corruption() {
+            FsError::Corrupt(e.to_string())
+        } else {
+            FsError::Io(e.to_string())
+        }
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: NodeKind,
+    pub size: u64,
+    /// 512-byte blocks holding data (holes take none).
+    pub blocks: u64,
+    /// Permission bits (07777).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    pub nlink: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: NodeKind,
+    pub name: Vec<u8>,
+}
+
+/// Which restore points a mount shows.
+#[derive(Clone, Debug, Default)]
+pub struct MountFilter {
+    pub job: Option<String>,
+    pub restore_point: Option<RestorePointName>,
+}
+
+pub struct FsOptions {
+    pub cache_bytes: usize,
+    pub readahead_threads: usize,
+    /// Owner of the synthetic directories (root, jobs, restore points).
+    pub uid: u32,
+    pub gid: u32,
+    pub filter: MountFilter,
+}
+
+/// Counters for logs and metrics.
+#[derive(Default, Debug)]
+pub struct FsCounters {
+    pub reads: AtomicU64,
+    pub bytes_served: AtomicU64,
+    pub chunk_errors: AtomicU64,
+    pub readahead_chunks: AtomicU64,
+    pub readahead_dropped: AtomicU64,
+    /// Read latency histogram: bucket i counts reads taking < 2^i µs.
+    pub read_latency_us: [AtomicU64; 24],
+}
+
+/// A restore point whose manifest is loaded.
+struct LoadedRp {
+    name: RestorePointName,
+    manifest: Manifest,
+    /// Inode of node 0 (the restore point directory); node i >= 1 is
+    /// `base + i`.
+    dir_ino: u64,
+    base: u64,
+    /// Children of each directory node, sorted by name.
+    children: Vec<Vec<(Vec<u8>, u32)>>,
+    /// Start offset of each chunk, for content-defined chunk lists.
+    offsets: Vec<Vec<u64>>,
+    blocks: Vec<u64>,
+}
+
+enum Synthetic {
+    Root,
+    Job(String),
+    /// `latest` link of a job.
+    Latest(String),
+    RestorePoint(RestorePointName),
+}
+
+struct Tree {
+    next_ino: u64,
+    synthetic: HashMap<u64, Synthetic>,
+    /// job -> (ino, latest-link ino, restore point name -> ino)
+    jobs: BTreeMap<String, (u64, u64, BTreeMap<String, u64>)>,
+    /// Loaded restore points by their node range start.
+    loaded: BTreeMap<u64, Arc<LoadedRp>>,
+    loaded_by_dir: HashMap<u64, Arc<LoadedRp>>,
+    last_refresh: Option<Instant>,
+    mount_time: i64,
+}
+
+struct OpenFile {
+    rp: Arc<LoadedRp>,
+    node: usize,
+    /// End of the previous read, to detect sequential access.
+    last_end: AtomicU64,
+    /// Readahead has been queued up to here.
+    ahead_until: AtomicU64,
+}
+
+struct ReadaheadJob {
+    rp: Arc<LoadedRp>,
+    id: ChunkId,
+}
+
+pub struct RepoFs {
+    repo: Arc<Repository>,
+    cache: Arc<ChunkCache>,
+    tree: RwLock<Tree>,
+    handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    next_handle: AtomicU64,
+    readahead: Option<crossbeam_channel::Sender<ReadaheadJob>>,
+    options: FsOptions,
+    pub counters: Arc<FsCounters>,
+}
+
+fn parse_timestamp_name(name: &str) -> Option<i64> {
+    // YYYY-MM-DDTHH-MM-SSZ
+    let b = name.as_bytes();
+    if b.len() < 20 {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| name.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    // days_from_civil, the inverse of the manifest's civil_from_days.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
+impl RepoFs {
+    pub fn new(repo: Arc<Repository>, options: FsOptions) -> crate::Result<Arc<RepoFs>> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let mut synthetic = HashMap::new();
+        synthetic.insert(ROOT_INO, Synthetic::Root);
+        let cache = Arc::new(ChunkCache::new(options.cache_bytes));
+        let counters = Arc::new(FsCounters::default());
+        let readahead = (options.readahead_threads > 0).then(|| {
+            let (tx, rx) = crossbeam_channel::bounded::<ReadaheadJob>(READAHEAD_QUEUE);
+            for n in 0..options.readahead_threads {
+                let rx = rx.clone();
+                let (repo, cache, counters) = (repo.clone(), cache.clone(), counters.clone());
+                std::thread::Builder::new()
+                    .name(format!("flr-readahead-{n}"))
+                    .spawn(move || {
+                        for job in rx {
+                            if cache.contains(&job.id) {
+                                continue;
+                            }
+                            counters.readahead_chunks.fetch_add(1, Ordering::Relaxed);
+                            // Errors surface when a reader asks for the chunk.
+                            let _ = cache.get_or_fetch(&job.id, || fetch(&repo, &job.id));
+                            drop(job.rp);
+                        }
+                    })
+                    .expect("spawn readahead thread");
+            }
+            tx
+        });
+        let fs = Arc::new(RepoFs {
+            repo,
+            cache,
+            tree: RwLock::new(Tree {
+                next_ino: ROOT_INO + 1,
+                synthetic,
+                jobs: BTreeMap::new(),
+                loaded: BTreeMap::new(),
+                loaded_by_dir: HashMap::new(),
+                last_refresh: None,
+                mount_time: now,
+            }),
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            readahead,
+            options,
+            counters,
+        });
+        fs.refresh(true)?;
+        if let Some(rp) = &fs.options.filter.restore_point {
+            let tree = fs.tree.read();
+            let found = tree
+                .jobs
+                .get(&rp.job)
+                .is_some_and(|(_, _, rps)| rps.contains_key(&rp.name));
+            if !found {
+                return Err(crate::Error::NotFound(format!("restore point {rp}")));
+            }
+        }
+        Ok(fs)
+    }
+
+    pub fn repository(&self) -> &Arc<Repository> {
+        &self.repo
+    }
+
+    pub fn cache(&self) -> &ChunkCache {
+        &self.cache
+    }
+
+    /// Re-reads the list of restore points (at most every few seconds
+    /// unless forced) and gives new ones inode numbers.
+    fn refresh(&self, force: bool) -> crate::Result<()> {
+        let first = {
+            let tree = self.tree.read();
+            if !force
+                && tree
+                    .last_refresh
+                    .is_some_and(|t| t.elapsed() < REFRESH_INTERVAL)
+            {
+                return Ok(());
+            }
+            tree.last_refresh.is_none()
+        };
+        let filter = &self.options.filter;
+        let job = filter
+            .restore_point
+            .as_ref()
+            .map(|r| r.job.as_str())
+            .or(filter.job.as_deref());
+        let names = self.repo.list_restore_points(job)?;
+        // A restore point committed since the index was read refers to
+        // chunks the in-memory index does not know yet. Its index files
+        // were written before its manifest, so reading the index again now
+        // finds them; only then is it shown, or its reads would fail as
+        // missing chunks.
+        let appeared = {
+            let tree = self.tree.read();
+            names.iter().any(|name| {
+                filter.restore_point.as_ref().is_none_or(|r| r == name)
+                    && !tree
+                        .jobs
+                        .get(&name.job)
+                        .is_some_and(|j| j.2.contains_key(&name.name))
+            })
+        };
+        if appeared && !first {
+            self.repo.reload_index()?;
+        }
+        let mut tree = self.tree.write();
+        tree.last_refresh = Some(Instant::now());
+        for name in names {
+            if filter.restore_point.as_ref().is_some_and(|r| *r != name) {
+                continue;
+            }
+            if !tree.jobs.contains_key(&name.job) {
+                let (ino, latest) = (tree.next_ino, tree.next_ino + 1);
+                tree.next_ino += 2;
+                tree.synthetic.insert(ino, Synthetic::Job(name.job.clone()));
+                tree.synthetic
+                    .insert(latest, Synthetic::Latest(name.job.clone()));
+                tree.jobs
+                    .insert(name.job.clone(), (ino, latest, BTreeMap::new()));
+            }
+            if tree.jobs[&name.job].2.contains_key(&name.name) {
+                continue;
+            }
+            let ino = tree.next_ino;
+            tree.next_ino += 1;
+            tree.synthetic
+                .insert(ino, Synthetic::RestorePoint(name.clone()));
+            tree.jobs
+                .get_mut(&name.job)
+                .unwrap()
+                .2
+                .insert(name.name.clone(), ino);
+        }
+        Ok(())
+    }
+
+    fn load(&self, dir_ino: u64, name: &RestorePointName) -> FsResult<Arc<LoadedRp>> {
+        if let Some(rp) = self.tree.read().loaded_by_dir.get(&dir_ino) {
+            return Ok(rp.clone());
+        }
+        let manifest = self.repo.load_manifest(name).map_err(|e| {
+            log_error(&format!("cannot load restore point {name}: {e}"));
+            FsError::from(e)
+        })?;
+        let n = manifest.nodes.len();
+        let mut children: Vec<Vec<(Vec<u8>, u32)>> = vec![Vec::new(); n];
+        let mut offsets = vec![Vec::new(); n];
+        let mut blocks = vec![0u64; n];
+        for (i, node) in manifest.nodes.iter().enumerate() {
+            if i > 0 {
+                children[node.parent as usize].push((node.name.clone(), i as u32));
+            }
+            let data_bytes: u64 = match &node.content {
+                Content::Empty => 0,
+                Content::Fixed { .. } => node
+                    .content
+                    .chunks(node.size)
+                    .iter()
+                    .filter(|c| c.0.is_some())
+                    .map(|c| c.2 as u64)
+                    .sum(),
+                Content::Variable { chunks } => {
+                    let mut off = 0;
+                    let mut data = 0;
+                    offsets[i] = chunks
+                        .iter()
+                        .map(|(id, len)| {
+                            let start = off;
+                            off += *len as u64;
+                            if id.is_some() {
+                                data += *len as u64;
+                            }
+                            start
+                        })
+                        .collect();
+                    data
+                }
+            };
+            blocks[i] = data_bytes.div_ceil(512);
+        }
+        for c in &mut children {
+            c.sort();
+        }
+        let mut tree = self.tree.write();
+        if let Some(rp) = tree.loaded_by_dir.get(&dir_ino) {
+            return Ok(rp.clone());
+        }
+        let base = tree.next_ino - 1;
+        tree.next_ino += n as u64;
+        let rp = Arc::new(LoadedRp {
+            name: name.clone(),
+            manifest,
+            dir_ino,
+            base,
+            children,
+            offsets,
+            blocks,
+        });
+        tree.loaded.insert(base, rp.clone());
+        tree.loaded_by_dir.insert(dir_ino, rp.clone());
+        Ok(rp)
+    }
+
+    /// Finds what an inode is: a synthetic directory/link or a node of a
+    /// loaded restore point.
+    fn resolve(&self, ino: u64) -> FsResult<Resolved> {
+        let tree = self.tree.read();
+        if let Some(s) = tree.synthetic.get(&ino) {
+            return Ok(match s {
+                Synthetic::Root => Resolved::Root,
+                Synthetic::Job(j) => Resolved::Job(j.clone()),
+                Synthetic::Latest(j) => Resolved::Latest(j.clone()),
+                Synthetic::RestorePoint(name) => match tree.loaded_by_dir.get(&ino) {
+                    Some(rp) => Resolved::Node(rp.clone(), 0),
+                    None => Resolved::Unloaded(name.clone()),
+                },
+            });
+        }
+        let (_, rp) = tree
+            .loaded
+            .range(..ino)
+            .next_back()
+            .ok_or(FsError::NotFound)?;
+        let i = (ino - rp.base) as usize;
+        if i == 0 || i >= rp.manifest.nodes.len() {
+            return Err(FsError::NotFound);
+        }
+        Ok(Resolved::Node(rp.clone(), i))
+    }
+
+    fn resolve_loaded(&self, ino: u64) -> FsResult<Resolved> {
+        match self.resolve(ino)? {
+            Resolved::Unloaded(name) => Ok(Resolved::Node(self.load(ino, &name)?, 0)),
+            other => Ok(other),
+        }
+    }
+
+    fn synthetic_dir(&self, ino: u64, mtime: i64) -> Attr {
+        Attr {
+            ino,
+            kind: NodeKind::Dir,
+            size: 0,
+            blocks: 0,
+            mode: 0o555,
+            uid: self.options.uid,
+            gid: self.options.gid,
+            mtime_sec: mtime,
+            mtime_nsec: 0,
+            nlink: 2,
+        }
+    }
+
+    fn node_attr(rp: &LoadedRp, i: usize) -> Attr {
+        let node = &rp.manifest.nodes[i];
+        let ino = if i == 0 {
+            rp.dir_ino
+        } else {
+            rp.base + i as u64
+        };
+        let nlink = if node.kind == NodeKind::Dir {
+            2 + rp.children[i]
+                .iter()
+                .filter(|(_, c)| rp.manifest.nodes[*c as usize].kind == NodeKind::Dir)
+                .count() as u32
+        } else {
+            1
+        };
+        let (mtime_sec, mtime_nsec) = if i == 0 {
+            (rp.manifest.time, 0)
+        } else {
+            (node.mtime_sec, node.mtime_nsec)
+        };
+        Attr {
+            ino,
+            kind: node.kind,
+            size: node.size,
+            blocks: rp.blocks[i],
+            mode: if i == 0 { 0o555 } else { node.mode },
+            uid: node.uid,
+            gid: node.gid,
+            mtime_sec,
+            mtime_nsec,
+            nlink,
+        }
+    }
+
+    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let mount_time = self.tree.read().mount_time;
+        match self.resolve(ino)? {
+            Resolved::Root => Ok(self.synthetic_dir(ino, mount_time)),
+            Resolved::Job(job) => {
+                let tree = self.tree.read();
+                let newest = tree
+                    .jobs
+                    .get(&job)
+                    .and_then(|j| j.2.keys().next_back().cloned());
+                Ok(self.synthetic_dir(
+                    ino,
+                    newest
+                        .and_then(|n| parse_timestamp_name(&n))
+                        .unwrap_or(mount_time),
+                ))
+            }
+            Resolved::Latest(job) => {
+                let target = self.latest_target(&job)?;
+                Ok(Attr {
+                    ino,
+                    kind: NodeKind::Symlink,
+                    size: target.len() as u64,
+                    blocks: 0,
+                    mode: 0o777,
+                    uid: self.options.uid,
+                    gid: self.options.gid,
+                    mtime_sec: parse_timestamp_name(&String::from_utf8_lossy(&target))
+                        .unwrap_or(mount_time),
+                    mtime_nsec: 0,
+                    nlink: 1,
+                })
+            }
+            // Until a restore point is opened, its directory's attributes
+            // come from its name: no manifest load for `ls -l` of a job.
+            Resolved::Unloaded(name) => {
+                Ok(self.synthetic_dir(ino, parse_timestamp_name(&name.name).unwrap_or(mount_time)))
+            }
+            Resolved::Node(rp, i) => Ok(Self::node_attr(&rp, i)),
+        }
+    }
+
+    fn latest_target(&self, job: &str) -> FsResult<Vec<u8>> {
+        let tree = self.tree.read();
+        let rps = &tree.jobs.get(job).ok_or(FsError::NotFound)?.2;
+        rps.keys()
+            .next_back()
+            .map(|n| n.as_bytes().to_vec())
+            .ok_or(FsError::NotFound)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        match self.resolve_loaded(parent)? {
+            Resolved::Root => {
+                let _ = self.refresh(false);
+                let ino = {
+                    let tree = self.tree.read();
+                    let job = std::str::from_utf8(name).map_err(|_| FsError::NotFound)?;
+                    tree.jobs.get(job).ok_or(FsError::NotFound)?.0
+                };
+                self.getattr(ino)
+            }
+            Resolved::Job(job) => {
+                let find = || -> Option<u64> {
+                    let tree = self.tree.read();
+                    let (_, latest, rps) = tree.jobs.get(&job)?;
+                    if name == b"latest" {
+                        return Some(*latest);
+                    }
+                    rps.get(std::str::from_utf8(name).ok()?).copied()
+                };
+                let ino = match find() {
+                    Some(ino) => ino,
+                    None => {
+                        let _ = self.refresh(false);
+                        find().ok_or(FsError::NotFound)?
+                    }
+                };
+                self.getattr(ino)
+            }
+            Resolved::Latest(_) => Err(FsError::NotADirectory),
+            Resolved::Unloaded(_) => unreachable!("resolve_loaded loads restore points"),
+            Resolved::Node(rp, i) => {
+                if rp.manifest.nodes[i].kind != NodeKind::Dir {
+                    return Err(FsError::NotADirectory);
+                }
+                let kids = &rp.children[i];
+                let pos = kids
+                    .binary_search_by(|(n, _)| n.as_slice().cmp(name))
+                    .map_err(|_| FsError::NotFound)?;
+                Ok(Self::node_attr(&rp, kids[pos].1 as usize))
+            }
+        }
+    }
+
+    /// The entries of a directory, without `.` and `..` (backends add them).
+    pub fn readdir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+        match self.resolve_loaded(ino)? {
+            Resolved::Root => {
+                let _ = self.refresh(false);
+                let tree = self.tree.read();
+                Ok(tree
+                    .jobs
+                    .iter()
+                    .map(|(name, (ino, _, _))| DirEntry {
+                        ino: *ino,
+                        kind: NodeKind::Dir,
+                        name: name.as_bytes().to_vec(),
+                    })
+                    .collect())
+            }
+            Resolved::Job(job) => {
+                let _ = self.refresh(false);
+                let tree = self.tree.read();
+                let (_, latest, rps) = tree.jobs.get(&job).ok_or(FsError::NotFound)?;
+                let mut out: Vec<DirEntry> = rps
+                    .iter()
+                    .map(|(name, ino)| DirEntry {
+                        ino: *ino,
+                        kind: NodeKind::Dir,
+                        name: name.as_bytes().to_vec(),
+                    })
+                    .collect();
+                out.push(DirEntry {
+                    ino: *latest,
+                    kind: NodeKind::Symlink,
+                    name: b"latest".to_vec(),
+                });
+                Ok(out)
+            }
+            Resolved::Latest(_) => Err(FsError::NotADirectory),
+            Resolved::Unloaded(_) => unreachable!("resolve_loaded loads restore points"),
+            Resolved::Node(rp, i) => {
+                if rp.manifest.nodes[i].kind != NodeKind::Dir {
+                    return Err(FsError::NotADirectory);
+                }
+                Ok(rp.children[i]
+                    .iter()
+                    .map(|(name, c)| DirEntry {
+                        ino: rp.base + *c as u64,
+                        kind: rp.manifest.nodes[*c as usize].kind,
+                        name: name.clone(),
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    /// The parent directory's inode, for `..`.
+    pub fn parent(&self, ino: u64) -> FsResult<u64> {
+        match self.resolve(ino)? {
+            Resolved::Root => Ok(ROOT_INO),
+            Resolved::Job(_) | Resolved::Latest(_) => Ok(ROOT_INO),
+            Resolved::Unloaded(name) => Ok(self
+                .tree
+                .read()
+                .jobs
+                .get(&name.job)
+                .map_or(ROOT_INO, |j| j.0)),
+            Resolved::Node(rp, 0) => Ok(self
+                .tree
+                .read()
+                .jobs
+                .get(&rp.name.job)
+                .map_or(ROOT_INO, |j| j.0)),
+            Resolved::Node(rp, i) => {
+                let p = rp.manifest.nodes[i].parent as usize;
+                Ok(if p == 0 {
+                    rp.dir_ino
+                } else {
+                    rp.base + p as u64
+                })
+            }
+        }
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        match self.resolve(ino)? {
+            Resolved::Latest(job) => self.latest_target(&job),
+            Resolved::Node(rp, i) if rp.manifest.nodes[i].kind == NodeKind::Symlink => {
+                Ok(rp.manifest.nodes[i].target.clone())
+            }
+            _ => Err(FsError::NotASymlink),
+        }
+    }
+
+    /// Opens a file for reading; returns a handle for [`RepoFs::read`].
+    /// Opening for writing fails with `ReadOnly`.
+    pub fn open(&self, ino: u64, write: bool) -> FsResult<u64> {
+        let Resolved::Node(rp, i) = self.resolve_loaded(ino)? else {
+            return Err(if write {
+                FsError::ReadOnly
+            } else {
+                FsError::IsADirectory
+            });
+        };
+        match rp.manifest.nodes[i].kind {
+            NodeKind::Dir => return Err(FsError::IsADirectory),
+            NodeKind::Symlink => return Err(FsError::InvalidArgument),
+            NodeKind::File => {}
+        }
+        if write {
+            return Err(FsError::ReadOnly);
+        }
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(
+            fh,
+            Arc::new(OpenFile {
+                rp,
+                node: i,
+                last_end: AtomicU64::new(u64::MAX),
+                ahead_until: AtomicU64::new(0),
+            }),
+        );
+        Ok(fh)
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().remove(&fh);
+    }
+
+    /// Reads up to `size` bytes at `offset` of an open file. Short only at
+    /// end of file. A chunk failing verification fails the whole read
+    /// (never wrong bytes) and is logged and counted.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let started = Instant::now();
+        let file = self
+            .handles
+            .lock()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        let node = &file.rp.manifest.nodes[file.node];
+        if offset >= node.size || size == 0 {
+            return Ok(Vec::new());
+        }
+        let end = node.size.min(offset + size as u64);
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        let chunks = ChunkMap::new(&file.rp, file.node);
+        let mut k = chunks.index_of(offset);
+        while (out.len() as u64) < end - offset {
+            let (id, start, len) = chunks.get(k);
+            let from = (offset + out.len() as u64 - start) as usize;
+            let to = ((end - start) as usize).min(len as usize);
+            match id {
+                None => out.resize(out.len() + (to - from), 0),
+                Some(id) => {
+                    let data = self
+                        .cache
+                        .get_or_fetch(&id, || fetch(&self.repo, &id))
+                        .map_err(|e| {
+                            self.counters.chunk_errors.fetch_add(1, Ordering::Relaxed);
+                            log_error(&format!(
+                                "read failed: restore point {}, file {}, offset {}: {e}",
+                                file.rp.name,
+                                file.rp.manifest.path_of(file.node),
+                                start + from as u64
+                            ));
+                            e
+                        })?;
+                    out.extend_from_slice(&data[from..to]);
+                }
+            }
+            k += 1;
+        }
+        // Sequential readers get the next chunks fetched on worker threads.
+        let sequential = file.last_end.swap(end, Ordering::Relaxed) == offset || offset == 0;
+        if sequential {
+            self.read_ahead(&file, &chunks, end);
+        }
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_served
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        let us = started.elapsed().as_micros() as u64;
+        let bucket = (64 - us.leading_zeros() as usize).min(23);
+        self.counters.read_latency_us[bucket].fetch_add(1, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    fn read_ahead(&self, file: &Arc<OpenFile>, chunks: &ChunkMap, end: u64) {
+        let Some(tx) = &self.readahead else { return };
+        let size = file.rp.manifest.nodes[file.node].size;
+        let from = file.ahead_until.load(Ordering::Relaxed).max(end);
+        let until = size.min(end + READAHEAD_BYTES);
+        // Refill only when half the window is used, in one batch.
+        if from >= until || file.ahead_until.load(Ordering::Relaxed) > end + READAHEAD_BYTES / 2 {
+            return;
+        }
+        file.ahead_until.store(until, Ordering::Relaxed);
+        let mut k = chunks.index_of(from);
+        while k < chunks.len() {
+            let (id, start, _) = chunks.get(k);
+            if start >= until {
+                break;
+            }
+            if let Some(id) = id {
+                if !self.cache.contains(&id) {
+                    let job = ReadaheadJob {
+                        rp: file.rp.clone(),
+                        id,
+                    };
+                    if tx.try_send(job).is_err() {
+                        self.counters
+                            .readahead_dropped
+                            .fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+            k += 1;
+        }
+    }
+
+    /// Total and used figures for statfs: (logical bytes of loaded restore
+    /// points, number of inodes known).
+    pub fn statfs(&self) -> (u64, u64) {
+        let tree = self.tree.read();
+        let bytes = tree
+            .loaded
+            .values()
+            .map(|rp| rp.manifest.stats.logical_bytes)
+            .sum();
+        (bytes, tree.next_ino)
+    }
+}
+
+enum Resolved {
+    Root,
+    Job(String),
+    Latest(String),
+    Unloaded(RestorePointName),
+    Node(Arc<LoadedRp>, usize),
+}
+
+/// Offset-to-chunk lookup for one file: a division for fixed chunks, a
+/// binary search over start offsets for content-defined ones.
+struct ChunkMap<'a> {
+    content: &'a Content,
+    offsets: &'a [u64],
+    size: u64,
+}
+
+impl<'a> ChunkMap<'a> {
+    fn new(rp: &'a LoadedRp, node: usize) -> Self {
+        ChunkMap {
+            content: &rp.manifest.nodes[node].content,
+            offsets: &rp.offsets[node],
+            size: rp.manifest.nodes[node].size,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self.content {
+            Content::Empty => 0,
+            Content::Fixed { chunks, .. } => chunks.len(),
+            Content::Variable { chunks } => chunks.len(),
+        }
+    }
+
+    fn index_of(&self, offset: u64) -> usize {
+        match self.content {
+            Content::Empty => 0,
+            Content::Fixed { chunk_size, .. } => (offset / *chunk_size as u64) as usize,
+            Content::Variable { .. } => match self.offsets.binary_search(&offset) {
+                Ok(i) => i,
+                Err(i) => i - 1,
+            },
+        }
+    }
+
+    /// (id, start offset, length) of chunk `k`.
+    fn get(&self, k: usize) -> (Option<ChunkId>, u64, u32) {
+        match self.content {
+            Content::Empty => (None, 0, 0),
+            Content::Fixed { chunk_size, chunks } => {
+                let start = k as u64 * *chunk_size as u64;
+                (
+                    chunks[k],
+                    start,
+                    (self.size - start).min(*chunk_size as u64) as u32,
+                )
+            }
+            Content::Variable { chunks } => (chunks[k].0, self.offsets[k], chunks[k].1),
+        }
+    }
+}
+
+fn fetch(repo: &Repository, id: &ChunkId) -> FsResult<Arc<[u8]>> {
+    Ok(repo.read_chunk(id)?.into())
+}
+
+fn log_error(msg: &str) {
+    eprintln!("flr: {msg}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamp_names_parse_back() {
+        for t in [0i64, 951_782_400, 1_795_318_174] {
+            assert_eq!(
+                parse_timestamp_name(&crate::manifest::timestamp_name(t)),
+                Some(t)
+            );
+        }
+    }
+}

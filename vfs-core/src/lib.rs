@@ -1,0 +1,35 @@
+//! flr's core: the repository format and the filesystem model, with no OS
+//! mount code, so that every mount backend (FUSE, NFS, WinFsp, Dokan) is a
+//! thin adapter over it.
+//!
+//! Layers, bottom up:
+//! - [`store::ObjectStore`]: immutable named objects. [`local_store`]
+//!   (directory, memory-mapped reads) and [`store::MemoryStore`] (tests)
+//!   implement it here; S3 lives in `backends`.
+//! - [`format`]: magic numbers, versions, headers, the checksummed envelope.
+//! - [`repo::Repository`]: config and keys ([`crypto`]), the in-memory chunk
+//!   index, chunk reads in two steps (`read_raw`, then `decode_chunk`:
+//!   open, decompress, verify), restore point manifests ([`manifest`]).
+//! - [`backup`]: files and streams -> [`chunker`] -> hash, compress, seal
+//!   on all cores -> packs and index files -> manifest, written last.
+//! - [`restore`] and [`verify`]: the reverse path and the health check.
+//! - [`cache`] and [`fs`]: the read path of a mount: an inode table over
+//!   restore points, a sharded byte-bounded chunk cache with one fetch per
+//!   chunk, and readahead.
+
+pub mod backup;
+pub mod cache;
+pub mod chunker;
+pub mod crypto;
+pub mod error;
+pub mod format;
+pub mod fs;
+pub mod ids;
+pub mod local_store;
+pub mod manifest;
+pub mod repo;
+pub mod restore;
+pub mod store;
+pub mod verify;
+
+pub use error::{Error, Result};

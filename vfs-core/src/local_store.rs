@@ -1,0 +1,228 @@
+//! The object store on a local directory.
+//!
+//! Writes go to `tmp/<pid>-<random>`, are fsynced, renamed into place and
+//! the parent directory fsynced, so a crash leaves either the whole object
+//! or none. Reads of packs are served from memory maps shared by all
+//! readers; packs are immutable, so a mapping never sees bytes change.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::error::{Error, Result};
+use crate::store::{ObjectBytes, ObjectStore};
+
+pub struct LocalStore {
+    root: PathBuf,
+    maps: RwLock<HashMap<String, Arc<memmap2::Mmap>>>,
+}
+
+const TMP_DIR: &str = "tmp";
+
+impl LocalStore {
+    /// Opens a store rooted at an existing directory.
+    pub fn open(root: &Path) -> Result<Self> {
+        if !root.is_dir() {
+            return Err(Error::NotFound(format!(
+                "repository directory {}",
+                root.display()
+            )));
+        }
+        Ok(LocalStore {
+            root: root.to_path_buf(),
+            maps: RwLock::new(HashMap::new()),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    /// Removes temporary files left by writers that no longer run.
+    pub fn clean_stale_temp_files(&self) {
+        let Ok(entries) = fs::read_dir(self.root.join(TMP_DIR)) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
+            let alive = pid.is_some_and(process_alive);
+            if !alive {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    fn write_object(&self, key: &str, data: &[u8], exclusive: bool) -> Result<()> {
+        let target = self.path(key);
+        let parent = target.parent().expect("object keys have a parent");
+        let tmp_dir = self.root.join(TMP_DIR);
+        fs::create_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+        let tmp = tmp_dir.join(format!(
+            "{}-{}",
+            std::process::id(),
+            crate::crypto::random_hex(8)
+        ));
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io(&tmp, e));
+        }
+        if !parent.is_dir() {
+            fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            if let Some(grand) = parent.parent() {
+                sync_dir(grand)?;
+            }
+        }
+        // A hard link fails atomically if the target exists; a rename would
+        // silently replace it.
+        let placed = if exclusive {
+            fs::hard_link(&tmp, &target).and_then(|()| fs::remove_file(&tmp))
+        } else {
+            fs::rename(&tmp, &target)
+        };
+        if let Err(e) = placed {
+            let _ = fs::remove_file(&tmp);
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                return Err(Error::AlreadyExists(key.to_string()));
+            }
+            return Err(Error::io(&target, e));
+        }
+        sync_dir(parent)
+    }
+
+    fn map(&self, key: &str) -> Result<Arc<memmap2::Mmap>> {
+        if let Some(m) = self.maps.read().get(key) {
+            return Ok(m.clone());
+        }
+        let path = self.path(key);
+        let file = File::open(&path).map_err(|e| not_found_or_io(key, &path, e))?;
+        // SAFETY: objects are immutable once renamed into place and never
+        // truncated by this program; the mapping is read-only.
+        #[allow(unsafe_code)]
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+        let map = Arc::new(map);
+        self.maps.write().insert(key.to_string(), map.clone());
+        Ok(map)
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn process_alive(_pid: u32) -> bool {
+    // Without a cheap liveness check, keep the file; a later gc removes it.
+    true
+}
+
+fn not_found_or_io(key: &str, path: &Path, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Error::NotFound(key.to_string())
+    } else {
+        Error::io(path, e)
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    // Directories cannot be opened for fsync on Windows; NTFS journals the
+    // rename itself.
+    #[cfg(unix)]
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+impl ObjectStore for LocalStore {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        self.write_object(key, data, false)
+    }
+
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<()> {
+        self.write_object(key, data, true)
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let path = self.path(key);
+        fs::read(&path).map_err(|e| not_found_or_io(key, &path, e))
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<ObjectBytes> {
+        let map = self.map(key)?;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        match start.checked_add(len) {
+            Some(end) if end <= map.len() => Ok(ObjectBytes::Mapped(map, start..end)),
+            _ => Err(Error::malformed(
+                key,
+                format!(
+                    "truncated: {len} bytes at offset {offset} requested, file has {}",
+                    map.len()
+                ),
+            )),
+        }
+    }
+
+    fn size(&self, key: &str) -> Result<Option<u64>> {
+        let path = self.path(key);
+        match fs::metadata(&path) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let dir = self.path(prefix);
+        if !dir.exists() {
+            return Ok(out);
+        }
+        let mut stack = vec![(dir, prefix.to_string())];
+        while let Some((dir, key)) = stack.pop() {
+            let entries = fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| Error::io(&dir, e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let ft = entry.file_type().map_err(|e| Error::io(entry.path(), e))?;
+                if ft.is_dir() {
+                    stack.push((entry.path(), format!("{key}{name}/")));
+                } else {
+                    out.push(format!("{key}{name}"));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        self.maps.write().remove(key);
+        let path = self.path(key);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! A restore point's manifest: the tree of files as backed up, with each
+//! file's chunk list, plus the backup's statistics.
+//!
+//! Nodes are stored flat in depth-first order; each names its parent by
+//! index, and node 0 is the restore point's root directory.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::ids::ChunkId;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeKind {
+    Dir,
+    File,
+    Symlink,
+}
+
+/// Where a file's bytes come from. `None` in a chunk slot is a hole: that
+/// many zero bytes, stored as nothing and restored sparse.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Content {
+    Empty,
+    /// Every chunk is `chunk_size` bytes except possibly the last.
+    Fixed {
+        chunk_size: u32,
+        chunks: Vec<Option<ChunkId>>,
+    },
+    /// Content-defined chunks with their lengths.
+    Variable {
+        chunks: Vec<(Option<ChunkId>, u32)>,
+    },
+}
+
+impl Content {
+    /// Every stored chunk, in file order, with its plaintext length.
+    pub fn chunks(&self, size: u64) -> Vec<(Option<ChunkId>, u64, u32)> {
+        match self {
+            Content::Empty => Vec::new(),
+            Content::Fixed { chunk_size, chunks } => chunks
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    let off = i as u64 * *chunk_size as u64;
+                    (*id, off, (size - off).min(*chunk_size as u64) as u32)
+                })
+                .collect(),
+            Content::Variable { chunks } => {
+                let mut off = 0u64;
+                chunks
+                    .iter()
+                    .map(|(id, len)| {
+                        let item = (*id, off, *len);
+                        off += *len as u64;
+                        item
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Chunk ids only (holes skipped).
+    pub fn ids(&self) -> Box<dyn Iterator<Item = ChunkId> + '_> {
+        match self {
+            Content::Empty => Box::new(std::iter::empty()),
+            Content::Fixed { chunks, .. } => Box::new(chunks.iter().flatten().copied()),
+            Content::Variable { chunks } => Box::new(chunks.iter().filter_map(|(id, _)| *id)),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub parent: u32,
+    /// File name bytes as the source OS gave them (UTF-8 not required).
+    pub name: Vec<u8>,
+    pub kind: NodeKind,
+    /// Permission bits (07777).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    pub size: u64,
+    /// Symlink target bytes; empty for other kinds.
+    pub target: Vec<u8>,
+    pub content: Content,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    /// Sum of file sizes.
+    pub logical_bytes: u64,
+    /// Bytes of chunk data actually read (holes skipped).
+    pub read_bytes: u64,
+    pub chunks: u64,
+    pub new_chunks: u64,
+    /// Stored (compressed, sealed) bytes of chunks this backup added.
+    pub new_chunk_bytes: u64,
+    /// Bytes of pack headers, index files and this manifest.
+    pub new_meta_bytes: u64,
+    pub duration_ms: u64,
+    /// Files whose size or mtime changed while they were being read.
+    pub changed_while_reading: Vec<String>,
+}
+
+impl BackupStats {
+    pub fn added_bytes(&self) -> u64 {
+        self.new_chunk_bytes + self.new_meta_bytes
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub job: String,
+    /// The restore point's name within the job (a UTC timestamp).
+    pub name: String,
+    /// Seconds since the Unix epoch, UTC, when the backup started.
+    pub time: i64,
+    pub hostname: String,
+    pub stats: BackupStats,
+    pub nodes: Vec<Node>,
+}
+
+impl Manifest {
+    pub fn full_name(&self) -> String {
+        format!("{}/{}", self.job, self.name)
+    }
+
+    /// Checks the invariants a reader relies on, so a garbled but
+    /// well-checksummed manifest still cannot crash or mislead a mount.
+    pub fn validate(&self, what: &str) -> Result<()> {
+        let bad = |why: String| Err(Error::malformed(what, why));
+        let Some(root) = self.nodes.first() else {
+            return bad("no root node".into());
+        };
+        if root.kind != NodeKind::Dir {
+            return bad("root node is not a directory".into());
+        }
+        for (i, n) in self.nodes.iter().enumerate().skip(1) {
+            let p = n.parent as usize;
+            if p >= i || self.nodes[p].kind != NodeKind::Dir {
+                return bad(format!("node {i} has an invalid parent {p}"));
+            }
+            if n.name.is_empty() || n.name.contains(&b'/') || n.name == b"." || n.name == b".." {
+                return bad(format!("node {i} has an invalid name"));
+            }
+            let expected: u64 = match &n.content {
+                Content::Empty => 0,
+                Content::Fixed { chunk_size, chunks } => {
+                    if *chunk_size == 0 || *chunk_size > crate::format::MAX_CHUNK_SIZE {
+                        return bad(format!("node {i} has chunk size {chunk_size}"));
+                    }
+                    let full = n.size.div_ceil(*chunk_size as u64);
+                    if full != chunks.len() as u64 {
+                        return bad(format!(
+                            "node {i}: {} chunks for {} bytes",
+                            chunks.len(),
+                            n.size
+                        ));
+                    }
+                    n.size
+                }
+                Content::Variable { chunks } => chunks.iter().map(|c| c.1 as u64).sum(),
+            };
+            if n.kind == NodeKind::File && expected != n.size {
+                return bad(format!(
+                    "node {i}: chunks cover {expected} bytes, size is {}",
+                    n.size
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The path of node `i` relative to the restore point root.
+    pub fn path_of(&self, mut i: usize) -> String {
+        let mut parts = Vec::new();
+        while i != 0 {
+            parts.push(String::from_utf8_lossy(&self.nodes[i].name).into_owned());
+            i = self.nodes[i].parent as usize;
+        }
+        parts.reverse();
+        parts.join("/")
+    }
+}
+
+/// Checks a job name: it becomes a directory name in the repository and
+/// in every mount.
+pub fn validate_job_name(job: &str) -> Result<()> {
+    let ok = !job.is_empty()
+        && job.len() <= 128
+        && !job.starts_with('.')
+        && job
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidInput(format!(
+            "invalid job name {job:?}: use letters, digits, '-', '_' and '.', not starting with '.'"
+        )))
+    }
+}
+
+/// Formats Unix seconds as the restore-point name `YYYY-MM-DDTHH-MM-SSZ`
+/// (no colons, so the name is valid on every filesystem).
+pub fn timestamp_name(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}-{:02}-{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_format() {
+        assert_eq!(timestamp_name(0), "1970-01-01T00-00-00Z");
+        assert_eq!(timestamp_name(1_795_318_174), "2026-11-22T03-29-34Z");
+        assert_eq!(timestamp_name(951_782_400), "2000-02-29T00-00-00Z");
+    }
+
+    #[test]
+    fn job_names() {
+        assert!(validate_job_name("nightly-db_1.x").is_ok());
+        for bad in ["", ".hidden", "a/b", "a b", "ü"] {
+            assert!(validate_job_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,477 @@
+//! The repository: config and keys, the in-memory chunk index, reading
+//! chunks (raw and decoded as separate steps) and restore points.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{EncryptionConfig, Keys};
+use crate::error::{Error, Result};
+use crate::format::{self, CHUNK_ZSTD, FLAG_SEALED, FLAG_ZSTD};
+use crate::ids::{ChunkHasher, ChunkId, PackId};
+use crate::manifest::{validate_job_name, Manifest};
+use crate::store::{ObjectBytes, ObjectStore};
+
+pub const CONFIG_KEY: &str = "config";
+pub const RESTORE_POINTS_PREFIX: &str = "restore-points/";
+pub const INDEX_PREFIX: &str = "index/";
+pub const PACKS_PREFIX: &str = "packs/";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepoConfig {
+    pub version: u32,
+    pub id: String,
+    /// zstd level for chunks and metadata.
+    pub compression_level: i32,
+    pub encryption: Option<EncryptionConfig>,
+}
+
+/// Where a chunk is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkLoc {
+    /// Index into the repository's pack table.
+    pub pack: u32,
+    pub offset: u32,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    pub flags: u8,
+}
+
+/// One entry of an index file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    pub id: ChunkId,
+    pub offset: u32,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    pub flags: u8,
+}
+
+/// The contents of `index/<pack>.idx`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IndexFile {
+    pub pack: PackId,
+    pub pack_len: u64,
+    pub entries: Vec<IndexEntry>,
+}
+
+/// The in-memory index: chunk id to location, and the pack table.
+#[derive(Default)]
+pub struct Index {
+    pub chunks: HashMap<ChunkId, ChunkLoc>,
+    pub packs: Vec<PackId>,
+    pack_numbers: HashMap<PackId, u32>,
+}
+
+impl Index {
+    pub fn add_pack(&mut self, file: &IndexFile) {
+        let n = match self.pack_numbers.get(&file.pack) {
+            Some(n) => *n,
+            None => {
+                let n = self.packs.len() as u32;
+                self.packs.push(file.pack);
+                self.pack_numbers.insert(file.pack, n);
+                n
+            }
+        };
+        for e in &file.entries {
+            self.chunks.entry(e.id).or_insert(ChunkLoc {
+                pack: n,
+                offset: e.offset,
+                stored_len: e.stored_len,
+                raw_len: e.raw_len,
+                flags: e.flags,
+            });
+        }
+    }
+}
+
+pub fn pack_key(pack: &PackId) -> String {
+    let hex = pack.to_hex();
+    format!("{PACKS_PREFIX}{}/{hex}.pack", &hex[..2])
+}
+
+pub fn index_key(pack: &PackId) -> String {
+    format!("{INDEX_PREFIX}{}.idx", pack.to_hex())
+}
+
+/// A restore point's name, `job/timestamp`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RestorePointName {
+    pub job: String,
+    pub name: String,
+}
+
+impl RestorePointName {
+    pub fn parse(s: &str) -> Result<Self> {
+        let (job, name) = s.split_once('/').ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "restore point {s:?} is not of the form JOB/TIMESTAMP"
+            ))
+        })?;
+        validate_job_name(job)?;
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(Error::InvalidInput(format!(
+                "invalid restore point name {s:?}"
+            )));
+        }
+        Ok(RestorePointName {
+            job: job.into(),
+            name: name.into(),
+        })
+    }
+
+    pub fn key(&self) -> String {
+        format!("{RESTORE_POINTS_PREFIX}{}/{}.rp", self.job, self.name)
+    }
+}
+
+impl std::fmt::Display for RestorePointName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.job, self.name)
+    }
+}
+
+pub struct Repository {
+    store: Arc<dyn ObjectStore>,
+    config: RepoConfig,
+    keys: Option<Keys>,
+    hasher: ChunkHasher,
+    index: RwLock<Index>,
+    location: PathBuf,
+}
+
+thread_local! {
+    static DECOMPRESSOR: std::cell::RefCell<zstd::bulk::Decompressor<'static>> =
+        std::cell::RefCell::new(zstd::bulk::Decompressor::new().expect("zstd context"));
+}
+
+impl Repository {
+    /// Creates a new repository in an empty store.
+    pub fn init(store: &dyn ObjectStore, password: Option<&[u8]>) -> Result<()> {
+        if store.size(CONFIG_KEY)?.is_some() {
+            return Err(Error::AlreadyExists(format!(
+                "repository at {}",
+                store.location()
+            )));
+        }
+        let encryption = match password {
+            Some(p) => Some(Keys::create(p)?.1),
+            None => None,
+        };
+        let config = RepoConfig {
+            version: format::REPO_VERSION,
+            id: crate::crypto::random_hex(16),
+            compression_level: 3,
+            encryption,
+        };
+        // The config is the one JSON file, so an operator can read the
+        // version and encryption parameters with any tool.
+        let json = serde_json::to_string_pretty(&config).expect("config serializes") + "\n";
+        store.put_new(
+            CONFIG_KEY,
+            &format::seal_envelope(format::CONFIG_MAGIC, 0, json.as_bytes()),
+        )
+    }
+
+    /// Opens a repository; `password` is asked only if it is encrypted.
+    pub fn open(
+        store: Arc<dyn ObjectStore>,
+        password: impl FnOnce() -> Result<Vec<u8>>,
+    ) -> Result<Repository> {
+        let location = PathBuf::from(store.location());
+        let raw = match store.get(CONFIG_KEY) {
+            Ok(raw) => raw,
+            Err(Error::NotFound(_)) => {
+                return Err(Error::NotFound(format!(
+                    "repository at {} (no config file; run `flr init` first)",
+                    location.display()
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        let what = format!("{}/config", location.display());
+        let (_, payload) = format::open_envelope(&what, format::CONFIG_MAGIC, &raw)?;
+        let config: RepoConfig = parse_config(&what, payload)?;
+        if config.version != format::REPO_VERSION {
+            return Err(Error::UnsupportedVersion {
+                what,
+                found: config.version,
+                supported: format::REPO_VERSION,
+            });
+        }
+        let keys = match &config.encryption {
+            Some(enc) => Some(Keys::unlock(enc, &password()?, &location)?),
+            None => None,
+        };
+        let hasher = match &keys {
+            Some(k) => ChunkHasher::keyed(k.id_key),
+            None => ChunkHasher::plain(),
+        };
+        let repo = Repository {
+            store,
+            config,
+            keys,
+            hasher,
+            index: RwLock::new(Index::default()),
+            location,
+        };
+        repo.reload_index()?;
+        Ok(repo)
+    }
+
+    pub fn location(&self) -> &std::path::Path {
+        &self.location
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    pub fn hasher(&self) -> &ChunkHasher {
+        &self.hasher
+    }
+
+    pub fn keys(&self) -> Option<&Keys> {
+        self.keys.as_ref()
+    }
+
+    pub fn index(&self) -> &RwLock<Index> {
+        &self.index
+    }
+
+    /// Reads every index file into memory. Index files of other writers
+    /// that appear later are picked up by calling this again.
+    pub fn reload_index(&self) -> Result<()> {
+        let keys = self.store.list(INDEX_PREFIX)?;
+        let files: Vec<Result<IndexFile>> = {
+            use rayon::prelude::*;
+            keys.par_iter()
+                .filter(|k| k.ends_with(".idx"))
+                .map(|k| self.read_index_file(k))
+                .collect()
+        };
+        let mut index = Index::default();
+        for f in files {
+            index.add_pack(&f?);
+        }
+        *self.index.write() = index;
+        Ok(())
+    }
+
+    pub fn read_index_file(&self, key: &str) -> Result<IndexFile> {
+        let raw = self.store.get(key)?;
+        let file: IndexFile = self.decode_meta(key, format::INDEX_MAGIC, &raw)?;
+        let expected = index_key(&file.pack);
+        if expected != key {
+            return Err(Error::malformed(
+                key,
+                format!("names pack {} which is not its own", file.pack),
+            ));
+        }
+        for e in &file.entries {
+            if e.raw_len > format::MAX_CHUNK_SIZE
+                || e.offset as u64 + e.stored_len as u64 > file.pack_len
+            {
+                return Err(Error::malformed(
+                    key,
+                    format!("entry for chunk {} is out of bounds", e.id),
+                ));
+            }
+        }
+        Ok(file)
+    }
+
+    /// Encodes metadata: postcard, zstd, sealed if encrypted, enveloped.
+    pub fn encode_meta<T: Serialize>(&self, magic: [u8; 8], value: &T) -> Vec<u8> {
+        let plain = postcard::to_stdvec(value).expect("metadata serializes");
+        let mut payload =
+            zstd::bulk::compress(&plain, self.config.compression_level).expect("zstd in memory");
+        let mut flags = FLAG_ZSTD;
+        if let Some(keys) = &self.keys {
+            payload = keys.seal_meta(&payload);
+            flags |= FLAG_SEALED;
+        }
+        format::seal_envelope(magic, flags, &payload)
+    }
+
+    pub fn decode_meta<T: for<'de> Deserialize<'de>>(
+        &self,
+        what: &str,
+        magic: [u8; 8],
+        raw: &[u8],
+    ) -> Result<T> {
+        let (flags, payload) = format::open_envelope(what, magic, raw)?;
+        let opened;
+        let mut payload = payload;
+        match (flags & FLAG_SEALED != 0, &self.keys) {
+            (true, Some(keys)) => {
+                opened = keys.open_meta(payload).ok_or_else(|| {
+                    Error::malformed(what, "authentication failed (damaged or foreign file)")
+                })?;
+                payload = &opened;
+            }
+            (true, None) => {
+                return Err(Error::malformed(
+                    what,
+                    "sealed file in an unencrypted repository",
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(Error::malformed(
+                    what,
+                    "unsealed file in an encrypted repository",
+                ))
+            }
+            (false, None) => {}
+        }
+        let decompressed;
+        if flags & FLAG_ZSTD != 0 {
+            decompressed = zstd::stream::decode_all(payload)
+                .map_err(|e| Error::malformed(what, format!("bad compression: {e}")))?;
+            payload = &decompressed;
+        }
+        postcard::from_bytes(payload)
+            .map_err(|e| Error::malformed(what, format!("undecodable: {e}")))
+    }
+
+    pub fn locate(&self, id: &ChunkId) -> Option<(ChunkLoc, PackId)> {
+        let index = self.index.read();
+        index
+            .chunks
+            .get(id)
+            .map(|loc| (*loc, index.packs[loc.pack as usize]))
+    }
+
+    /// Fetches a chunk's stored bytes, as they are in the pack.
+    pub fn read_raw(&self, id: &ChunkId) -> Result<(ChunkLoc, PackId, ObjectBytes)> {
+        let (loc, pack) = self.locate(id).ok_or(Error::MissingChunk(*id))?;
+        let bytes =
+            self.store
+                .get_range(&pack_key(&pack), loc.offset as u64, loc.stored_len as usize)?;
+        Ok((loc, pack, bytes))
+    }
+
+    /// Turns stored bytes into verified plaintext: open, decompress, and
+    /// check the hash against the id. Never returns unverified bytes.
+    pub fn decode_chunk(
+        &self,
+        id: &ChunkId,
+        loc: &ChunkLoc,
+        pack: &PackId,
+        raw: &[u8],
+    ) -> Result<Vec<u8>> {
+        let corrupt = |why: String| Error::CorruptChunk {
+            id: *id,
+            pack: pack.to_hex(),
+            why,
+        };
+        let opened;
+        let mut data = raw;
+        if let Some(keys) = &self.keys {
+            opened = keys
+                .open_chunk(id, raw)
+                .ok_or_else(|| corrupt("authentication failed".into()))?;
+            data = &opened;
+        }
+        let plain = if loc.flags & CHUNK_ZSTD != 0 {
+            DECOMPRESSOR
+                .with(|d| d.borrow_mut().decompress(data, loc.raw_len as usize))
+                .map_err(|e| corrupt(format!("decompression failed: {e}")))?
+        } else {
+            data.to_vec()
+        };
+        if plain.len() != loc.raw_len as usize {
+            return Err(corrupt(format!(
+                "decoded to {} bytes, index says {}",
+                plain.len(),
+                loc.raw_len
+            )));
+        }
+        if self.hasher.id(&plain) != *id {
+            return Err(corrupt("content does not match its hash".into()));
+        }
+        Ok(plain)
+    }
+
+    /// Reads and verifies one chunk.
+    pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let (loc, pack, raw) = self.read_raw(id)?;
+        self.decode_chunk(id, &loc, &pack, &raw)
+    }
+
+    /// Restore points, sorted by job then time.
+    pub fn list_restore_points(&self, job: Option<&str>) -> Result<Vec<RestorePointName>> {
+        let prefix = match job {
+            Some(j) => {
+                validate_job_name(j)?;
+                format!("{RESTORE_POINTS_PREFIX}{j}/")
+            }
+            None => RESTORE_POINTS_PREFIX.to_string(),
+        };
+        let mut out = Vec::new();
+        for key in self.store.list(&prefix)? {
+            let Some(rest) = key.strip_prefix(RESTORE_POINTS_PREFIX) else {
+                continue;
+            };
+            let Some(rest) = rest.strip_suffix(".rp") else {
+                continue;
+            };
+            if let Ok(name) = RestorePointName::parse(rest) {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn load_manifest(&self, name: &RestorePointName) -> Result<Manifest> {
+        let key = name.key();
+        let raw = match self.store.get(&key) {
+            Ok(raw) => raw,
+            Err(Error::NotFound(_)) => {
+                return Err(Error::NotFound(format!("restore point {name}")))
+            }
+            Err(e) => return Err(e),
+        };
+        let what = format!("restore point {name} ({key})");
+        let manifest: Manifest = self.decode_meta(&what, format::MANIFEST_MAGIC, &raw)?;
+        manifest.validate(&what)?;
+        if manifest.job != name.job || manifest.name != name.name {
+            return Err(Error::malformed(
+                what,
+                "manifest names a different restore point",
+            ));
+        }
+        Ok(manifest)
+    }
+
+    /// Resolves `JOB/TIMESTAMP`, or `JOB` / `JOB/latest` to the newest one.
+    pub fn resolve(&self, spec: &str) -> Result<RestorePointName> {
+        let (job, rest) = spec.split_once('/').unwrap_or((spec, "latest"));
+        if rest == "latest" {
+            return self
+                .list_restore_points(Some(job))?
+                .pop()
+                .ok_or_else(|| Error::NotFound(format!("restore points of job {job:?}")));
+        }
+        RestorePointName::parse(spec)
+    }
+}
+
+fn parse_config(what: &str, payload: &[u8]) -> Result<RepoConfig> {
+    let text = std::str::from_utf8(payload).map_err(|_| Error::malformed(what, "not UTF-8"))?;
+    serde_json::from_str(text).map_err(|e| Error::malformed(what, e.to_string()))
+}

@@ -1,0 +1,136 @@
+//! The object-store trait the repository is written against, and an
+//! in-memory implementation for tests. The local-disk store is in
+//! [`crate::local_store`]; the S3 store lives in the `backends` crate.
+//!
+//! Objects are immutable: `put` creates a whole object atomically (readers
+//! see all of it or nothing) and is never used to change one.
+
+use std::collections::BTreeMap;
+use std::ops::{Deref, Range};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::error::{Error, Result};
+
+/// Bytes handed out by a store: owned, or a window into a shared mapping.
+#[derive(Clone)]
+pub enum ObjectBytes {
+    Owned(Arc<Vec<u8>>),
+    Mapped(Arc<memmap2::Mmap>, Range<usize>),
+}
+
+impl Deref for ObjectBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ObjectBytes::Owned(v) => v,
+            ObjectBytes::Mapped(m, r) => &m[r.clone()],
+        }
+    }
+}
+
+pub trait ObjectStore: Send + Sync {
+    /// A human-readable location, used in messages.
+    fn location(&self) -> String;
+    /// Stores a whole object durably under `key`, replacing nothing: if the
+    /// key exists with other content, that is the caller's bug.
+    fn put(&self, key: &str, data: &[u8]) -> Result<()>;
+    /// Like `put`, but fails with `AlreadyExists` if the key exists; used
+    /// for names that two writers could choose at once (restore points).
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<()>;
+    /// Reads a whole object.
+    fn get(&self, key: &str) -> Result<Vec<u8>>;
+    /// Reads `len` bytes at `offset`; fails if the object is shorter.
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<ObjectBytes>;
+    /// Size of an object, or `None` if it does not exist.
+    fn size(&self, key: &str) -> Result<Option<u64>>;
+    /// Keys under a prefix ending in '/', recursively, in sorted order.
+    fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Removes an object; removing a missing object is not an error.
+    fn delete(&self, key: &str) -> Result<()>;
+}
+
+/// An object store in memory, for tests.
+#[derive(Default)]
+pub struct MemoryStore {
+    objects: RwLock<BTreeMap<String, Arc<Vec<u8>>>>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replaces an object's bytes, to simulate damage in tests.
+    pub fn tamper(&self, key: &str, f: impl FnOnce(&mut Vec<u8>)) {
+        let mut objects = self.objects.write();
+        let obj = objects.get_mut(key).expect("tamper: no such object");
+        let mut bytes = (**obj).clone();
+        f(&mut bytes);
+        *obj = Arc::new(bytes);
+    }
+}
+
+impl ObjectStore for MemoryStore {
+    fn location(&self) -> String {
+        "memory".into()
+    }
+
+    fn put(&self, key: &str, data: &[u8]) -> Result<()> {
+        self.objects
+            .write()
+            .insert(key.to_string(), Arc::new(data.to_vec()));
+        Ok(())
+    }
+
+    fn put_new(&self, key: &str, data: &[u8]) -> Result<()> {
+        let mut objects = self.objects.write();
+        if objects.contains_key(key) {
+            return Err(Error::AlreadyExists(key.to_string()));
+        }
+        objects.insert(key.to_string(), Arc::new(data.to_vec()));
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        self.objects
+            .read()
+            .get(key)
+            .map(|v| (**v).clone())
+            .ok_or_else(|| Error::NotFound(key.to_string()))
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<ObjectBytes> {
+        let objects = self.objects.read();
+        let obj = objects
+            .get(key)
+            .ok_or_else(|| Error::NotFound(key.to_string()))?;
+        let start = offset as usize;
+        if start.checked_add(len).is_none_or(|end| end > obj.len()) {
+            return Err(Error::malformed(key, "range beyond the end of the object"));
+        }
+        Ok(ObjectBytes::Owned(Arc::new(
+            obj[start..start + len].to_vec(),
+        )))
+    }
+
+    fn size(&self, key: &str) -> Result<Option<u64>> {
+        Ok(self.objects.read().get(key).map(|v| v.len() as u64))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        Ok(self
+            .objects
+            .read()
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| k.clone())
+            .collect())
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        self.objects.write().remove(key);
+        Ok(())
+    }
+}
