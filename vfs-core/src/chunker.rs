@@ -197,22 +197,15 @@ impl<R: Read> ChunkStream<R> {
     pub fn next_batch(&mut self) -> std::io::Result<Option<ChunkBatch>> {
         let mut data = std::mem::take(&mut self.carry);
         let want = self.batch_bytes.max(CDC_MAX as usize * 2);
-        if data.capacity() < want {
-            data.reserve(want - data.len());
-        }
+        // read_to_end grows the buffer as data arrives (no zero-filling of
+        // a whole batch), so a small file costs what it holds.
         while !self.eof && data.len() < want {
-            let len = data.len();
-            data.resize(want, 0);
-            let n = loop {
-                match self.reader.read(&mut data[len..]) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                }
-            };
-            data.truncate(len + n);
-            if n == 0 {
-                self.eof = true;
+            let limit = (want - data.len()) as u64;
+            match (&mut self.reader).take(limit).read_to_end(&mut data) {
+                Ok(0) => self.eof = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
         if data.is_empty() {
