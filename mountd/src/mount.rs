@@ -68,6 +68,7 @@ pub fn run(args: MountArgs) -> Result<u8> {
             .map(|s| repo.resolve(s))
             .transpose()?
             .map(|n: RestorePointName| n),
+        rooted: false,
     };
     if let Some(job) = &filter.job {
         vfs_core::manifest::validate_job_name(job)?;

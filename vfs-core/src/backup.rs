@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use crate::chunker::{ChunkBatch, ChunkStream, ChunkerKind};
 use crate::error::{Error, Result};
 use crate::format::{self, CHUNK_ZSTD};
-use crate::ids::{ChunkId, PackId};
+use crate::ids::{ChunkId, IdSet, PackId};
 use crate::manifest::{
     timestamp_name, validate_job_name, BackupStats, Content, Manifest, Node, NodeKind,
 };
@@ -477,7 +477,7 @@ pub fn backup(repo: &Repository, source: Source, opts: &BackupOptions) -> Result
             Ok(meta)
         });
 
-        let mut pending: HashSet<ChunkId> = HashSet::new();
+        let mut pending = IdSet::default();
         let mut pack = PackBuilder::new();
         let mut current: Option<CurrentFile> = None;
         let mut failure = None;

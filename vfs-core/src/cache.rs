@@ -5,23 +5,25 @@
 //! until the shard fits). A chunk being fetched is fetched once: later
 //! readers of the same chunk wait for that fetch instead of repeating it.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
 use crate::fs::FsError;
-use crate::ids::ChunkId;
+use crate::ids::{BuildIdHasher, ChunkId, IdMap};
 
 const SHARDS: usize = 16;
 
-type Fetch = Arc<OnceLock<Result<Arc<[u8]>, FsError>>>;
+/// A decoded chunk, shared by the cache and every reader holding it.
+pub type ChunkData = Arc<Vec<u8>>;
+
+type Fetch = Arc<OnceLock<Result<ChunkData, FsError>>>;
 
 struct Shard {
-    lru: lru::LruCache<ChunkId, Arc<[u8]>>,
+    lru: lru::LruCache<ChunkId, ChunkData, BuildIdHasher>,
     bytes: usize,
-    in_flight: HashMap<ChunkId, Fetch>,
+    in_flight: IdMap<Fetch>,
 }
 
 #[derive(Default, Debug)]
@@ -46,9 +48,9 @@ impl ChunkCache {
             shards: (0..SHARDS)
                 .map(|_| {
                     Mutex::new(Shard {
-                        lru: lru::LruCache::unbounded(),
+                        lru: lru::LruCache::unbounded_with_hasher(BuildIdHasher::default()),
                         bytes: 0,
-                        in_flight: HashMap::new(),
+                        in_flight: IdMap::default(),
                     })
                 })
                 .collect(),
@@ -77,8 +79,8 @@ impl ChunkCache {
     pub fn get_or_fetch(
         &self,
         id: &ChunkId,
-        fetch: impl FnOnce() -> Result<Arc<[u8]>, FsError>,
-    ) -> Result<Arc<[u8]>, FsError> {
+        fetch: impl FnOnce() -> Result<ChunkData, FsError>,
+    ) -> Result<ChunkData, FsError> {
         let shard = self.shard(id);
         let cell = {
             let mut s = shard.lock();
@@ -143,7 +145,7 @@ mod tests {
     fn stays_within_its_byte_bound() {
         let cache = ChunkCache::new(16 * 1024);
         for n in 0..1000 {
-            let data: Arc<[u8]> = vec![n as u8; 100].into();
+            let data: ChunkData = Arc::new(vec![n as u8; 100]);
             cache.get_or_fetch(&id(n), || Ok(data)).unwrap();
             assert!(cache.resident_bytes() <= 16 * 1024);
         }
@@ -164,7 +166,7 @@ mod tests {
                         .get_or_fetch(&id(7), || {
                             fetches.fetch_add(1, Ordering::SeqCst);
                             std::thread::sleep(std::time::Duration::from_millis(50));
-                            Ok(vec![1u8; 10].into())
+                            Ok(Arc::new(vec![1u8; 10]))
                         })
                         .unwrap()
                 })
@@ -182,6 +184,8 @@ mod tests {
         assert!(cache
             .get_or_fetch(&id(1), || Err(FsError::Corrupt("x".into())))
             .is_err());
-        assert!(cache.get_or_fetch(&id(1), || Ok(vec![2u8].into())).is_ok());
+        assert!(cache
+            .get_or_fetch(&id(1), || Ok(Arc::new(vec![2u8])))
+            .is_ok());
     }
 }

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -19,7 +20,16 @@ use crate::store::{ObjectBytes, ObjectStore};
 pub struct LocalStore {
     root: PathBuf,
     maps: RwLock<HashMap<String, Arc<memmap2::Mmap>>>,
+    /// Bytes handed out from maps since they were last trimmed.
+    mapped_since_trim: AtomicU64,
 }
+
+/// Pages of a mapping that a reader touched stay in the process's
+/// resident set until released. Releasing every mapping after this many
+/// bytes keeps a mount's resident size near its cache size, whatever the
+/// repository size; the pages stay in the kernel's page cache, so a later
+/// touch is a minor fault, not a disk read.
+const TRIM_MAPS_EVERY: u64 = 64 << 20;
 
 const TMP_DIR: &str = "tmp";
 
@@ -35,6 +45,7 @@ impl LocalStore {
         Ok(LocalStore {
             root: root.to_path_buf(),
             maps: RwLock::new(HashMap::new()),
+            mapped_since_trim: AtomicU64::new(0),
         })
     }
 
@@ -101,6 +112,18 @@ impl LocalStore {
             return Err(Error::io(&target, e));
         }
         sync_dir(parent)
+    }
+
+    /// Drops the pages of every mapping from this process's resident set.
+    fn trim_maps(&self) {
+        #[cfg(unix)]
+        for map in self.maps.read().values() {
+            // SAFETY: the mappings are read-only views of immutable files:
+            // after MADV_DONTNEED a later access faults the same bytes back
+            // in from the file, so concurrent readers see no change.
+            #[allow(unsafe_code)]
+            let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
     }
 
     fn map(&self, key: &str) -> Result<Arc<memmap2::Mmap>> {
@@ -172,7 +195,16 @@ impl ObjectStore for LocalStore {
         let map = self.map(key)?;
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         match start.checked_add(len) {
-            Some(end) if end <= map.len() => Ok(ObjectBytes::Mapped(map, start..end)),
+            Some(end) if end <= map.len() => {
+                let since = self
+                    .mapped_since_trim
+                    .fetch_add(len as u64, Ordering::Relaxed);
+                if since + len as u64 >= TRIM_MAPS_EVERY {
+                    self.mapped_since_trim.store(0, Ordering::Relaxed);
+                    self.trim_maps();
+                }
+                Ok(ObjectBytes::Mapped(map, start..end))
+            }
             _ => Err(Error::malformed(
                 key,
                 format!(

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::crypto::{EncryptionConfig, Keys};
 use crate::error::{Error, Result};
 use crate::format::{self, CHUNK_ZSTD, FLAG_SEALED, FLAG_ZSTD};
-use crate::ids::{ChunkHasher, ChunkId, PackId};
+use crate::ids::{ChunkHasher, ChunkId, IdMap, PackId};
 use crate::manifest::{validate_job_name, Manifest};
 use crate::store::{ObjectBytes, ObjectStore};
 
@@ -62,8 +62,10 @@ pub struct IndexFile {
 /// The in-memory index: chunk id to location, and the pack table.
 #[derive(Default)]
 pub struct Index {
-    pub chunks: HashMap<ChunkId, ChunkLoc>,
+    pub chunks: IdMap<ChunkLoc>,
     pub packs: Vec<PackId>,
+    /// Store key of each pack, made once (not per chunk read).
+    pub pack_keys: Vec<Arc<str>>,
     pack_numbers: HashMap<PackId, u32>,
 }
 
@@ -74,6 +76,7 @@ impl Index {
             None => {
                 let n = self.packs.len() as u32;
                 self.packs.push(file.pack);
+                self.pack_keys.push(pack_key(&file.pack).into());
                 self.pack_numbers.insert(file.pack, n);
                 n
             }
@@ -357,10 +360,15 @@ impl Repository {
 
     /// Fetches a chunk's stored bytes, as they are in the pack.
     pub fn read_raw(&self, id: &ChunkId) -> Result<(ChunkLoc, PackId, ObjectBytes)> {
-        let (loc, pack) = self.locate(id).ok_or(Error::MissingChunk(*id))?;
-        let bytes =
-            self.store
-                .get_range(&pack_key(&pack), loc.offset as u64, loc.stored_len as usize)?;
+        let (loc, pack, key) = {
+            let index = self.index.read();
+            let loc = *index.chunks.get(id).ok_or(Error::MissingChunk(*id))?;
+            let n = loc.pack as usize;
+            (loc, index.packs[n], index.pack_keys[n].clone())
+        };
+        let bytes = self
+            .store
+            .get_range(&key, loc.offset as u64, loc.stored_len as usize)?;
         Ok((loc, pack, bytes))
     }
 

@@ -2,7 +2,7 @@
 //! stored chunk re-read, opened, decompressed and re-hashed. Damage is
 //! reported by restore point and file, so an operator knows what is lost.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use crate::backup::Progress;
 use crate::error::Result;
 use crate::format;
-use crate::ids::{ChunkId, PackId};
+use crate::ids::{ChunkId, IdSet, PackId};
 use crate::repo::{index_key, pack_key, ChunkLoc, Repository, INDEX_PREFIX};
 
 #[derive(Debug, Default, serde::Serialize)]
@@ -45,7 +45,7 @@ pub fn verify(
 
     // Index files, one by one, so one bad file does not hide the others.
     let mut entries: Vec<PackListing> = Vec::new();
-    let mut indexed: HashSet<ChunkId> = HashSet::new();
+    let mut indexed = IdSet::default();
     for key in store.list(INDEX_PREFIX)? {
         match repo.read_index_file(&key) {
             Ok(file) => {
@@ -86,7 +86,7 @@ pub fn verify(
     report.packs = entries.len() as u64;
 
     // Re-read data: every chunk of every pack, on all cores.
-    let mut bad: HashSet<ChunkId> = HashSet::new();
+    let mut bad = IdSet::default();
     if read_data {
         let total: u64 = entries.iter().map(|e| e.1).sum();
         progress.total_bytes.store(total, Ordering::Relaxed);
