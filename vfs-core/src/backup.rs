@@ -482,7 +482,7 @@ pub fn backup(repo: &Repository, source: Source, opts: &BackupOptions) -> Result
         let mut current: Option<CurrentFile> = None;
         let mut failure = None;
 
-        for event in rx.iter() {
+        'events: for event in rx.iter() {
             match event {
                 ReadEvent::Failed(e) => {
                     failure = Some(e);
@@ -549,7 +549,9 @@ pub fn backup(repo: &Repository, source: Source, opts: &BackupOptions) -> Result
                             if pack.buf.len() >= format::PACK_TARGET_SIZE {
                                 let full = std::mem::replace(&mut pack, PackBuilder::new());
                                 if pack_tx.send(full).is_err() {
-                                    break;
+                                    // The writer failed; its error is
+                                    // reported below. Stop reading.
+                                    break 'events;
                                 }
                             }
                         }

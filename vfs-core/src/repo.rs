@@ -67,6 +67,8 @@ pub struct Index {
     /// Store key of each pack, made once (not per chunk read).
     pub pack_keys: Vec<Arc<str>>,
     pack_numbers: HashMap<PackId, u32>,
+    /// Packs left out because they are missing or damaged, as messages.
+    pub problems: Vec<String>,
 }
 
 impl Index {
@@ -259,16 +261,38 @@ impl Repository {
     /// that appear later are picked up by calling this again.
     pub fn reload_index(&self) -> Result<()> {
         let keys = self.store.list(INDEX_PREFIX)?;
-        let files: Vec<Result<IndexFile>> = {
+        // Each index file, and the size of the pack it describes: a pack
+        // that is missing or of the wrong length is left out of the index,
+        // so a backup stores its chunks again and a read of them fails
+        // instead of returning bytes from a damaged file.
+        let files: Vec<Result<(IndexFile, Option<u64>)>> = {
             use rayon::prelude::*;
             keys.par_iter()
                 .filter(|k| k.ends_with(".idx"))
-                .map(|k| self.read_index_file(k))
+                .map(|k| {
+                    let file = self.read_index_file(k)?;
+                    let size = self.store.size(&pack_key(&file.pack))?;
+                    Ok((file, size))
+                })
                 .collect()
         };
         let mut index = Index::default();
         for f in files {
-            index.add_pack(&f?);
+            let (file, size) = f?;
+            match size {
+                Some(n) if n == file.pack_len => index.add_pack(&file),
+                Some(n) => index.problems.push(format!(
+                    "{}: {n} bytes, its index says {} (truncated or damaged); its {} chunks are treated as missing",
+                    pack_key(&file.pack),
+                    file.pack_len,
+                    file.entries.len()
+                )),
+                None => index.problems.push(format!(
+                    "{}: missing; its {} chunks are treated as missing",
+                    pack_key(&file.pack),
+                    file.entries.len()
+                )),
+            }
         }
         *self.index.write() = index;
         Ok(())

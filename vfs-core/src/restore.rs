@@ -237,6 +237,14 @@ fn with_file(e: Error, manifest: &Manifest, i: usize, offset: u64) -> Error {
                 manifest.path_of(i)
             ),
         },
+        Error::Malformed { what, why } => Error::Malformed {
+            what,
+            why: format!(
+                "{why} (restoring file {} of {}, offset {offset})",
+                manifest.path_of(i),
+                manifest.full_name()
+            ),
+        },
         other => other,
     }
 }

@@ -71,27 +71,34 @@ pub fn verify(
             Err(e) => report.problems.push(e.to_string()),
         }
     }
-    for (pack, len, _) in &entries {
+    // A missing or wrongly sized pack damages every chunk it holds, and
+    // so the restore points using them, even without reading data.
+    let mut bad = IdSet::default();
+    let mut unreadable = std::collections::HashSet::new();
+    for (pack, len, locs) in &entries {
         let key = pack_key(pack);
-        match store.size(&key)? {
-            None => report
-                .problems
-                .push(format!("{key}: missing (listed by {})", index_key(pack))),
-            Some(n) if n != *len => report.problems.push(format!(
+        let problem = match store.size(&key)? {
+            None => Some(format!("{key}: missing (listed by {})", index_key(pack))),
+            Some(n) if n != *len => Some(format!(
                 "{key}: {n} bytes, its index says {len} (truncated or damaged)"
             )),
-            Some(_) => {}
+            Some(_) => None,
+        };
+        if let Some(p) = problem {
+            report.problems.push(p);
+            bad.extend(locs.iter().map(|l| l.0));
+            unreadable.insert(*pack);
         }
     }
     report.packs = entries.len() as u64;
 
-    // Re-read data: every chunk of every pack, on all cores.
-    let mut bad = IdSet::default();
+    // Re-read data: every chunk of every readable pack, on all cores.
     if read_data {
         let total: u64 = entries.iter().map(|e| e.1).sum();
         progress.total_bytes.store(total, Ordering::Relaxed);
         let results: Vec<(Vec<ChunkId>, Vec<String>, u64, u64)> = entries
             .par_iter()
+            .filter(|(pack, _, _)| !unreadable.contains(pack))
             .map(|(pack, len, locs)| {
                 let key = pack_key(pack);
                 let mut bad = Vec::new();
