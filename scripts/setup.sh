@@ -14,6 +14,16 @@ if ((${#need[@]})); then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
+# schemathesis checks the daemon's API against its OpenAPI document.
+if ! command -v schemathesis >/dev/null 2>&1; then
+    echo "setup: installing schemathesis (PyPI)" >&2
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-pip >/dev/null
+    fi
+    python3 -m pip install -q schemathesis >/dev/null || python3 -m pip install -q --break-system-packages schemathesis >/dev/null
+fi
 if [ ! -e /dev/fuse ]; then
     echo "setup: /dev/fuse is missing: this machine cannot mount FUSE filesystems" >&2
     exit 1

@@ -25,6 +25,9 @@ use crate::progress::ProgressDisplay;
     about = "Back up databases and mount any restore point instantly"
 )]
 pub struct Cli {
+    /// The mount daemon's control socket.
+    #[arg(long, global = true, env = "FLR_SOCKET")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -94,11 +97,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Mount restore points read-only at MOUNTPOINT/<job>/<restore point>.
+    /// Mount restore points read-only at MOUNTPOINT/<job>/<restore point>,
+    /// or, without MOUNTPOINT while a daemon runs, as a daemon session.
     Mount(crate::mount::MountArgs),
+    /// Run the mount daemon: the control API on a Unix socket.
+    Daemon {
+        /// TOML config (default: /etc/flr/daemon.toml if it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// End a daemon mount session (by id or by path).
+    Unmount { session: String },
+    /// List the daemon's mount sessions.
+    Mounts {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show whether a daemon runs, and its sessions and jobs.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(cli: Cli) -> Result<u8> {
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(mountd::daemon::config::DEFAULT_SOCKET));
     match cli.command {
         Command::Init { repo, encrypt } => init(&repo, encrypt),
         Command::Backup {
@@ -125,7 +151,11 @@ pub fn run(cli: Cli) -> Result<u8> {
             read_data,
             json,
         } => run_verify(&repo, read_data, json),
-        Command::Mount(args) => crate::mount::run(args),
+        Command::Mount(args) => crate::mount::run(args, &socket),
+        Command::Daemon { config } => crate::remote::daemon(config, cli.socket),
+        Command::Unmount { session } => crate::remote::unmount(&socket, &session),
+        Command::Mounts { json } => crate::remote::mounts(&socket, json),
+        Command::Status { json } => crate::remote::status(&socket, json),
     }
 }
 
@@ -155,7 +185,11 @@ pub fn password(repo: &Path, confirm: bool) -> vfs_core::Result<Vec<u8>> {
 pub fn open_repo(path: &Path) -> Result<Repository> {
     let store = LocalStore::open(path)
         .with_context(|| format!("cannot open repository {}", path.display()))?;
-    Ok(Repository::open(Arc::new(store), || password(path, false))?)
+    let repo = Repository::open(Arc::new(store), || password(path, false))?;
+    for problem in &repo.index().read().problems {
+        eprintln!("flr: warning: {problem}");
+    }
+    Ok(repo)
 }
 
 fn init(path: &Path, encrypt: bool) -> Result<u8> {

@@ -4,16 +4,22 @@
 //! `restore-points`, `restore`, `verify` work on a repository through
 //! `vfs_core`; `mount` builds the filesystem model and hands it to the FUSE
 //! adapter in `backends`. Errors carry context with `anyhow` and end in
-//! the exit codes documented in `docs/cli.md`.
+//! the exit codes documented in `docs/cli.md`. `daemon` runs the mount
+//! service of the `mountd` library; `mounts`, `unmount`, `status` (and
+//! `mount` when a daemon runs) talk to it over its socket ([`remote`]).
 
 mod cli;
 mod mount;
 mod progress;
+mod remote;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc: the read path allocates and frees a buffer per chunk on
+/// several threads, where glibc's arenas spent visible time growing and
+/// trimming their heaps.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

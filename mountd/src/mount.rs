@@ -1,9 +1,10 @@
 //! `flr mount`: restore points as a read-only filesystem, in the
 //! foreground until a signal or an outside unmount, or in the background
-//! once the mount is ready.
+//! once the mount is ready. Without a MOUNTPOINT while a daemon answers on
+//! the socket, the daemon mounts instead (a session, see `remote`).
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -22,9 +23,9 @@ const READY: &str = "flr-mount-ready";
 pub struct MountArgs {
     #[arg(long)]
     repo: PathBuf,
-    /// Where to mount; created if missing.
-    #[arg(default_value = DEFAULT_MOUNT_ROOT)]
-    mountpoint: PathBuf,
+    /// Where to mount; created if missing. Default /mnt/flr, or a daemon
+    /// session when a daemon runs.
+    mountpoint: Option<PathBuf>,
     /// Show only this job's restore points.
     #[arg(long)]
     job: Option<String>,
@@ -44,13 +45,34 @@ pub struct MountArgs {
     /// subject to file modes, so a database server's user can read it).
     #[arg(long)]
     private: bool,
+    /// Daemon sessions only: end the session after this many seconds.
+    #[arg(long)]
+    expires_in: Option<u64>,
 }
 
-pub fn run(args: MountArgs) -> Result<u8> {
+pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
+    if args.mountpoint.is_none() {
+        if mountd::client::is_running(socket) {
+            return crate::remote::mount_session(
+                socket,
+                &args.repo,
+                args.job.as_deref(),
+                args.restore_point.as_deref(),
+                args.expires_in,
+            );
+        }
+        eprintln!(
+            "flr: no flr daemon answers on {}; mounting here at {DEFAULT_MOUNT_ROOT}",
+            socket.display()
+        );
+    }
     if args.background {
         return spawn_background();
     }
-    let mountpoint = &args.mountpoint;
+    let mountpoint = &args
+        .mountpoint
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_MOUNT_ROOT));
     if backends::fuse::is_stale_mount(mountpoint) {
         bail!(
             "{} is a stale mount left by a process that died; clear it with `fusermount3 -u {0}` (or `umount -l {0}`) and try again",

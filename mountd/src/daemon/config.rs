@@ -1,0 +1,215 @@
+//! The daemon's TOML configuration: repositories by name, and settings.
+//!
+//! ```toml
+//! [settings]
+//! mount_root = "/mnt/flr"
+//! socket = "/run/flr/mountd.sock"
+//! cache_size = "512M"
+//! idle_timeout_secs = 3600
+//! restore_targets = ["/srv/restore"]
+//!
+//! [repositories.app]
+//! path = "/srv/backup/repo"
+//! password_env = "FLR_PASSWORD_APP"
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+pub const DEFAULT_SOCKET: &str = "/run/flr/mountd.sock";
+pub const DEFAULT_MOUNT_ROOT: &str = "/mnt/flr";
+/// Shortest bearer token accepted for the TCP listener: a guessable token
+/// would turn the listener into an open door.
+const MIN_TOKEN_LEN: usize = 16;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub settings: Settings,
+    #[serde(default)]
+    pub repositories: BTreeMap<String, RepositoryConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Sessions are mounted at `<mount_root>/<repository>/<job>/<timestamp>`.
+    pub mount_root: PathBuf,
+    pub socket: PathBuf,
+    /// Bytes of decompressed chunks each mount keeps in memory (`512M`).
+    pub cache_size: String,
+    /// FUSE worker threads per mount.
+    pub fuse_threads: usize,
+    /// A mount no file is open on and nothing has read for this long is
+    /// unmounted and its sessions end; 0 keeps idle mounts.
+    pub idle_timeout_secs: u64,
+    /// Expiry of sessions that do not ask for one; 0 means none.
+    pub session_expiry_secs: u64,
+    /// Directories restore jobs may write into (at or below); none by
+    /// default, so restore jobs are refused until some are configured.
+    pub restore_targets: Vec<PathBuf>,
+    /// Restore jobs running at once; more wait in the queue.
+    pub restore_workers: usize,
+    /// Optional TCP listener (e.g. `127.0.0.1:8474`); needs `tcp_token`.
+    pub tcp_listen: Option<SocketAddr>,
+    /// Bearer token every TCP request must carry.
+    pub tcp_token: Option<String>,
+    /// Let the kernel unmount a mount when the daemon dies (through
+    /// fusermount3's watcher process). Off by default: the daemon clears
+    /// mounts left by a crash at its next start instead, and root mounts
+    /// directly without a helper process per mount.
+    pub auto_unmount: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            mount_root: DEFAULT_MOUNT_ROOT.into(),
+            socket: DEFAULT_SOCKET.into(),
+            cache_size: "512M".into(),
+            fuse_threads: 2,
+            idle_timeout_secs: 0,
+            session_expiry_secs: 0,
+            restore_targets: Vec::new(),
+            restore_workers: 2,
+            tcp_listen: None,
+            tcp_token: None,
+            auto_unmount: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryConfig {
+    pub path: PathBuf,
+    /// Name of an environment variable holding the password.
+    pub password_env: Option<String>,
+    /// File whose contents (trailing newline removed) are the password.
+    pub password_file: Option<PathBuf>,
+}
+
+impl RepositoryConfig {
+    /// The password for an encrypted repository, from its configured
+    /// source.
+    pub fn password(&self) -> vfs_core::Result<Vec<u8>> {
+        if let Some(var) = &self.password_env {
+            return std::env::var(var).map(String::into_bytes).map_err(|_| {
+                vfs_core::Error::InvalidInput(format!(
+                    "repository {} is encrypted: environment variable {var} (password_env) is not set",
+                    self.path.display()
+                ))
+            });
+        }
+        if let Some(file) = &self.password_file {
+            let text = std::fs::read_to_string(file).map_err(|e| vfs_core::Error::io(file, e))?;
+            return Ok(text.trim_end_matches(['\n', '\r']).as_bytes().to_vec());
+        }
+        Err(vfs_core::Error::PasswordNeeded(self.path.clone()))
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("config {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Config> {
+        let config: Config = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The cache size in bytes.
+    pub fn cache_bytes(&self) -> usize {
+        vfs_core::chunker::parse_size(&self.settings.cache_size).unwrap_or(512 << 20) as usize
+    }
+
+    fn validate(&self) -> Result<()> {
+        let s = &self.settings;
+        vfs_core::chunker::parse_size(&s.cache_size)
+            .map_err(|e| anyhow::anyhow!("settings.cache_size: {e}"))?;
+        if !s.mount_root.is_absolute() || !s.socket.is_absolute() {
+            bail!("settings.mount_root and settings.socket must be absolute paths");
+        }
+        for t in &s.restore_targets {
+            if !t.is_absolute() {
+                bail!(
+                    "settings.restore_targets: {} is not an absolute path",
+                    t.display()
+                );
+            }
+        }
+        if s.restore_workers == 0 || s.fuse_threads == 0 {
+            bail!("settings.restore_workers and settings.fuse_threads must be at least 1");
+        }
+        match (&s.tcp_listen, &s.tcp_token) {
+            (Some(_), None) => bail!("settings.tcp_listen needs settings.tcp_token"),
+            (Some(_), Some(t)) if t.len() < MIN_TOKEN_LEN => {
+                bail!("settings.tcp_token must be at least {MIN_TOKEN_LEN} characters")
+            }
+            _ => {}
+        }
+        for (name, repo) in &self.repositories {
+            vfs_core::manifest::validate_job_name(name)
+                .map_err(|_| anyhow::anyhow!("repository name {name:?}: use letters, digits, '-', '_' and '.', not starting with '.'"))?;
+            if repo.password_env.is_some() && repo.password_file.is_some() {
+                bail!("repository {name}: give password_env or password_file, not both");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_config_parses() {
+        let c = Config::parse(
+            r#"
+            [settings]
+            mount_root = "/mnt/x"
+            socket = "/tmp/s.sock"
+            cache_size = "64M"
+            idle_timeout_secs = 60
+            restore_targets = ["/srv/restore"]
+            tcp_listen = "127.0.0.1:8474"
+            tcp_token = "0123456789abcdef"
+
+            [repositories.app]
+            path = "/srv/repo"
+            password_env = "PW"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.cache_bytes(), 64 << 20);
+        assert_eq!(c.settings.idle_timeout_secs, 60);
+        assert_eq!(c.repositories["app"].path, Path::new("/srv/repo"));
+    }
+
+    #[test]
+    fn mistakes_are_refused_with_a_reason() {
+        for (text, why) in [
+            ("[settings]\nmount_rot = \"/x\"", "unknown field"),
+            ("[settings]\ntcp_listen = \"127.0.0.1:1\"", "tcp_token"),
+            (
+                "[settings]\ntcp_listen = \"127.0.0.1:1\"\ntcp_token = \"short\"",
+                "at least",
+            ),
+            ("[settings]\nmount_root = \"rel\"", "absolute"),
+            ("[repositories.\"../x\"]\npath = \"/r\"", "repository name"),
+        ] {
+            let e = format!("{:#}", Config::parse(text).unwrap_err());
+            assert!(e.contains(why), "{text}: {e}");
+        }
+    }
+}

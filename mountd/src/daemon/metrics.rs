@@ -1,0 +1,146 @@
+//! `GET /metrics`: Prometheus text exposition (format 0.0.4).
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering::Relaxed;
+
+use vfs_core::fs::RepoFs;
+
+use super::Daemon;
+
+/// Latency buckets kept by `FsCounters::read_latency_us`: bucket i counts
+/// reads that took < 2^i µs; the last also takes everything slower.
+const LATENCY_BUCKETS: usize = 24;
+
+/// Read-path counters summed over mounts.
+#[derive(Clone, Default)]
+pub struct ReadStats {
+    pub reads: u64,
+    pub bytes_served: u64,
+    pub chunk_errors: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub latency_buckets: [u64; LATENCY_BUCKETS],
+    pub latency_us_total: u64,
+}
+
+impl ReadStats {
+    pub fn add(&mut self, fs: &RepoFs) {
+        let c = &fs.counters;
+        self.reads += c.reads.load(Relaxed);
+        self.bytes_served += c.bytes_served.load(Relaxed);
+        self.chunk_errors += c.chunk_errors.load(Relaxed);
+        self.cache_hits += fs.cache().counters.hits.load(Relaxed);
+        self.cache_misses += fs.cache().counters.misses.load(Relaxed);
+        for (sum, b) in self.latency_buckets.iter_mut().zip(&c.read_latency_us) {
+            *sum += b.load(Relaxed);
+        }
+        self.latency_us_total += c.read_latency_us_total.load(Relaxed);
+    }
+}
+
+pub async fn render(daemon: &Daemon) -> String {
+    let (reads, sessions, mounts, open_files) = daemon.sessions.stats().await;
+    let jobs = daemon.jobs.counts();
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let one = |v: u64| vec![(String::new(), v)];
+    metric(
+        "flr_sessions_active",
+        "gauge",
+        "Mount sessions open.",
+        &one(sessions as u64),
+    );
+    metric(
+        "flr_mounts_active",
+        "gauge",
+        "Restore points mounted (shared by sessions).",
+        &one(mounts as u64),
+    );
+    metric(
+        "flr_open_files",
+        "gauge",
+        "Files open through the daemon's mounts.",
+        &one(open_files),
+    );
+    metric(
+        "flr_cache_hits_total",
+        "counter",
+        "Chunk reads served from the decompressed-chunk cache.",
+        &one(reads.cache_hits),
+    );
+    metric(
+        "flr_cache_misses_total",
+        "counter",
+        "Chunk reads that fetched from the repository.",
+        &one(reads.cache_misses),
+    );
+    metric(
+        "flr_reads_total",
+        "counter",
+        "Read requests served by the mounts.",
+        &one(reads.reads),
+    );
+    metric(
+        "flr_bytes_served_total",
+        "counter",
+        "Bytes returned to readers of the mounts.",
+        &one(reads.bytes_served),
+    );
+    metric(
+        "flr_chunk_errors_total",
+        "counter",
+        "Reads failed because a chunk failed verification or could not be read.",
+        &one(reads.chunk_errors),
+    );
+    let states = ["queued", "running", "done", "failed", "cancelled"];
+    metric(
+        "flr_restore_jobs",
+        "gauge",
+        "Restore jobs known to the daemon, by state.",
+        &states
+            .iter()
+            .zip(jobs.by_state)
+            .map(|(s, n)| (format!("{{state=\"{s}\"}}"), n))
+            .collect::<Vec<_>>(),
+    );
+    metric(
+        "flr_restore_bytes_total",
+        "counter",
+        "Bytes written by restore jobs.",
+        &one(jobs.bytes),
+    );
+    // The histogram: cumulative buckets in seconds.
+    let _ = writeln!(
+        out,
+        "# HELP flr_read_latency_seconds Time to serve one read request."
+    );
+    let _ = writeln!(out, "# TYPE flr_read_latency_seconds histogram");
+    let mut cumulative = 0;
+    for (i, n) in reads.latency_buckets.iter().enumerate() {
+        cumulative += n;
+        if i + 1 < LATENCY_BUCKETS {
+            let le = (1u64 << i) as f64 / 1e6;
+            let _ = writeln!(
+                out,
+                "flr_read_latency_seconds_bucket{{le=\"{le}\"}} {cumulative}"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "flr_read_latency_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+    );
+    let _ = writeln!(
+        out,
+        "flr_read_latency_seconds_sum {}",
+        reads.latency_us_total as f64 / 1e6
+    );
+    let _ = writeln!(out, "flr_read_latency_seconds_count {cumulative}");
+    out
+}

@@ -1,0 +1,379 @@
+//! Mount sessions. A session names one restore point of one repository;
+//! the restore point is mounted once, at
+//! `<mount root>/<repository>/<job>/<timestamp>`, and shared by all the
+//! sessions that ask for it. The last session to end (DELETE, expiry,
+//! idle timeout, shutdown) unmounts it.
+//!
+//! One async lock guards the table across mounting and unmounting, so two
+//! sessions never race to mount the same path. If a client goes away while
+//! its mount is being made, the finished [`FuseMount`] is dropped, which
+//! unmounts it: nothing is left behind.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backends::fuse::FuseMount;
+use serde::Serialize;
+use vfs_core::fs::{FsOptions, MountFilter, RepoFs};
+use vfs_core::repo::RestorePointName;
+
+use super::api::ApiError;
+use super::metrics::ReadStats;
+use super::{log, unix_now, Daemon};
+
+/// Which mount a session uses.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MountKey {
+    pub repository: String,
+    pub restore_point: RestorePointName,
+}
+
+struct SharedMount {
+    fs: Arc<RepoFs>,
+    mount: FuseMount,
+    path: PathBuf,
+    sessions: usize,
+    /// Reads counted at the last idle check, and when activity was last
+    /// seen (an open file or a new read).
+    last_reads: u64,
+    active_at: Instant,
+}
+
+struct Session {
+    id: String,
+    key: MountKey,
+    created_at: u64,
+    expires: Option<(Instant, u64)>,
+}
+
+#[derive(Default)]
+struct Table {
+    mounts: HashMap<MountKey, SharedMount>,
+    sessions: BTreeMap<String, Session>,
+    /// Read statistics of mounts that are gone, so metrics never go back.
+    retired: ReadStats,
+    closed: bool,
+}
+
+#[derive(Default)]
+pub struct Sessions {
+    table: tokio::sync::Mutex<Table>,
+}
+
+/// What the API shows of a session.
+#[derive(Serialize)]
+pub struct SessionInfo {
+    pub id: String,
+    pub repository: String,
+    pub restore_point: String,
+    /// Where the restore point's files are.
+    pub path: String,
+    pub created_at: u64,
+    pub expires_at: Option<u64>,
+    /// Readers of the mount this session uses (shared by every session
+    /// on the same restore point).
+    pub readers: Readers,
+}
+
+#[derive(Serialize)]
+pub struct Readers {
+    /// Files open through the mount right now (FUSE open handles).
+    pub open_files: u64,
+    /// Sessions sharing the mount, this one included.
+    pub sessions: u64,
+    pub reads: u64,
+    pub bytes_served: u64,
+}
+
+fn info(s: &Session, m: &SharedMount) -> SessionInfo {
+    SessionInfo {
+        id: s.id.clone(),
+        repository: s.key.repository.clone(),
+        restore_point: s.key.restore_point.to_string(),
+        path: m.path.display().to_string(),
+        created_at: s.created_at,
+        expires_at: s.expires.map(|e| e.1),
+        readers: Readers {
+            open_files: m.fs.open_files() as u64,
+            sessions: m.sessions as u64,
+            reads: m.fs.counters.reads.load(Relaxed),
+            bytes_served: m.fs.counters.bytes_served.load(Relaxed),
+        },
+    }
+}
+
+/// Whose mount to make: a resolved restore point.
+pub struct NewSession {
+    pub key: MountKey,
+    pub expires_in: Option<Duration>,
+}
+
+impl Sessions {
+    pub async fn list(&self) -> Vec<SessionInfo> {
+        let t = self.table.lock().await;
+        t.sessions
+            .values()
+            .filter_map(|s| t.mounts.get(&s.key).map(|m| info(s, m)))
+            .collect()
+    }
+
+    pub async fn get(&self, id: &str) -> Result<SessionInfo, ApiError> {
+        let t = self.table.lock().await;
+        t.sessions
+            .get(id)
+            .and_then(|s| t.mounts.get(&s.key).map(|m| info(s, m)))
+            .ok_or_else(|| ApiError::not_found(format!("unknown session {id:?}")))
+    }
+
+    /// Read statistics over live and retired mounts, the number of
+    /// sessions, mounts and open files.
+    pub async fn stats(&self) -> (ReadStats, usize, usize, u64) {
+        let t = self.table.lock().await;
+        let mut total = t.retired.clone();
+        let mut open = 0;
+        for m in t.mounts.values() {
+            total.add(&m.fs);
+            open += m.fs.open_files() as u64;
+        }
+        (total, t.sessions.len(), t.mounts.len(), open)
+    }
+}
+
+/// Creates a session, mounting its restore point unless another session
+/// already has it mounted.
+pub async fn create(daemon: &Arc<Daemon>, new: NewSession) -> Result<SessionInfo, ApiError> {
+    let mut t = daemon.sessions.table.lock().await;
+    if t.closed {
+        return Err(ApiError::unavailable("the daemon is shutting down"));
+    }
+    if !t.mounts.contains_key(&new.key) {
+        let d = daemon.clone();
+        let key = new.key.clone();
+        let made = tokio::task::spawn_blocking(move || mount(&d, &key))
+            .await
+            .map_err(|e| ApiError::internal(format!("mount task failed: {e}")))??;
+        log(format!(
+            "mounted {}:{} at {}",
+            new.key.repository,
+            new.key.restore_point,
+            made.path.display()
+        ));
+        t.mounts.insert(new.key.clone(), made);
+    }
+    let id = daemon.new_id("s");
+    let expires_in = new.expires_in.or_else(|| {
+        let secs = daemon.config.settings.session_expiry_secs;
+        (secs > 0).then(|| Duration::from_secs(secs))
+    });
+    let session = Session {
+        id: id.clone(),
+        key: new.key.clone(),
+        created_at: unix_now(),
+        expires: expires_in.map(|d| (Instant::now() + d, unix_now() + d.as_secs())),
+    };
+    let m = t.mounts.get_mut(&new.key).expect("mounted above");
+    m.sessions += 1;
+    m.active_at = Instant::now();
+    let out = info(&session, m);
+    t.sessions.insert(id, session);
+    Ok(out)
+}
+
+/// Mounts one restore point at its path below the mount root. Blocking.
+fn mount(daemon: &Daemon, key: &MountKey) -> Result<SharedMount, ApiError> {
+    let handle = daemon.repo(&key.repository)?;
+    let repo = handle
+        .open_for(Some(&key.restore_point))
+        .map_err(ApiError::from_core)?;
+    let path = daemon
+        .mount_root
+        .join(&key.repository)
+        .join(&key.restore_point.job)
+        .join(&key.restore_point.name);
+    if super::is_dead_mount(&path) {
+        let _ = backends::fuse::clear_stale_mount(&path);
+    }
+    std::fs::create_dir_all(&path).map_err(|e| {
+        ApiError::internal(format!("cannot create mount point {}: {e}", path.display()))
+    })?;
+    let (uid, gid) = own_ids();
+    let fs = RepoFs::new(
+        repo,
+        FsOptions {
+            cache_bytes: daemon.config.cache_bytes(),
+            readahead_threads: 2,
+            uid,
+            gid,
+            filter: MountFilter {
+                job: None,
+                restore_point: Some(key.restore_point.clone()),
+                rooted: true,
+            },
+        },
+    )
+    .map_err(|e| {
+        remove_mount_dirs(&daemon.mount_root, &path);
+        ApiError::from_core(e)
+    })?;
+    let opts = backends::fuse::FuseOptions {
+        threads: daemon.config.settings.fuse_threads,
+        allow_other: true,
+        auto_unmount: daemon.config.settings.auto_unmount,
+        fs_name: format!("flr:{}:{}", key.repository, key.restore_point),
+    };
+    let mount = backends::fuse::mount(fs.clone(), &path, &opts).map_err(|e| {
+        remove_mount_dirs(&daemon.mount_root, &path);
+        ApiError::internal(format!("cannot mount at {}: {e}", path.display()))
+    })?;
+    // Ready once the mount answers.
+    std::fs::metadata(&path).map_err(|e| {
+        ApiError::internal(format!("mount at {} does not answer: {e}", path.display()))
+    })?;
+    Ok(SharedMount {
+        fs,
+        mount,
+        path,
+        sessions: 0,
+        last_reads: 0,
+        active_at: Instant::now(),
+    })
+}
+
+/// Removes the empty directories of a mount path up to the mount root.
+fn remove_mount_dirs(root: &Path, path: &Path) {
+    let mut dir = path;
+    while dir != root && dir.starts_with(root) {
+        if std::fs::remove_dir(dir).is_err() {
+            break;
+        }
+        match dir.parent() {
+            Some(p) => dir = p,
+            None => break,
+        }
+    }
+}
+
+/// Takes a session out of the table; returns its mount if it was the
+/// last session on it.
+fn detach(t: &mut Table, id: &str) -> Option<Option<SharedMount>> {
+    let s = t.sessions.remove(id)?;
+    let m = t.mounts.get_mut(&s.key)?;
+    m.sessions -= 1;
+    if m.sessions > 0 {
+        return Some(None);
+    }
+    let m = t.mounts.remove(&s.key)?;
+    t.retired.add(&m.fs);
+    Some(Some(m))
+}
+
+/// Unmounts (detaching if files are still open) and removes the mount's
+/// directories. Runs the blocking part on a worker thread; the caller
+/// holds the table lock so nothing mounts at the path meanwhile.
+async fn unmount(root: PathBuf, m: SharedMount) -> bool {
+    let path = m.path.clone();
+    let SharedMount { mount, fs, .. } = m;
+    let dirs = path.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let r = mount.unmount();
+        drop(fs);
+        remove_mount_dirs(&root, &dirs);
+        r
+    })
+    .await;
+    match done {
+        Ok(Ok(())) => {
+            log(format!("unmounted {}", path.display()));
+            true
+        }
+        Ok(Err(e)) => {
+            log(format!("cannot unmount {}: {e}", path.display()));
+            false
+        }
+        Err(e) => {
+            log(format!("unmount task for {} failed: {e}", path.display()));
+            false
+        }
+    }
+}
+
+/// Ends a session; unmounts its restore point if no other session uses
+/// it. Returns whether an unmount happened.
+pub async fn end(daemon: &Daemon, id: &str) -> Result<bool, ApiError> {
+    let mut t = daemon.sessions.table.lock().await;
+    let last =
+        detach(&mut t, id).ok_or_else(|| ApiError::not_found(format!("unknown session {id:?}")))?;
+    log(format!("session {id} ended"));
+    Ok(match last {
+        Some(m) => unmount(daemon.mount_root.clone(), m).await,
+        None => false,
+    })
+}
+
+/// Ends every session and refuses new ones; returns the mounts unmounted.
+pub async fn end_all(daemon: &Daemon) -> usize {
+    let mut t = daemon.sessions.table.lock().await;
+    t.closed = true;
+    t.sessions.clear();
+    let mounts: Vec<SharedMount> = t.mounts.drain().map(|(_, m)| m).collect();
+    let mut n = 0;
+    for m in mounts {
+        t.retired.add(&m.fs);
+        if unmount(daemon.mount_root.clone(), m).await {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Ends sessions past their expiry, and all sessions of mounts idle past
+/// the idle timeout, until `stop` turns true.
+pub async fn reap(daemon: Arc<Daemon>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let idle_limit = Duration::from_secs(daemon.config.settings.idle_timeout_secs);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(super::REAPER_TICK) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let mut t = daemon.sessions.table.lock().await;
+        let now = Instant::now();
+        let mut ending: Vec<(String, &'static str)> = t
+            .sessions
+            .values()
+            .filter(|s| s.expires.is_some_and(|(at, _)| at <= now))
+            .map(|s| (s.id.clone(), "expired"))
+            .collect();
+        if !idle_limit.is_zero() {
+            let mut idle_keys = Vec::new();
+            for (key, m) in t.mounts.iter_mut() {
+                let reads = m.fs.counters.reads.load(Relaxed);
+                if m.fs.open_files() > 0 || reads != m.last_reads {
+                    m.last_reads = reads;
+                    m.active_at = now;
+                } else if now.duration_since(m.active_at) >= idle_limit {
+                    idle_keys.push(key.clone());
+                }
+            }
+            for s in t.sessions.values() {
+                if idle_keys.contains(&s.key) && !ending.iter().any(|(id, _)| *id == s.id) {
+                    ending.push((s.id.clone(), "idle"));
+                }
+            }
+        }
+        for (id, why) in ending {
+            log(format!("session {id} ended ({why})"));
+            if let Some(Some(m)) = detach(&mut t, &id) {
+                unmount(daemon.mount_root.clone(), m).await;
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+fn own_ids() -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map_or((0, 0), |m| (m.uid(), m.gid()))
+}

@@ -1,0 +1,20 @@
+//! The mount daemon of flr and the client the command line uses to reach
+//! it. The `flr` binary (`src/main.rs`) holds the command line; this
+//! library holds what tests and other programs drive directly.
+//!
+//! - [`daemon`]: `flr daemon`. [`daemon::run`] serves the HTTP/JSON control
+//!   API (axum) on a Unix socket, and optionally on TCP with a bearer
+//!   token, until a shutdown future resolves.
+//!   - [`daemon::sessions`]: mount sessions. Each restore point is
+//!     mounted once (FUSE, through `backends`) at
+//!     `<mount root>/<repository>/<job>/<timestamp>` and shared by every
+//!     session that asks for it; the last session to end unmounts it.
+//!   - [`daemon::jobs`]: file-level restore jobs on a bounded worker pool,
+//!     running `vfs_core::restore` with progress and a cancel flag.
+//!   - [`daemon::api`]: routes, JSON in and out, errors as
+//!     `{"error": "..."}` with a status that says what kind of mistake.
+//!   - [`daemon::metrics`]: the Prometheus text exposition.
+//! - [`client`]: a small blocking HTTP/1.1 client over the Unix socket.
+
+pub mod client;
+pub mod daemon;
