@@ -27,7 +27,9 @@ use crate::ids::{ChunkId, IdSet, PackId};
 use crate::manifest::{
     timestamp_name, validate_job_name, BackupStats, Content, Manifest, Node, NodeKind,
 };
-use crate::repo::{index_key, pack_key, IndexEntry, IndexFile, Repository, RestorePointName};
+use crate::repo::{
+    index_key, pack_key, IndexEntry, IndexFile, Repository, RestorePointName, PAGE_CHUNK_MAX,
+};
 
 /// Bytes read from a file per batch: large enough to keep both cores busy
 /// between hand-offs, small enough that memory stays a few batches.
@@ -463,6 +465,7 @@ pub fn backup(repo: &Repository, source: Source, opts: &BackupOptions) -> Result
     let (tx, rx) = crossbeam_channel::bounded::<ReadEvent>(2);
     let (pack_tx, pack_rx) = crossbeam_channel::bounded::<PackBuilder>(1);
     let level = repo.config().compression_level;
+    let page_level = repo.config().page_compression_level;
     let hasher = repo.hasher().clone();
     let keys = repo.keys().cloned();
 
@@ -514,6 +517,11 @@ pub fn backup(repo: &Repository, source: Source, opts: &BackupOptions) -> Result
                             if index.chunks.contains_key(&id) || pending.contains(&id) {
                                 return (Some(id), None);
                             }
+                            let level = if data.len() <= PAGE_CHUNK_MAX {
+                                page_level
+                            } else {
+                                level
+                            };
                             let mut stored = compress(level, data);
                             let mut flags = CHUNK_ZSTD;
                             if stored.len() >= data.len() {
