@@ -158,6 +158,8 @@ fn link_bytes(target: PathBuf) -> Vec<u8> {
 }
 
 fn walk(source: Source) -> Result<Walk> {
+    // Only Unix fills in the root's owner below.
+    #[cfg_attr(not(unix), allow(unused_mut))]
     let mut root = Node {
         parent: 0,
         name: Vec::new(),
