@@ -41,6 +41,12 @@ enum Command {
         /// FLR_PASSWORD or is asked on the terminal.
         #[arg(long)]
         encrypt: bool,
+        /// zstd level for chunks larger than a database page.
+        #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
+        compression_level: i32,
+        /// zstd level for runs of database pages (speed matters most there).
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+        page_compression_level: i32,
     },
     /// Back up files and directories, or a stream from standard input.
     Backup {
@@ -126,7 +132,12 @@ pub fn run(cli: Cli) -> Result<u8> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(mountd::daemon::config::DEFAULT_SOCKET));
     match cli.command {
-        Command::Init { repo, encrypt } => init(&repo, encrypt),
+        Command::Init {
+            repo,
+            encrypt,
+            compression_level,
+            page_compression_level,
+        } => init(&repo, encrypt, compression_level, page_compression_level),
         Command::Backup {
             repo,
             job,
@@ -192,7 +203,7 @@ pub fn open_repo(path: &Path) -> Result<Repository> {
     Ok(repo)
 }
 
-fn init(path: &Path, encrypt: bool) -> Result<u8> {
+fn init(path: &Path, encrypt: bool, level: i32, page_level: i32) -> Result<u8> {
     if path.exists() {
         let mut entries =
             std::fs::read_dir(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -212,7 +223,7 @@ fn init(path: &Path, encrypt: bool) -> Result<u8> {
         None
     };
     let store = LocalStore::open(path)?;
-    Repository::init(&store, pw.as_deref())?;
+    Repository::init_with_levels(&store, pw.as_deref(), level, page_level)?;
     eprintln!(
         "created {}repository at {}",
         if encrypt { "encrypted " } else { "" },

@@ -373,10 +373,6 @@ struct CurrentFile {
     size: u64,
 }
 
-/// A chunk after the parallel step: its id (`None` for a hole) and, if
-/// the repository lacks it, its stored bytes and chunk flags.
-type Encoded = (Option<ChunkId>, Option<(Vec<u8>, u8)>);
-
 /// A pack being filled, and the hand-off of full packs to the writer.
 struct PackBuilder {
     buf: Vec<u8>,
@@ -430,6 +426,56 @@ fn compress(level: i32, data: &[u8]) -> Vec<u8> {
             .compress(data)
             .expect("zstd compresses in memory")
     })
+}
+
+/// Groups new chunks (indices into the batch, in file order) into frames:
+/// consecutive small chunks share a frame of up to [`format::FRAME_TARGET`]
+/// bytes; a chunk larger than a page is a frame of its own.
+fn group_frames(batch: &ChunkBatch, new: &[usize]) -> Vec<Vec<usize>> {
+    let mut frames: Vec<Vec<usize>> = Vec::new();
+    let mut open_bytes = 0;
+    for &k in new {
+        let len = batch.chunks[k].len();
+        let joins =
+            len <= PAGE_CHUNK_MAX && open_bytes > 0 && open_bytes + len <= format::FRAME_TARGET;
+        if joins {
+            frames.last_mut().expect("open frame").push(k);
+            open_bytes += len;
+        } else {
+            frames.push(vec![k]);
+            open_bytes = if len <= PAGE_CHUNK_MAX { len } else { 0 };
+        }
+    }
+    frames
+}
+
+/// Compresses (unless that does not shrink it) and seals one frame;
+/// returns (stored bytes, chunk flags, frame's plaintext length).
+fn encode_frame(
+    batch: &ChunkBatch,
+    members: &[usize],
+    level: i32,
+    keys: Option<&crate::crypto::Keys>,
+) -> (Vec<u8>, u8, u32) {
+    let plain: Vec<u8> = if let [k] = members {
+        batch.data[batch.chunks[*k].clone()].to_vec()
+    } else {
+        let mut v = Vec::with_capacity(members.iter().map(|&k| batch.chunks[k].len()).sum());
+        for &k in members {
+            v.extend_from_slice(&batch.data[batch.chunks[k].clone()]);
+        }
+        v
+    };
+    let mut stored = compress(level, &plain);
+    let mut flags = CHUNK_ZSTD;
+    if stored.len() >= plain.len() {
+        stored = plain.clone();
+        flags = 0;
+    }
+    if let Some(k) = keys {
+        stored = k.seal_meta(&stored);
+    }
+    (stored, flags, plain.len() as u32)
 }
 
 fn is_zero(data: &[u8]) -> bool {
@@ -506,67 +552,75 @@ pub fn backup(repo: &Repository, source: Source, opts: &BackupOptions) -> Result
                     let Some(CurrentFile { chunks, size, .. }) = current.as_mut() else {
                         continue;
                     };
+                    // 1. Hash on all cores; holes (all-zero chunks) get no id.
                     let index = repo.index().read();
-                    let results: Vec<Encoded> = batch
+                    let ids: Vec<Option<(ChunkId, bool)>> = batch
                         .chunks
                         .par_iter()
                         .map(|r| {
                             let data = &batch.data[r.clone()];
                             if is_zero(data) {
-                                return (None, None);
+                                return None;
                             }
                             let id = hasher.id(data);
-                            if index.chunks.contains_key(&id) || pending.contains(&id) {
-                                return (Some(id), None);
-                            }
-                            let level = if data.len() <= PAGE_CHUNK_MAX {
-                                page_level
-                            } else {
-                                level
-                            };
-                            let mut stored = compress(level, data);
-                            let mut flags = CHUNK_ZSTD;
-                            if stored.len() >= data.len() {
-                                stored = data.to_vec();
-                                flags = 0;
-                            }
-                            if let Some(k) = &keys {
-                                stored = k.seal_chunk(&id, &stored);
-                            }
-                            (Some(id), Some((stored, flags)))
+                            Some((id, index.chunks.contains_key(&id)))
                         })
                         .collect();
                     drop(index);
-                    for (r, (id, stored)) in batch.chunks.iter().zip(results) {
+                    // 2. Which chunks are new (once each, even if repeated).
+                    let mut new = Vec::new();
+                    for (k, (r, id)) in batch.chunks.iter().zip(&ids).enumerate() {
                         let len = r.len() as u32;
-                        chunks.push((id, len));
+                        chunks.push((id.map(|(id, _)| id), len));
                         *size += len as u64;
                         stats.chunks += 1;
-                        if let (Some(id), Some((bytes, flags))) = (id, stored) {
-                            if !pending.insert(id) {
-                                continue;
+                        if let Some((id, known)) = id {
+                            stats.read_bytes += len as u64;
+                            if !known && pending.insert(*id) {
+                                new.push(k);
                             }
+                        }
+                    }
+                    // 3. Runs of new pages become one frame each; compress
+                    // and seal the frames on all cores.
+                    let frames = group_frames(&batch, &new);
+                    let encoded: Vec<(Vec<u8>, u8, u32)> = frames
+                        .par_iter()
+                        .map(|members| {
+                            let small = members
+                                .iter()
+                                .all(|&k| batch.chunks[k].len() <= PAGE_CHUNK_MAX);
+                            let level = if small { page_level } else { level };
+                            encode_frame(&batch, members, level, keys.as_ref())
+                        })
+                        .collect();
+                    // 4. Append in order; every member gets an index entry.
+                    for (members, (bytes, flags, frame_raw_len)) in frames.iter().zip(encoded) {
+                        let offset = pack.buf.len() as u32;
+                        let mut frame_offset = 0u32;
+                        for &k in members {
+                            let len = batch.chunks[k].len() as u32;
                             pack.entries.push(IndexEntry {
-                                id,
-                                offset: pack.buf.len() as u32,
+                                id: ids[k].expect("new chunks have ids").0,
+                                offset,
                                 stored_len: bytes.len() as u32,
                                 raw_len: len,
                                 flags,
+                                frame_offset,
+                                frame_raw_len,
                             });
-                            pack.buf.extend_from_slice(&bytes);
-                            stats.new_chunks += 1;
-                            stats.new_chunk_bytes += bytes.len() as u64;
-                            if pack.buf.len() >= format::PACK_TARGET_SIZE {
-                                let full = std::mem::replace(&mut pack, PackBuilder::new());
-                                if pack_tx.send(full).is_err() {
-                                    // The writer failed; its error is
-                                    // reported below. Stop reading.
-                                    break 'events;
-                                }
-                            }
+                            frame_offset += len;
                         }
-                        if id.is_some() {
-                            stats.read_bytes += len as u64;
+                        pack.buf.extend_from_slice(&bytes);
+                        stats.new_chunks += members.len() as u64;
+                        stats.new_chunk_bytes += bytes.len() as u64;
+                        if pack.buf.len() >= format::PACK_TARGET_SIZE {
+                            let full = std::mem::replace(&mut pack, PackBuilder::new());
+                            if pack_tx.send(full).is_err() {
+                                // The writer failed; its error is reported
+                                // below. Stop reading.
+                                break 'events;
+                            }
                         }
                     }
                     progress

@@ -1,10 +1,9 @@
 //! Encryption: a random master key wrapped by a password-derived key
 //! (Argon2id), data sealed with XChaCha20-Poly1305.
 //!
-//! Chunks are sealed with a nonce taken from their (keyed) id: the same id
-//! always means the same plaintext, so reusing the nonce reveals only what
-//! the id already reveals (that two chunks are equal), and saves 24 bytes
-//! per 4 KiB page. Metadata envelopes use a random nonce.
+//! Every sealed object (a frame of chunks, a metadata envelope) carries a
+//! fresh random 24-byte nonce in front: a frame's contents depend on which
+//! chunks were new together, so no nonce can be derived from them safely.
 
 use argon2::{Algorithm, Argon2, Params, Version};
 use chacha20poly1305::aead::{Aead, KeyInit};
@@ -12,7 +11,6 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::ids::ChunkId;
 
 pub const NONCE_LEN: usize = 24;
 pub const TAG_LEN: usize = 16;
@@ -126,20 +124,7 @@ impl Keys {
         }
     }
 
-    /// Seals a chunk; the nonce is derived from its id and not stored.
-    pub fn seal_chunk(&self, id: &ChunkId, plain: &[u8]) -> Vec<u8> {
-        self.cipher
-            .encrypt(XNonce::from_slice(&id.0[..NONCE_LEN]), plain)
-            .expect("XChaCha20-Poly1305 sealing cannot fail for in-memory buffers")
-    }
-
-    pub fn open_chunk(&self, id: &ChunkId, sealed: &[u8]) -> Option<Vec<u8>> {
-        self.cipher
-            .decrypt(XNonce::from_slice(&id.0[..NONCE_LEN]), sealed)
-            .ok()
-    }
-
-    /// Seals metadata with a fresh random nonce stored in front.
+    /// Seals bytes with a fresh random nonce stored in front.
     pub fn seal_meta(&self, plain: &[u8]) -> Vec<u8> {
         let nonce: [u8; NONCE_LEN] = random_bytes();
         let mut out = nonce.to_vec();

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 
 use crate::cache::{ChunkCache, ChunkData};
-use crate::ids::ChunkId;
+use crate::ids::{ChunkId, PackId};
 use crate::manifest::{Content, Manifest, NodeKind};
 use crate::repo::{Repository, RestorePointName};
 
@@ -235,12 +235,15 @@ impl RepoFs {
                             let map = ChunkMap::new(&job.rp, job.node);
                             for k in job.chunks {
                                 let Some(id) = map.get(k).0 else { continue };
-                                if cache.contains(&id) {
+                                let Some((loc, pack)) = repo.locate(&id) else {
+                                    continue;
+                                };
+                                if cache.contains(&frame_key(&pack, loc.offset)) {
                                     continue;
                                 }
                                 counters.readahead_chunks.fetch_add(1, Ordering::Relaxed);
                                 // Errors surface when a reader asks for it.
-                                let _ = cache.get_or_fetch(&id, || fetch(&repo, &id));
+                                let _ = chunk_bytes(&repo, &cache, &id);
                             }
                         }
                     })
@@ -779,13 +782,18 @@ impl RepoFs {
             pos = start + to as u64;
             k += 1;
         }
-        let get = |id: &ChunkId| self.cache.get_or_fetch(id, || fetch(&self.repo, id));
-        // A large read of uncached chunks decodes them on all cores.
+        let get = |id: &ChunkId| chunk_bytes(&self.repo, &self.cache, id);
+        // A large read of frames not yet cached decodes them on all cores.
         let missing = pieces
             .iter()
-            .filter(|(id, _, _)| id.is_some_and(|id| !self.cache.contains(&id)))
+            .filter_map(|(id, _, _)| id.as_ref())
+            .filter(|id| {
+                self.repo
+                    .locate(id)
+                    .is_some_and(|(loc, pack)| !self.cache.contains(&frame_key(&pack, loc.offset)))
+            })
             .count();
-        let fetched: Vec<Option<FsResult<ChunkData>>> = if missing > 4 {
+        let fetched: Vec<Option<FsResult<(ChunkData, std::ops::Range<usize>)>>> = if missing > 4 {
             use rayon::prelude::*;
             pieces
                 .par_iter()
@@ -801,7 +809,8 @@ impl RepoFs {
         for ((_, start, range), data) in pieces.iter().zip(fetched) {
             match data {
                 None => out.resize(out.len() + range.len(), 0),
-                Some(Ok(data)) => out.extend_from_slice(&data[range.clone()]),
+                Some(Ok((frame, chunk))) => out
+                    .extend_from_slice(&frame[chunk.start + range.start..chunk.start + range.end]),
                 Some(Err(e)) => {
                     self.counters.chunk_errors.fetch_add(1, Ordering::Relaxed);
                     log_error(&format!(
@@ -937,8 +946,36 @@ impl<'a> ChunkMap<'a> {
     }
 }
 
-fn fetch(repo: &Repository, id: &ChunkId) -> FsResult<ChunkData> {
-    Ok(Arc::new(repo.read_chunk(id)?))
+/// The cache key of the decoded frame at `offset` in `pack`: the pack's
+/// id with the (spread) offset folded into its first eight bytes. Packs are
+/// named by their content and the fold is a bijection of the offset, so two
+/// frames never share a key.
+fn frame_key(pack: &PackId, offset: u32) -> ChunkId {
+    let mut key = pack.0;
+    let low = u64::from_le_bytes(key[..8].try_into().unwrap())
+        ^ (offset as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    key[..8].copy_from_slice(&low.to_le_bytes());
+    ChunkId(key)
+}
+
+/// A chunk's bytes: its decoded frame (from the cache, or decoded once
+/// however many readers ask) and the chunk's range in it, checked against
+/// the chunk's id on every use.
+fn chunk_bytes(
+    repo: &Repository,
+    cache: &ChunkCache,
+    id: &ChunkId,
+) -> FsResult<(ChunkData, std::ops::Range<usize>)> {
+    let (loc, pack) = repo.locate(id).ok_or(crate::Error::MissingChunk(*id))?;
+    let frame = cache.get_or_fetch(&frame_key(&pack, loc.offset), || {
+        Ok(Arc::new(repo.read_frame(id)?.2))
+    })?;
+    let range = {
+        let bytes = repo.chunk_in_frame(id, &loc, &pack, &frame)?;
+        let start = loc.frame_offset as usize;
+        start..start + bytes.len()
+    };
+    Ok((frame, range))
 }
 
 fn log_error(msg: &str) {

@@ -47,10 +47,15 @@ pub struct RepoConfig {
 pub struct ChunkLoc {
     /// Index into the repository's pack table.
     pub pack: u32,
+    /// The stored frame holding the chunk: offset and length in the pack.
     pub offset: u32,
     pub stored_len: u32,
     pub raw_len: u32,
     pub flags: u8,
+    /// Where the chunk starts in its frame's plaintext, and that
+    /// plaintext's length.
+    pub frame_offset: u32,
+    pub frame_raw_len: u32,
 }
 
 /// One entry of an index file.
@@ -61,6 +66,8 @@ pub struct IndexEntry {
     pub stored_len: u32,
     pub raw_len: u32,
     pub flags: u8,
+    pub frame_offset: u32,
+    pub frame_raw_len: u32,
 }
 
 /// The contents of `index/<pack>.idx`.
@@ -102,6 +109,8 @@ impl Index {
                 stored_len: e.stored_len,
                 raw_len: e.raw_len,
                 flags: e.flags,
+                frame_offset: e.frame_offset,
+                frame_raw_len: e.frame_raw_len,
             });
         }
     }
@@ -162,7 +171,10 @@ pub struct Repository {
     location: PathBuf,
 }
 
+type KeptFrame = Option<(PackId, u32, Arc<Vec<u8>>)>;
+
 thread_local! {
+    static LAST_FRAME: std::cell::RefCell<KeptFrame> = const { std::cell::RefCell::new(None) };
     static DECOMPRESSOR: std::cell::RefCell<zstd::bulk::Decompressor<'static>> =
         std::cell::RefCell::new(zstd::bulk::Decompressor::new().expect("zstd context"));
 }
@@ -170,6 +182,24 @@ thread_local! {
 impl Repository {
     /// Creates a new repository in an empty store.
     pub fn init(store: &dyn ObjectStore, password: Option<&[u8]>) -> Result<()> {
+        Self::init_with_levels(store, password, 3, default_page_level())
+    }
+
+    /// Like [`Self::init`], with the zstd levels for page-sized chunks
+    /// (`page_level`) and for everything else (`level`).
+    pub fn init_with_levels(
+        store: &dyn ObjectStore,
+        password: Option<&[u8]>,
+        level: i32,
+        page_level: i32,
+    ) -> Result<()> {
+        for l in [level, page_level] {
+            if !(-7..=19).contains(&l) {
+                return Err(Error::InvalidInput(format!(
+                    "compression level {l} is outside -7..=19"
+                )));
+            }
+        }
         if store.size(CONFIG_KEY)?.is_some() {
             return Err(Error::AlreadyExists(format!(
                 "repository at {}",
@@ -183,8 +213,8 @@ impl Repository {
         let config = RepoConfig {
             version: format::REPO_VERSION,
             id: crate::crypto::random_hex(16),
-            compression_level: 3,
-            page_compression_level: default_page_level(),
+            compression_level: level,
+            page_compression_level: page_level,
             encryption,
         };
         // The config is the one JSON file, so an operator can read the
@@ -323,6 +353,8 @@ impl Repository {
         }
         for e in &file.entries {
             if e.raw_len > format::MAX_CHUNK_SIZE
+                || e.frame_raw_len > format::MAX_CHUNK_SIZE
+                || e.frame_offset as u64 + e.raw_len as u64 > e.frame_raw_len as u64
                 || e.offset as u64 + e.stored_len as u64 > file.pack_len
             {
                 return Err(Error::malformed(
@@ -409,9 +441,9 @@ impl Repository {
         Ok((loc, pack, bytes))
     }
 
-    /// Turns stored bytes into verified plaintext: open, decompress, and
-    /// check the hash against the id. Never returns unverified bytes.
-    pub fn decode_chunk(
+    /// Turns a stored frame into its plaintext: open (if encrypted) and
+    /// decompress. The chunks in it are checked by [`Self::chunk_in_frame`].
+    pub fn decode_frame(
         &self,
         id: &ChunkId,
         loc: &ChunkLoc,
@@ -427,34 +459,92 @@ impl Repository {
         let mut data = raw;
         if let Some(keys) = &self.keys {
             opened = keys
-                .open_chunk(id, raw)
+                .open_meta(raw)
                 .ok_or_else(|| corrupt("authentication failed".into()))?;
             data = &opened;
         }
         let plain = if loc.flags & CHUNK_ZSTD != 0 {
             DECOMPRESSOR
-                .with(|d| d.borrow_mut().decompress(data, loc.raw_len as usize))
+                .with(|d| d.borrow_mut().decompress(data, loc.frame_raw_len as usize))
                 .map_err(|e| corrupt(format!("decompression failed: {e}")))?
         } else {
             data.to_vec()
         };
-        if plain.len() != loc.raw_len as usize {
+        if plain.len() != loc.frame_raw_len as usize {
             return Err(corrupt(format!(
-                "decoded to {} bytes, index says {}",
+                "frame decoded to {} bytes, index says {}",
                 plain.len(),
-                loc.raw_len
+                loc.frame_raw_len
             )));
-        }
-        if self.hasher.id(&plain) != *id {
-            return Err(corrupt("content does not match its hash".into()));
         }
         Ok(plain)
     }
 
-    /// Reads and verifies one chunk.
-    pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+    /// A chunk's bytes inside its decoded frame, checked against its id.
+    /// Never returns unverified bytes.
+    pub fn chunk_in_frame<'a>(
+        &self,
+        id: &ChunkId,
+        loc: &ChunkLoc,
+        pack: &PackId,
+        frame: &'a [u8],
+    ) -> Result<&'a [u8]> {
+        let corrupt = |why: &str| Error::CorruptChunk {
+            id: *id,
+            pack: pack.to_hex(),
+            why: why.to_string(),
+        };
+        let start = loc.frame_offset as usize;
+        let bytes = frame
+            .get(start..start + loc.raw_len as usize)
+            .ok_or_else(|| corrupt("lies outside its frame"))?;
+        if self.hasher.id(bytes) != *id {
+            return Err(corrupt("content does not match its hash"));
+        }
+        Ok(bytes)
+    }
+
+    /// Decodes a stored frame and returns one verified chunk of it.
+    pub fn decode_chunk(
+        &self,
+        id: &ChunkId,
+        loc: &ChunkLoc,
+        pack: &PackId,
+        raw: &[u8],
+    ) -> Result<Vec<u8>> {
+        let frame = self.decode_frame(id, loc, pack, raw)?;
+        Ok(self.chunk_in_frame(id, loc, pack, &frame)?.to_vec())
+    }
+
+    /// Reads and decodes the frame holding a chunk; the chunk itself is
+    /// not checked yet (see [`Self::chunk_in_frame`]).
+    pub fn read_frame(&self, id: &ChunkId) -> Result<(ChunkLoc, PackId, Vec<u8>)> {
         let (loc, pack, raw) = self.read_raw(id)?;
-        self.decode_chunk(id, &loc, &pack, &raw)
+        let frame = self.decode_frame(id, &loc, &pack, &raw)?;
+        Ok((loc, pack, frame))
+    }
+
+    /// Reads and verifies one chunk. Each thread keeps the last frame it
+    /// decoded, so reading a frame's chunks in order decodes it once.
+    /// (Packs are named by their content, so a kept frame is never stale.)
+    pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        let (loc, pack) = self.locate(id).ok_or(Error::MissingChunk(*id))?;
+        let kept = LAST_FRAME.with(|c| {
+            c.borrow()
+                .as_ref()
+                .filter(|(p, o, _)| *p == pack && *o == loc.offset)
+                .map(|(_, _, f)| f.clone())
+        });
+        let frame = match kept {
+            Some(f) => f,
+            None => {
+                let (_, _, f) = self.read_frame(id)?;
+                let f = Arc::new(f);
+                LAST_FRAME.with(|c| *c.borrow_mut() = Some((pack, loc.offset, f.clone())));
+                f
+            }
+        };
+        Ok(self.chunk_in_frame(id, &loc, &pack, &frame)?.to_vec())
     }
 
     /// Restore points, sorted by job then time.

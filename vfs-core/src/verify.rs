@@ -62,6 +62,8 @@ pub fn verify(
                                 stored_len: e.stored_len,
                                 raw_len: e.raw_len,
                                 flags: e.flags,
+                                frame_offset: e.frame_offset,
+                                frame_raw_len: e.frame_raw_len,
                             },
                         )
                     })
@@ -116,14 +118,27 @@ pub fn verify(
                         if blake3::hash(&data).as_bytes() != &pack.0 {
                             problems.push(format!("{key}: contents do not match the pack's hash"));
                         }
-                        for (id, loc) in locs {
+                        // Chunks of one frame share its offset and are
+                        // listed together: decode each frame once.
+                        for frame in locs.chunk_by(|a, b| a.1.offset == b.1.offset) {
+                            let (first, loc) = &frame[0];
                             let raw =
                                 &data[loc.offset as usize..(loc.offset + loc.stored_len) as usize];
-                            if let Err(e) = repo.decode_chunk(id, loc, pack, raw) {
-                                problems.push(e.to_string());
-                                bad.push(*id);
+                            match repo.decode_frame(first, loc, pack, raw) {
+                                Err(e) => {
+                                    problems.push(e.to_string());
+                                    bad.extend(frame.iter().map(|(id, _)| *id));
+                                }
+                                Ok(plain) => {
+                                    for (id, loc) in frame {
+                                        if let Err(e) = repo.chunk_in_frame(id, loc, pack, &plain) {
+                                            problems.push(e.to_string());
+                                            bad.push(*id);
+                                        }
+                                    }
+                                }
                             }
-                            bytes += loc.raw_len as u64;
+                            bytes += frame.iter().map(|(_, l)| l.raw_len as u64).sum::<u64>();
                         }
                     }
                 }

@@ -183,7 +183,7 @@ fn a_damaged_chunk_fails_its_read_and_only_its_read() {
         Some(ChunkerKind::Fixed(4096)),
     );
     let pack = store.list("packs/").unwrap().pop().unwrap();
-    // Damage one byte inside the third chunk's stored bytes.
+    // Damage one byte in the middle of the frame holding the third page.
     let victim = match &m.nodes[1].content {
         vfs_core::manifest::Content::Fixed { chunks, .. } => chunks[2].unwrap(),
         _ => unreachable!(),
@@ -192,27 +192,39 @@ fn a_damaged_chunk_fails_its_read_and_only_its_read() {
     store.tamper(&pack, |b| {
         b[loc.offset as usize + loc.stored_len as usize / 2] ^= 0x55
     });
-    assert!(matches!(
-        repo.read_chunk(&victim),
-        Err(Error::CorruptChunk { .. })
-    ));
 
+    // Every page reads its exact bytes or fails as corrupt, never wrong
+    // bytes; some page of the damaged frame fails; no page outside it does.
+    let index = repo.index().read().chunks.clone();
     let fs = mount_model(repo);
     let (fh, _) = open_file(&fs, "c", "f");
-    assert!(matches!(
-        fs.read(fh, 2 * 4096 + 10, 100),
-        Err(FsError::Corrupt(_))
-    ));
-    assert_eq!(fs.read(fh, 0, 8192).unwrap(), &data[..8192]);
-    assert_eq!(
-        fs.read(fh, 3 * 4096, 4096).unwrap(),
-        &data[3 * 4096..4 * 4096]
-    );
+    let pages = match &m.nodes[1].content {
+        vfs_core::manifest::Content::Fixed { chunks, .. } => chunks.clone(),
+        _ => unreachable!(),
+    };
+    let mut failed = 0;
+    for (k, id) in pages.iter().enumerate() {
+        let in_damaged_frame = id.is_some_and(|id| index[&id].offset == loc.offset);
+        let start = k * 4096;
+        let end = (start + 4096).min(data.len());
+        match fs.read(fh, start as u64, 4096) {
+            Ok(bytes) => assert_eq!(&bytes[..], &data[start..end], "page {k}"),
+            Err(FsError::Corrupt(_)) => {
+                assert!(
+                    in_damaged_frame,
+                    "page {k} failed outside the damaged frame"
+                );
+                failed += 1;
+            }
+            Err(e) => panic!("page {k}: unexpected {e}"),
+        }
+    }
+    assert!(failed > 0, "the damage went unnoticed");
     assert_eq!(
         fs.counters
             .chunk_errors
             .load(std::sync::atomic::Ordering::Relaxed),
-        1
+        failed
     );
     assert_eq!(
         fs.open(fs.lookup(vfs_core::fs::ROOT_INO, b"c").unwrap().ino, true),
