@@ -793,7 +793,7 @@ impl RepoFs {
                     .is_some_and(|(loc, pack)| !self.cache.contains(&frame_key(&pack, loc.offset)))
             })
             .count();
-        let fetched: Vec<Option<FsResult<(ChunkData, std::ops::Range<usize>)>>> = if missing > 4 {
+        let fetched: Vec<Option<FsResult<ChunkSlice>>> = if missing > 4 {
             use rayon::prelude::*;
             pieces
                 .par_iter()
@@ -946,6 +946,9 @@ impl<'a> ChunkMap<'a> {
     }
 }
 
+/// A chunk as served: its decoded frame and the chunk's range in it.
+type ChunkSlice = (ChunkData, std::ops::Range<usize>);
+
 /// The cache key of the decoded frame at `offset` in `pack`: the pack's
 /// id with the (spread) offset folded into its first eight bytes. Packs are
 /// named by their content and the fold is a bijection of the offset, so two
@@ -961,11 +964,7 @@ fn frame_key(pack: &PackId, offset: u32) -> ChunkId {
 /// A chunk's bytes: its decoded frame (from the cache, or decoded once
 /// however many readers ask) and the chunk's range in it, checked against
 /// the chunk's id on every use.
-fn chunk_bytes(
-    repo: &Repository,
-    cache: &ChunkCache,
-    id: &ChunkId,
-) -> FsResult<(ChunkData, std::ops::Range<usize>)> {
+fn chunk_bytes(repo: &Repository, cache: &ChunkCache, id: &ChunkId) -> FsResult<ChunkSlice> {
     let (loc, pack) = repo.locate(id).ok_or(crate::Error::MissingChunk(*id))?;
     let frame = cache.get_or_fetch(&frame_key(&pack, loc.offset), || {
         Ok(Arc::new(repo.read_frame(id)?.2))
