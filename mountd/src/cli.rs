@@ -358,14 +358,17 @@ fn list(repo_path: &Path, job: Option<&str>, json: bool) -> Result<u8> {
     let mut rows = Vec::new();
     for name in &names {
         let m = repo.load_manifest(name)?;
-        // Stored size: each distinct chunk the restore point needs, once.
+        // Stored size: each stored frame the restore point needs, once (a
+        // frame holds several pages, and each page's entry names it whole).
         let index = repo.index().read();
-        let mut seen = HashSet::new();
+        let mut frames = HashSet::new();
         let mut stored = 0u64;
         for node in &m.nodes {
             for id in node.content.ids() {
-                if seen.insert(id) {
-                    stored += index.chunks.get(&id).map_or(0, |l| l.stored_len as u64);
+                if let Some(l) = index.chunks.get(&id) {
+                    if frames.insert((l.pack, l.offset)) {
+                        stored += l.stored_len as u64;
+                    }
                 }
             }
         }
