@@ -466,16 +466,17 @@ fn encode_frame(
         }
         v
     };
+    let raw_len = plain.len() as u32;
     let mut stored = compress(level, &plain);
     let mut flags = CHUNK_ZSTD;
     if stored.len() >= plain.len() {
-        stored = plain.clone();
+        stored = plain;
         flags = 0;
     }
     if let Some(k) = keys {
         stored = k.seal_meta(&stored);
     }
-    (stored, flags, plain.len() as u32)
+    (stored, flags, raw_len)
 }
 
 fn is_zero(data: &[u8]) -> bool {

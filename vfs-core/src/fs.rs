@@ -967,7 +967,7 @@ fn frame_key(pack: &PackId, offset: u32) -> ChunkId {
 fn chunk_bytes(repo: &Repository, cache: &ChunkCache, id: &ChunkId) -> FsResult<ChunkSlice> {
     let (loc, pack) = repo.locate(id).ok_or(crate::Error::MissingChunk(*id))?;
     let frame = cache.get_or_fetch(&frame_key(&pack, loc.offset), || {
-        Ok(Arc::new(repo.read_frame(id)?.2))
+        Ok(Arc::new(repo.read_frame_at(id, &loc, &pack)?))
     })?;
     let range = {
         let bytes = repo.chunk_in_frame(id, &loc, &pack, &frame)?;

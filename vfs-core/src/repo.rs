@@ -516,12 +516,15 @@ impl Repository {
         Ok(self.chunk_in_frame(id, loc, pack, &frame)?.to_vec())
     }
 
-    /// Reads and decodes the frame holding a chunk; the chunk itself is
-    /// not checked yet (see [`Self::chunk_in_frame`]).
-    pub fn read_frame(&self, id: &ChunkId) -> Result<(ChunkLoc, PackId, Vec<u8>)> {
-        let (loc, pack, raw) = self.read_raw(id)?;
-        let frame = self.decode_frame(id, &loc, &pack, &raw)?;
-        Ok((loc, pack, frame))
+    /// Reads and decodes the frame at `loc` in `pack` (as returned by
+    /// [`Self::locate`] for `id`, which names the chunk in errors). Taking
+    /// the location rather than the id keeps a caller's frame and location
+    /// consistent even if the index is reloaded in between.
+    pub fn read_frame_at(&self, id: &ChunkId, loc: &ChunkLoc, pack: &PackId) -> Result<Vec<u8>> {
+        let raw =
+            self.store
+                .get_range(&pack_key(pack), loc.offset as u64, loc.stored_len as usize)?;
+        self.decode_frame(id, loc, pack, &raw)
     }
 
     /// Reads and verifies one chunk. Each thread keeps the last frame it
@@ -538,8 +541,7 @@ impl Repository {
         let frame = match kept {
             Some(f) => f,
             None => {
-                let (_, _, f) = self.read_frame(id)?;
-                let f = Arc::new(f);
+                let f = Arc::new(self.read_frame_at(id, &loc, &pack)?);
                 LAST_FRAME.with(|c| *c.borrow_mut() = Some((pack, loc.offset, f.clone())));
                 f
             }
