@@ -32,7 +32,7 @@ import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import gen_db  # noqa: E402  (page_diff)
+import gen_db  # noqa: E402  (page_diff, sha256_file)
 
 MiB = 1 << 20
 MB = 1_000_000
@@ -609,15 +609,7 @@ def seq_read(path, timeout):
 
 
 def content_matches(path, ref_sha):
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(1 << 22)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest() == ref_sha
+    return gen_db.sha256_file(path) == ref_sha
 
 
 def fio_randread(ctx, path, numjobs, tag):

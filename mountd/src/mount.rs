@@ -32,7 +32,7 @@ pub struct MountArgs {
     /// Show only this restore point (JOB/TIMESTAMP).
     #[arg(long, conflicts_with = "job")]
     restore_point: Option<String>,
-    /// Bytes of decompressed chunks to keep in memory.
+    /// Bytes of decoded frames (runs of chunks) to keep in memory.
     #[arg(long, default_value = "512M", value_parser = crate::cli::size_arg)]
     cache_size: u64,
     /// FUSE worker threads.

@@ -1,9 +1,10 @@
-//! The cache of decompressed, verified chunks used by the mount read path.
+//! The cache of decoded frames (runs of chunks stored together) used by
+//! the mount read path; each chunk is checked against its id when served.
 //!
 //! Sharded so that readers on different cores rarely meet on one lock;
 //! each shard is an LRU bounded in bytes (a hard limit: an insert evicts
-//! until the shard fits). A chunk being fetched is fetched once: later
-//! readers of the same chunk wait for that fetch instead of repeating it.
+//! until the shard fits). A frame being fetched is fetched once: later
+//! readers of the same frame wait for that fetch instead of repeating it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -42,7 +43,7 @@ pub struct ChunkCache {
 }
 
 impl ChunkCache {
-    /// A cache holding at most `capacity` bytes of chunk data.
+    /// A cache holding at most `capacity` bytes of decoded data.
     pub fn new(capacity: usize) -> Self {
         ChunkCache {
             shards: (0..SHARDS)

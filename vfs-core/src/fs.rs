@@ -19,7 +19,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::cache::{ChunkCache, ChunkData};
 use crate::ids::{ChunkId, PackId};
 use crate::manifest::{Content, Manifest, NodeKind};
-use crate::repo::{Repository, RestorePointName};
+use crate::repo::{ChunkLoc, Repository, RestorePointName};
 
 pub const ROOT_INO: u64 = 1;
 
@@ -235,15 +235,15 @@ impl RepoFs {
                             let map = ChunkMap::new(&job.rp, job.node);
                             for k in job.chunks {
                                 let Some(id) = map.get(k).0 else { continue };
-                                let Some((loc, pack)) = repo.locate(&id) else {
+                                let Ok(chunk) = Located::find(&repo, id) else {
                                     continue;
                                 };
-                                if cache.contains(&frame_key(&pack, loc.offset)) {
+                                if cache.contains(&chunk.frame_key) {
                                     continue;
                                 }
                                 counters.readahead_chunks.fetch_add(1, Ordering::Relaxed);
                                 // Errors surface when a reader asks for it.
-                                let _ = chunk_bytes(&repo, &cache, &id);
+                                let _ = chunk_bytes(&repo, &cache, &chunk);
                             }
                         }
                     })
@@ -769,8 +769,9 @@ impl RepoFs {
         if sequential {
             self.read_ahead(&file, &chunks, end);
         }
-        // The pieces of this read: (chunk id or hole, start of the chunk,
-        // range inside the chunk).
+        // The pieces of this read: (where the chunk is stored, or None for a
+        // hole; start of the chunk; range inside the chunk). Each chunk is
+        // located once, under one index lock.
         let mut pieces = Vec::new();
         let mut k = chunks.index_of(offset);
         let mut pos = offset;
@@ -778,19 +779,20 @@ impl RepoFs {
             let (id, start, len) = chunks.get(k);
             let from = (pos - start) as usize;
             let to = ((end - start) as usize).min(len as usize);
-            pieces.push((id, start, from..to));
+            let place = id.map(|id| Located::find(&self.repo, id));
+            pieces.push((place, start, from..to));
             pos = start + to as u64;
             k += 1;
         }
-        let get = |id: &ChunkId| chunk_bytes(&self.repo, &self.cache, id);
+        let get = |place: &FsResult<Located>| match place {
+            Ok(chunk) => chunk_bytes(&self.repo, &self.cache, chunk),
+            Err(e) => Err(e.clone()),
+        };
         // A large read of frames not yet cached decodes them on all cores.
         let missing = pieces
             .iter()
-            .filter_map(|(id, _, _)| id.as_ref())
-            .filter(|id| {
-                self.repo
-                    .locate(id)
-                    .is_some_and(|(loc, pack)| !self.cache.contains(&frame_key(&pack, loc.offset)))
+            .filter(|(place, _, _)| {
+                matches!(place, Some(Ok(chunk)) if !self.cache.contains(&chunk.frame_key))
             })
             .count();
         let fetched: Vec<Option<FsResult<ChunkSlice>>> = if missing > 4 {
@@ -961,16 +963,41 @@ fn frame_key(pack: &PackId, offset: u32) -> ChunkId {
     ChunkId(key)
 }
 
+/// Where a chunk is stored, looked up once per read.
+struct Located {
+    id: ChunkId,
+    loc: ChunkLoc,
+    pack: PackId,
+    frame_key: ChunkId,
+}
+
+impl Located {
+    fn find(repo: &Repository, id: ChunkId) -> FsResult<Located> {
+        let (loc, pack) = repo.locate(&id).ok_or(crate::Error::MissingChunk(id))?;
+        Ok(Located {
+            id,
+            loc,
+            pack,
+            frame_key: frame_key(&pack, loc.offset),
+        })
+    }
+}
+
 /// A chunk's bytes: its decoded frame (from the cache, or decoded once
 /// however many readers ask) and the chunk's range in it, checked against
 /// the chunk's id on every use.
-fn chunk_bytes(repo: &Repository, cache: &ChunkCache, id: &ChunkId) -> FsResult<ChunkSlice> {
-    let (loc, pack) = repo.locate(id).ok_or(crate::Error::MissingChunk(*id))?;
-    let frame = cache.get_or_fetch(&frame_key(&pack, loc.offset), || {
-        Ok(Arc::new(repo.read_frame_at(id, &loc, &pack)?))
+fn chunk_bytes(repo: &Repository, cache: &ChunkCache, chunk: &Located) -> FsResult<ChunkSlice> {
+    let Located {
+        id,
+        loc,
+        pack,
+        frame_key,
+    } = chunk;
+    let frame = cache.get_or_fetch(frame_key, || {
+        Ok(Arc::new(repo.read_frame_at(id, loc, pack)?))
     })?;
     let range = {
-        let bytes = repo.chunk_in_frame(id, &loc, &pack, &frame)?;
+        let bytes = repo.chunk_in_frame(id, loc, pack, &frame)?;
         let start = loc.frame_offset as usize;
         start..start + bytes.len()
     };

@@ -83,8 +83,6 @@ pub struct IndexFile {
 pub struct Index {
     pub chunks: IdMap<ChunkLoc>,
     pub packs: Vec<PackId>,
-    /// Store key of each pack, made once (not per chunk read).
-    pub pack_keys: Vec<Arc<str>>,
     pack_numbers: HashMap<PackId, u32>,
     /// Packs left out because they are missing or damaged, as messages.
     pub problems: Vec<String>,
@@ -97,7 +95,6 @@ impl Index {
             None => {
                 let n = self.packs.len() as u32;
                 self.packs.push(file.pack);
-                self.pack_keys.push(pack_key(&file.pack).into());
                 self.pack_numbers.insert(file.pack, n);
                 n
             }
@@ -427,18 +424,11 @@ impl Repository {
             .map(|loc| (*loc, index.packs[loc.pack as usize]))
     }
 
-    /// Fetches a chunk's stored bytes, as they are in the pack.
-    pub fn read_raw(&self, id: &ChunkId) -> Result<(ChunkLoc, PackId, ObjectBytes)> {
-        let (loc, pack, key) = {
-            let index = self.index.read();
-            let loc = *index.chunks.get(id).ok_or(Error::MissingChunk(*id))?;
-            let n = loc.pack as usize;
-            (loc, index.packs[n], index.pack_keys[n].clone())
-        };
-        let bytes = self
-            .store
-            .get_range(&key, loc.offset as u64, loc.stored_len as usize)?;
-        Ok((loc, pack, bytes))
+    /// Fetches the stored bytes of the frame at `loc` in `pack`, as they
+    /// are in the pack (sealed, compressed).
+    pub fn read_raw_at(&self, loc: &ChunkLoc, pack: &PackId) -> Result<ObjectBytes> {
+        self.store
+            .get_range(&pack_key(pack), loc.offset as u64, loc.stored_len as usize)
     }
 
     /// Turns a stored frame into its plaintext: open (if encrypted) and
@@ -521,9 +511,7 @@ impl Repository {
     /// the location rather than the id keeps a caller's frame and location
     /// consistent even if the index is reloaded in between.
     pub fn read_frame_at(&self, id: &ChunkId, loc: &ChunkLoc, pack: &PackId) -> Result<Vec<u8>> {
-        let raw =
-            self.store
-                .get_range(&pack_key(pack), loc.offset as u64, loc.stored_len as usize)?;
+        let raw = self.read_raw_at(loc, pack)?;
         self.decode_frame(id, loc, pack, &raw)
     }
 

@@ -41,7 +41,7 @@ pub struct Settings {
     /// Sessions are mounted at `<mount_root>/<repository>/<job>/<timestamp>`.
     pub mount_root: PathBuf,
     pub socket: PathBuf,
-    /// Bytes of decompressed chunks each mount keeps in memory (`512M`).
+    /// Bytes of decoded frames each mount keeps in memory (`512M`).
     pub cache_size: String,
     /// FUSE worker threads per mount.
     pub fuse_threads: usize,

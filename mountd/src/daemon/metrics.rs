@@ -71,13 +71,13 @@ pub async fn render(daemon: &Daemon) -> String {
     metric(
         "flr_cache_hits_total",
         "counter",
-        "Chunk reads served from the decompressed-chunk cache.",
+        "Frame lookups served from the cache of decoded frames.",
         &one(reads.cache_hits),
     );
     metric(
         "flr_cache_misses_total",
         "counter",
-        "Chunk reads that fetched from the repository.",
+        "Frame lookups that fetched and decoded from the repository.",
         &one(reads.cache_misses),
     );
     metric(
