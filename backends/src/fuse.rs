@@ -40,7 +40,9 @@ use fuser::{
     SessionACL, TimeOrNow, WriteFlags,
 };
 use parking_lot::{Condvar, Mutex};
-use vfs_core::fs::{Attr, DirEntry, FsError, FsResult, RepoFs, ROOT_INO};
+use vfs_core::fs::{
+    Attr, Caller, DirEntry, FsError, FsModel, FsResult, RenameMode, SetAttr, SetTime, ROOT_INO,
+};
 use vfs_core::manifest::NodeKind;
 
 /// How long the kernel keeps names and attributes inside a restore point:
@@ -56,6 +58,14 @@ pub const LIVE_TTL: Duration = Duration::from_secs(1);
 /// maximum FUSE request (256 pages) keeps `cp`-style copies at few round
 /// trips without making small tools allocate much.
 const BLKSIZE: u32 = 1 << 20;
+
+/// How long the kernel keeps names and attributes in a writable session.
+/// Every change passes through the kernel, which drops what a change
+/// makes stale, so this only bounds how long a cached attribute may lag.
+pub const WRITABLE_TTL: Duration = Duration::from_secs(1);
+
+/// Largest write request in a writable session.
+const MAX_WRITE: u32 = 1 << 20;
 
 /// Block size reported by statfs.
 const STATFS_BSIZE: u32 = 4096;
@@ -112,6 +122,13 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::BadHandle => Errno::EBADF,
         FsError::Corrupt(_) => Errno::EIO,
         FsError::Io(_) => Errno::EIO,
+        FsError::Exists => Errno::EEXIST,
+        FsError::NotEmpty => Errno::ENOTEMPTY,
+        FsError::NameTooLong => Errno::ENAMETOOLONG,
+        FsError::NoSpace => Errno::ENOSPC,
+        FsError::NotPermitted => Errno::EPERM,
+        FsError::Unsupported => Errno::EOPNOTSUPP,
+        FsError::SessionIo(_) => Errno::EIO,
     }
 }
 
@@ -120,6 +137,10 @@ fn file_type(kind: NodeKind) -> FileType {
         NodeKind::Dir => FileType::Directory,
         NodeKind::File => FileType::RegularFile,
         NodeKind::Symlink => FileType::Symlink,
+        NodeKind::Fifo => FileType::NamedPipe,
+        NodeKind::Socket => FileType::Socket,
+        NodeKind::CharDevice => FileType::CharDevice,
+        NodeKind::BlockDevice => FileType::BlockDevice,
     }
 }
 
@@ -142,18 +163,18 @@ fn file_attr(a: &Attr) -> FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.blocks,
-        // Backups keep one time per node; atime and ctime repeat it so
-        // `find -newer` and friends see one consistent clock.
-        atime: mtime,
+        // Backups keep one time per node and the model repeats it as
+        // atime and ctime; writable sessions keep all three.
+        atime: system_time(a.atime.0, a.atime.1),
         mtime,
-        ctime: mtime,
+        ctime: system_time(a.ctime.0, a.ctime.1),
         crtime: mtime,
         kind: file_type(a.kind),
         perm: (a.mode & 0o7777) as u16,
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
+        rdev: a.rdev,
         blksize: BLKSIZE,
         flags: 0,
     }
@@ -187,9 +208,48 @@ impl Listing {
     }
 }
 
-/// Translates kernel requests into [`RepoFs`] calls.
+/// A time from a setattr request.
+fn set_time(t: TimeOrNow) -> SetTime {
+    match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(t) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => SetTime::At(d.as_secs() as i64, d.subsec_nanos()),
+            Err(e) => {
+                // Before the epoch: whole seconds down, nanoseconds up.
+                let d = e.duration();
+                let (mut sec, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());
+                if nsec > 0 {
+                    sec -= 1;
+                    nsec = 1_000_000_000 - nsec;
+                }
+                SetTime::At(sec, nsec)
+            }
+        },
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+/// The node kind a mknod mode asks for.
+fn mknod_kind(mode: u32) -> FsResult<NodeKind> {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG | 0 => Ok(NodeKind::File),
+        libc::S_IFIFO => Ok(NodeKind::Fifo),
+        libc::S_IFSOCK => Ok(NodeKind::Socket),
+        libc::S_IFCHR => Ok(NodeKind::CharDevice),
+        libc::S_IFBLK => Ok(NodeKind::BlockDevice),
+        _ => Err(FsError::InvalidArgument),
+    }
+}
+
+/// Translates kernel requests into [`FsModel`] calls.
 struct FuseAdapter {
-    fs: Arc<RepoFs>,
+    fs: Arc<dyn FsModel>,
     /// Open directory handles. A listing is taken on the first readdir of
     /// a handle and served from there, so offsets stay valid while restore
     /// points appear and a large directory is not re-listed per batch.
@@ -198,7 +258,7 @@ struct FuseAdapter {
 }
 
 impl FuseAdapter {
-    fn new(fs: Arc<RepoFs>) -> Self {
+    fn new(fs: Arc<dyn FsModel>) -> Self {
         FuseAdapter {
             fs,
             dirs: Mutex::new(HashMap::new()),
@@ -209,33 +269,53 @@ impl FuseAdapter {
     /// Whether the children of directory `dir` may change: those of the
     /// root (jobs) and of job directories (restore points, `latest`).
     fn children_live(&self, dir: u64) -> bool {
-        dir == ROOT_INO || self.fs.parent(dir) == Ok(ROOT_INO)
+        self.fs.writable() || dir == ROOT_INO || self.fs.parent(dir) == Ok(ROOT_INO)
     }
 
     fn is_live(&self, ino: u64) -> bool {
-        ino == ROOT_INO || self.fs.parent(ino).map_or(true, |p| self.children_live(p))
+        self.fs.writable()
+            || ino == ROOT_INO
+            || self.fs.parent(ino).map_or(true, |p| self.children_live(p))
     }
 
-    fn ttl(live: bool) -> Duration {
-        if live {
+    fn ttl(&self, live: bool) -> Duration {
+        if self.fs.writable() {
+            WRITABLE_TTL
+        } else if live {
             LIVE_TTL
         } else {
             STABLE_TTL
         }
     }
 
+    fn entry(&self, attr: FsResult<Attr>, reply: ReplyEntry) {
+        match attr {
+            Ok(a) => reply.entry(&WRITABLE_TTL, &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn empty(result: FsResult<()>, reply: ReplyEmpty) {
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
     fn do_lookup(&self, parent: u64, name: &OsStr) -> FsResult<(Duration, FileAttr)> {
         let attr = self.fs.lookup(parent, name.as_bytes())?;
-        Ok((Self::ttl(self.children_live(parent)), file_attr(&attr)))
+        Ok((self.ttl(self.children_live(parent)), file_attr(&attr)))
     }
 
     fn do_getattr(&self, ino: u64) -> FsResult<(Duration, FileAttr)> {
         let attr = self.fs.getattr(ino)?;
-        Ok((Self::ttl(self.is_live(ino)), file_attr(&attr)))
+        Ok((self.ttl(self.is_live(ino)), file_attr(&attr)))
     }
 
     fn do_open(&self, ino: u64, flags: OpenFlags) -> FsResult<u64> {
-        self.fs.open(ino, wants_write(flags))
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        self.fs
+            .open(ino, write, write && flags.0 & libc::O_TRUNC != 0)
     }
 
     fn do_opendir(&self, ino: u64, flags: OpenFlags) -> FsResult<(u64, FopenFlags)> {
@@ -306,7 +386,7 @@ impl FuseAdapter {
         reply: &mut ReplyDirectoryPlus,
     ) -> FsResult<()> {
         let listing = self.listing(ino, fh)?;
-        let ttl = Self::ttl(listing.live);
+        let ttl = self.ttl(listing.live);
         for (n, (next, e)) in listing.entries_after(offset).enumerate() {
             let attr = match self.fs.getattr(e.ino) {
                 Ok(a) => file_attr(&a),
@@ -322,7 +402,7 @@ impl FuseAdapter {
     }
 
     fn do_access(&self, ino: u64, mask: AccessFlags) -> FsResult<()> {
-        if mask.contains(AccessFlags::W_OK) {
+        if mask.contains(AccessFlags::W_OK) && !self.fs.writable() {
             return Err(FsError::ReadOnly);
         }
         // Modes are checked by the kernel (default_permissions); this only
@@ -350,6 +430,14 @@ impl Filesystem for FuseAdapter {
         }
         let _ = config.set_max_background(MAX_BACKGROUND);
         let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
+        if self.fs.writable() {
+            // O_TRUNC arrives with the open instead of as a separate
+            // setattr after it.
+            let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+            if let Err(max) = config.set_max_write(MAX_WRITE) {
+                let _ = config.set_max_write(max);
+            }
+        }
         Ok(())
     }
 
@@ -373,13 +461,13 @@ impl Filesystem for FuseAdapter {
     fn setattr(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
@@ -388,7 +476,21 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        reply.error(errno(&FsError::ReadOnly));
+        // Permission to change each attribute was checked by the kernel
+        // (default_permissions), which also clears set-ID bits as POSIX
+        // asks and sends the new mode here.
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(set_time),
+            mtime: mtime.map(set_time),
+        };
+        match self.fs.setattr(ino.0, &set) {
+            Ok(a) => reply.attr(&WRITABLE_TTL, &file_attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -398,72 +500,104 @@ impl Filesystem for FuseAdapter {
         }
     }
 
+    // The kernel has applied the umask to `mode` (no FUSE_DONT_MASK).
     fn mknod(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
         _umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(&FsError::ReadOnly));
+        let attr = mknod_kind(mode).and_then(|kind| {
+            self.fs
+                .mknod(parent.0, name.as_bytes(), kind, mode & 0o7777, rdev, caller(req))
+        });
+        self.entry(attr, reply);
     }
 
     fn mkdir(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(&FsError::ReadOnly));
+        let attr = self
+            .fs
+            .mkdir(parent.0, name.as_bytes(), mode & 0o7777, caller(req));
+        self.entry(attr, reply);
     }
 
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(&FsError::ReadOnly));
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(self.fs.unlink(parent.0, name.as_bytes()), reply);
     }
 
-    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(&FsError::ReadOnly));
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(self.fs.rmdir(parent.0, name.as_bytes()), reply);
     }
 
     fn symlink(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _link_name: &OsStr,
-        _target: &Path,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(&FsError::ReadOnly));
+        let attr = self.fs.symlink(
+            parent.0,
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+            caller(req),
+        );
+        self.entry(attr, reply);
     }
 
     fn rename(
         &self,
         _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        _flags: RenameFlags,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno(&FsError::ReadOnly));
+        let mode = if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            RenameMode::Exchange
+        } else if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+            RenameMode::NoReplace
+        } else if flags.is_empty() {
+            RenameMode::Replace
+        } else {
+            // RENAME_WHITEOUT is for union filesystems.
+            return reply.error(Errno::EINVAL);
+        };
+        let result = self.fs.rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            mode,
+        );
+        Self::empty(result, reply);
     }
 
     fn link(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
-        _newname: &OsStr,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(&FsError::ReadOnly));
+        let attr = self.fs.link(ino.0, newparent.0, newname.as_bytes());
+        self.entry(attr, reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -499,15 +633,18 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
         _write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(errno(&FsError::ReadOnly));
+        match self.fs.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn flush(
@@ -538,13 +675,12 @@ impl Filesystem for FuseAdapter {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Nothing is ever dirty.
-        reply.ok();
+        Self::empty(self.fs.fsync(ino.0), reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -605,19 +741,28 @@ impl Filesystem for FuseAdapter {
     fn fsyncdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        Self::empty(self.fs.fsync(ino.0), reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        // Read-only: nothing free. Sizes cover restore points loaded so far.
-        let (bytes, inodes) = self.fs.statfs();
-        let blocks = bytes.div_ceil(u64::from(STATFS_BSIZE));
-        reply.statfs(blocks, 0, 0, inodes, 0, STATFS_BSIZE, 255, STATFS_BSIZE);
+        let st = self.fs.statfs();
+        let bsize = u64::from(STATFS_BSIZE);
+        let free = st.free_bytes / bsize;
+        reply.statfs(
+            st.total_bytes.div_ceil(bsize),
+            free,
+            free,
+            st.files,
+            st.free_files,
+            STATFS_BSIZE,
+            255,
+            STATFS_BSIZE,
+        );
     }
 
     fn setxattr(
@@ -666,28 +811,51 @@ impl Filesystem for FuseAdapter {
 
     fn create(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
         _umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(errno(&FsError::ReadOnly));
+        let made = self
+            .fs
+            .mknod(parent.0, name.as_bytes(), NodeKind::File, mode & 0o7777, 0, caller(req))
+            .and_then(|attr| {
+                let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+                Ok((self.fs.open(attr.ino, write, false)?, attr))
+            });
+        match made {
+            Ok((fh, attr)) => reply.created(
+                &WRITABLE_TTL,
+                &file_attr(&attr),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
+        offset: u64,
+        length: u64,
+        mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno(&FsError::ReadOnly));
+        let result = match mode {
+            0 => self.fs.fallocate(ino.0, offset, length, false),
+            libc::FALLOC_FL_KEEP_SIZE => self.fs.fallocate(ino.0, offset, length, true),
+            // Punching, collapsing, zeroing ranges: not offered.
+            _ if !self.fs.writable() => Err(FsError::ReadOnly),
+            _ => Err(FsError::Unsupported),
+        };
+        Self::empty(result, reply);
     }
 
     fn copy_file_range(
@@ -703,8 +871,13 @@ impl Filesystem for FuseAdapter {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        // Only called when the destination is on this filesystem.
-        reply.error(errno(&FsError::ReadOnly));
+        // Only called when the destination is on this filesystem. A
+        // writable session lets the kernel copy through read and write.
+        if self.fs.writable() {
+            reply.error(Errno::ENOSYS);
+        } else {
+            reply.error(errno(&FsError::ReadOnly));
+        }
     }
 }
 
@@ -866,7 +1039,7 @@ impl Drop for FuseMount {
 
 /// Mounts `fs` read-only at `mountpoint` and serves it on background
 /// threads until unmounted.
-pub fn mount(fs: Arc<RepoFs>, mountpoint: &Path, opts: &FuseOptions) -> io::Result<FuseMount> {
+pub fn mount(fs: Arc<dyn FsModel>, mountpoint: &Path, opts: &FuseOptions) -> io::Result<FuseMount> {
     let mountpoint = mountpoint.canonicalize().map_err(|e| {
         io::Error::new(
             e.kind(),
@@ -875,7 +1048,11 @@ pub fn mount(fs: Arc<RepoFs>, mountpoint: &Path, opts: &FuseOptions) -> io::Resu
     })?;
     let mut config = Config::default();
     config.mount_options = vec![
-        MountOption::RO,
+        if fs.writable() {
+            MountOption::RW
+        } else {
+            MountOption::RO
+        },
         MountOption::DefaultPermissions,
         MountOption::FSName(opts.fs_name.clone()),
         MountOption::Subtype("flr".to_string()),
@@ -1045,6 +1222,13 @@ mod tests {
             (FsError::BadHandle, libc::EBADF),
             (FsError::Corrupt("chunk 00ff".into()), libc::EIO),
             (FsError::Io("pack missing".into()), libc::EIO),
+            (FsError::Exists, libc::EEXIST),
+            (FsError::NotEmpty, libc::ENOTEMPTY),
+            (FsError::NameTooLong, libc::ENAMETOOLONG),
+            (FsError::NoSpace, libc::ENOSPC),
+            (FsError::NotPermitted, libc::EPERM),
+            (FsError::Unsupported, libc::EOPNOTSUPP),
+            (FsError::SessionIo("data file".into()), libc::EIO),
         ];
         for (e, code) in cases {
             assert_eq!(errno(&e).code(), code, "{e:?}");
@@ -1084,13 +1268,18 @@ mod tests {
             gid: 2,
             mtime_sec: 3,
             mtime_nsec: 4,
+            atime: (5, 6),
+            ctime: (7, 8),
             nlink: 1,
+            rdev: 0,
         };
         let f = file_attr(&a);
         assert_eq!(f.perm, 0o644);
         assert_eq!(f.kind, FileType::RegularFile);
         assert_eq!(f.ino, INodeNo(7));
         assert_eq!(f.mtime, UNIX_EPOCH + Duration::new(3, 4));
+        assert_eq!(f.atime, UNIX_EPOCH + Duration::new(5, 6));
+        assert_eq!(f.ctime, UNIX_EPOCH + Duration::new(7, 8));
     }
 
     #[test]

@@ -124,6 +124,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Writable sessions (`flr mount --writable`): list, commit, discard.
+    Session {
+        /// Where sessions keep their changes.
+        #[arg(long, env = "FLR_STATE_DIR", global = true)]
+        state_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        command: SessionCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum SessionCommand {
+    /// List sessions: mounted ones and ones kept or left by a crash.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Store a session's current state as a new restore point of JOB,
+    /// sharing every unchanged chunk. The session stays as it is.
+    Commit {
+        id: String,
+        #[arg(long)]
+        job: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop a session's changes: unmounts it if mounted and deletes its
+    /// directory.
+    Discard { id: String },
 }
 
 pub fn run(cli: Cli) -> Result<u8> {
@@ -167,6 +196,10 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Unmount { session } => crate::remote::unmount(&socket, &session),
         Command::Mounts { json } => crate::remote::mounts(&socket, json),
         Command::Status { json } => crate::remote::status(&socket, json),
+        Command::Session { state_dir, command } => crate::sessions::run(
+            &state_dir.unwrap_or_else(mountd::writable::default_state_dir),
+            command,
+        ),
     }
 }
 

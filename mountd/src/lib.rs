@@ -15,6 +15,9 @@
 //!     `{"error": "..."}` with a status that says what kind of mistake.
 //!   - [`daemon::metrics`]: the Prometheus text exposition.
 //! - [`client`]: a small blocking HTTP/1.1 client over the Unix socket.
+//! - [`writable`]: writable sessions: opening one over a restore point,
+//!   committing it, and the control socket `flr session` reaches it by.
 
 pub mod client;
 pub mod daemon;
+pub mod writable;

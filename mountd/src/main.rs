@@ -7,11 +7,13 @@
 //! the exit codes documented in `docs/cli.md`. `daemon` runs the mount
 //! service of the `mountd` library; `mounts`, `unmount`, `status` (and
 //! `mount` when a daemon runs) talk to it over its socket ([`remote`]).
+//! `session` lists, commits and discards writable sessions ([`sessions`]).
 
 mod cli;
 mod mount;
 mod progress;
 mod remote;
+mod sessions;
 
 use std::process::ExitCode;
 

@@ -2,14 +2,19 @@
 //! foreground until a signal or an outside unmount, or in the background
 //! once the mount is ready. Without a MOUNTPOINT while a daemon answers on
 //! the socket, the daemon mounts instead (a session, see `remote`).
+//!
+//! `--writable` mounts one restore point as a writable session (see
+//! `mountd::writable`); unmounting discards it unless `--keep`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use mountd::writable;
 use vfs_core::fs::{FsOptions, MountFilter, RepoFs};
 use vfs_core::repo::RestorePointName;
+use vfs_core::session::{self, SessionOptions};
 
 use crate::exit;
 
@@ -21,8 +26,9 @@ const READY: &str = "flr-mount-ready";
 
 #[derive(clap::Args)]
 pub struct MountArgs {
-    #[arg(long)]
-    repo: PathBuf,
+    /// The repository (with --resume, default: the session's).
+    #[arg(long, required_unless_present = "resume")]
+    repo: Option<PathBuf>,
     /// Where to mount; created if missing. Default /mnt/flr, or a daemon
     /// session when a daemon runs.
     mountpoint: Option<PathBuf>,
@@ -48,14 +54,43 @@ pub struct MountArgs {
     /// Daemon sessions only: end the session after this many seconds.
     #[arg(long)]
     expires_in: Option<u64>,
+    /// Mount one restore point (--restore-point) writable: changes go to a
+    /// session directory under --state-dir, never to the repository.
+    #[arg(long, requires = "restore_point")]
+    writable: bool,
+    /// Writable: the session's id (default: JOB-SECONDS-PID).
+    #[arg(long, requires = "writable")]
+    session: Option<String>,
+    /// Mount an existing writable session again (after a crash, or one
+    /// kept with --keep).
+    #[arg(long, conflicts_with_all = ["writable", "job", "restore_point"])]
+    resume: Option<String>,
+    /// Where writable sessions keep their changes (default:
+    /// /var/lib/flr/sessions for root).
+    #[arg(long, env = "FLR_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Writable: keep the session when unmounted, to resume or commit later.
+    #[arg(long)]
+    keep: bool,
+    /// Writable: free space kept back in the state directory; writes that
+    /// would use it fail with ENOSPC.
+    #[arg(long, default_value = "64M", value_parser = crate::cli::size_arg)]
+    reserve: u64,
+    /// Writable: refuse to start a session with less free space than this.
+    #[arg(long, default_value = "256M", value_parser = crate::cli::size_arg)]
+    min_free: u64,
 }
 
 pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
+    let writable = args.writable || args.resume.is_some();
+    if writable && args.mountpoint.is_none() {
+        bail!("a writable mount needs a MOUNTPOINT");
+    }
     if args.mountpoint.is_none() {
         if mountd::client::is_running(socket) {
             return crate::remote::mount_session(
                 socket,
-                &args.repo,
+                args.repo.as_deref().expect("required without --resume"),
                 args.job.as_deref(),
                 args.restore_point.as_deref(),
                 args.expires_in,
@@ -81,7 +116,11 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
     }
     std::fs::create_dir_all(mountpoint)
         .with_context(|| format!("cannot create mount point {}", mountpoint.display()))?;
-    let repo = Arc::new(crate::cli::open_repo(&args.repo)?);
+    if writable {
+        return run_writable(&args, mountpoint);
+    }
+    let repo_path = args.repo.as_deref().expect("required without --resume");
+    let repo = Arc::new(crate::cli::open_repo(repo_path)?);
     let filter = MountFilter {
         job: args.job.clone(),
         restore_point: args
@@ -110,12 +149,34 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
         threads: args.threads.max(1),
         allow_other: !args.private,
         auto_unmount: true,
-        fs_name: format!("flr:{}", args.repo.display()),
+        fs_name: format!("flr:{}", repo_path.display()),
     };
     let mount = backends::fuse::mount(fs.clone(), mountpoint, &opts)
         .with_context(|| format!("cannot mount at {}", mountpoint.display()))?;
+    serve(
+        &mount,
+        mountpoint,
+        &format!("mounted {} at {}", repo_path.display(), mountpoint.display()),
+    )?;
+    mount.unmount().ok();
+    let c = &fs.counters;
+    let cache = &fs.cache().counters;
+    use std::sync::atomic::Ordering::Relaxed;
+    eprintln!(
+        "flr: unmounted {}: {} reads, {} served, {} chunk errors, cache {} hits / {} misses",
+        mountpoint.display(),
+        c.reads.load(Relaxed),
+        crate::cli::human(c.bytes_served.load(Relaxed)),
+        c.chunk_errors.load(Relaxed),
+        cache.hits.load(Relaxed),
+        cache.misses.load(Relaxed),
+    );
+    Ok(exit::OK)
+}
 
-    // Signals unmount; an unmount from outside ends the wait as well.
+/// Serves a mount until it is unmounted: signals unmount it, and so does
+/// anyone from outside. Prints the ready line a background parent waits for.
+fn serve(mount: &backends::fuse::FuseMount, mountpoint: &Path, message: &str) -> Result<()> {
     let unmount = mount.unmounter();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -136,30 +197,121 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
     // Ready: the mount answers. A background parent waits for this line.
     std::fs::metadata(mountpoint)
         .with_context(|| format!("mount at {} does not answer", mountpoint.display()))?;
-    eprintln!(
-        "flr: mounted {} at {}",
-        args.repo.display(),
-        mountpoint.display()
-    );
+    eprintln!("flr: {message}");
     let mut out = std::io::stdout();
     let _ = writeln!(out, "{READY}");
     let _ = out.flush();
 
     mount.wait();
-    mount.unmount().ok();
     drop(signal_thread);
-    let c = &fs.counters;
-    let cache = &fs.cache().counters;
+    Ok(())
+}
+
+/// `flr mount --writable` / `--resume`: one restore point as a writable
+/// session until unmounted; then the session is discarded, or kept with
+/// `--keep`.
+fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(writable::default_state_dir);
+    let (repo_path, rp_text, id) = match &args.resume {
+        Some(id) => {
+            let info = session::read_info(&state_dir, id)?;
+            let repo = args.repo.clone().unwrap_or(info.repository);
+            (repo, info.restore_point, Some(id.clone()))
+        }
+        None => (
+            args.repo.clone().expect("required without --resume"),
+            args.restore_point.clone().expect("required by --writable"),
+            args.session.clone(),
+        ),
+    };
+    let repo = Arc::new(crate::cli::open_repo(&repo_path)?);
+    let rp = repo.resolve(&rp_text)?;
+    let resume = args.resume.is_some();
+    let id = id.unwrap_or_else(|| writable::new_session_id(&rp));
+    let cow = writable::open_session(
+        repo,
+        &repo_path,
+        &rp,
+        &state_dir,
+        &id,
+        resume,
+        writable::OpenOptions {
+            cache_bytes: args.cache_size as usize,
+            session: SessionOptions {
+                reserve_bytes: args.reserve,
+                min_free_bytes: args.min_free,
+            },
+        },
+    )?;
+    let opts = backends::fuse::FuseOptions {
+        threads: args.threads.max(1),
+        allow_other: !args.private,
+        auto_unmount: true,
+        fs_name: format!("flr:{}", repo_path.display()),
+    };
+    let mount = match backends::fuse::mount(cow.clone(), mountpoint, &opts) {
+        Ok(m) => m,
+        Err(e) => {
+            // A session made just now holds nothing yet.
+            let _ = cow.close(resume);
+            return Err(e).with_context(|| format!("cannot mount at {}", mountpoint.display()));
+        }
+    };
+
+    // A discard through the control socket unmounts, then waits here until
+    // the session is gone.
+    let discarded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<std::result::Result<(), String>>();
+    let done_rx = parking_lot::Mutex::new(done_rx);
+    let unmounter = mount.unmounter();
+    let flag = discarded.clone();
+    let control = writable::serve_control(cow.clone(), move || {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        unmounter.unmount().or_else(|_| unmounter.detach())?;
+        match done_rx.lock().recv() {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => bail!("{e}"),
+            Err(_) => bail!("the mount process ended first"),
+        }
+    });
+    if let Err(e) = control {
+        eprintln!("flr: warning: {e:#}; `flr session commit|discard {id}` cannot reach this mount");
+    }
+    serve(
+        &mount,
+        mountpoint,
+        &format!(
+            "writable session {id} of {rp} mounted at {}; changes go to {}",
+            mountpoint.display(),
+            cow.dir().display()
+        ),
+    )?;
+    mount.unmount().ok();
+    let keep = args.keep && !discarded.load(std::sync::atomic::Ordering::SeqCst);
+    let c = &cow.counters;
     use std::sync::atomic::Ordering::Relaxed;
     eprintln!(
-        "flr: unmounted {}: {} reads, {} served, {} chunk errors, cache {} hits / {} misses",
+        "flr: unmounted {}: {} writes, {} written, {} fsyncs, {} refused for space",
         mountpoint.display(),
-        c.reads.load(Relaxed),
-        crate::cli::human(c.bytes_served.load(Relaxed)),
-        c.chunk_errors.load(Relaxed),
-        cache.hits.load(Relaxed),
-        cache.misses.load(Relaxed),
+        c.writes.load(Relaxed),
+        crate::cli::human(c.bytes_written.load(Relaxed)),
+        c.fsyncs.load(Relaxed),
+        c.no_space.load(Relaxed),
     );
+    let closed = cow.close(keep);
+    let _ = done_tx.send(closed.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+    closed.with_context(|| format!("cannot close session {id}"))?;
+    if keep {
+        eprintln!(
+            "flr: session {id} kept in {}: `flr mount --resume {id} MOUNTPOINT` mounts it again, `flr session commit {id} --job JOB` stores it, `flr session discard {id}` drops it",
+            state_dir.display()
+        );
+    } else {
+        eprintln!("flr: session {id} discarded");
+    }
     Ok(exit::OK)
 }
 

@@ -57,6 +57,13 @@ pub struct StdinSource {
 pub enum Source {
     Paths(Vec<PathBuf>),
     Stream(StdinSource),
+    /// A tree described up front (node 0 is the root directory), each
+    /// file's bytes coming from a reader: a writable session commits this
+    /// way.
+    Tree {
+        nodes: Vec<Node>,
+        files: Vec<(usize, Box<dyn Read + Send>)>,
+    },
 }
 
 pub struct BackupOptions {
@@ -178,6 +185,16 @@ fn walk(source: Source) -> Result<Walk> {
         inputs: Vec::new(),
     };
     match source {
+        Source::Tree { nodes, files } => {
+            if nodes.first().is_none_or(|n| n.kind != NodeKind::Dir) {
+                return Err(Error::InvalidInput("a tree to back up needs a root directory".into()));
+            }
+            walk.nodes = nodes;
+            walk.inputs = files
+                .into_iter()
+                .map(|(i, r)| (i, FileInput::Stream(r)))
+                .collect();
+        }
         Source::Stream(s) => {
             if s.name.is_empty() || s.name.contains('/') || s.name == "." || s.name == ".." {
                 return Err(Error::InvalidInput(format!(
@@ -506,6 +523,7 @@ pub fn backup(repo: &Repository, source: Source, opts: &BackupOptions) -> Result
             NodeKind::Dir => stats.dirs += 1,
             NodeKind::File => stats.files += 1,
             NodeKind::Symlink => stats.symlinks += 1,
+            _ => {}
         }
     }
 

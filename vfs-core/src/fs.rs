@@ -57,6 +57,33 @@ pub enum FsError {
     /// The repository could not be read (I/O, missing object).
     #[error("repository I/O error: {0}")]
     Io(String),
+    #[error("file exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("file name too long")]
+    NameTooLong,
+    /// A writable session's state directory is full (or below its reserve).
+    #[error("no space left in the session's state directory")]
+    NoSpace,
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("operation not supported")]
+    Unsupported,
+    /// A writable session's own files failed (not the repository's).
+    #[error("session I/O error: {0}")]
+    SessionIo(String),
+}
+
+impl FsError {
+    /// A session-file error: a full disk becomes [`FsError::NoSpace`].
+    pub fn session_io(what: &str, e: &std::io::Error) -> FsError {
+        if e.raw_os_error() == Some(28) || e.kind() == std::io::ErrorKind::StorageFull {
+            FsError::NoSpace
+        } else {
+            FsError::SessionIo(format!("{what}: {e}"))
+        }
+    }
 }
 
 impl From<crate::Error> for FsError {
@@ -84,7 +111,23 @@ pub struct Attr {
     pub gid: u32,
     pub mtime_sec: i64,
     pub mtime_nsec: u32,
+    /// Access and change times; a restore point keeps only mtime and
+    /// repeats it here, a writable session tracks all three.
+    pub atime: (i64, u32),
+    pub ctime: (i64, u32),
     pub nlink: u32,
+    /// Device number of a device node; 0 otherwise.
+    pub rdev: u32,
+}
+
+impl Attr {
+    /// Sets all three times to `sec.nsec`.
+    pub fn with_mtime(mut self, sec: i64, nsec: u32) -> Attr {
+        (self.mtime_sec, self.mtime_nsec) = (sec, nsec);
+        self.atime = (sec, nsec);
+        self.ctime = (sec, nsec);
+        self
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,6 +135,135 @@ pub struct DirEntry {
     pub ino: u64,
     pub kind: NodeKind,
     pub name: Vec<u8>,
+}
+
+/// Figures for `statfs`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatFs {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+    pub files: u64,
+    pub free_files: u64,
+}
+
+/// Who makes a request: new nodes belong to them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A time to set: the request's own clock reading, or a given one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetTime {
+    Now,
+    At(i64, u32),
+}
+
+/// The attributes a `setattr` changes; `None` leaves one alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+/// How `rename` treats an existing target.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RenameMode {
+    /// Replace it (POSIX rename).
+    #[default]
+    Replace,
+    /// Fail with [`FsError::Exists`] (RENAME_NOREPLACE).
+    NoReplace,
+    /// Swap the two names; both must exist (RENAME_EXCHANGE).
+    Exchange,
+}
+
+/// What a mount backend serves: the read-only [`RepoFs`] or a writable
+/// session over one restore point (`session::CowFs`). The write calls
+/// default to [`FsError::ReadOnly`].
+pub trait FsModel: Send + Sync {
+    /// Whether anything can change through the mount: a backend caches
+    /// less and reports free space.
+    fn writable(&self) -> bool {
+        false
+    }
+    fn getattr(&self, ino: u64) -> FsResult<Attr>;
+    fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr>;
+    fn readdir(&self, ino: u64) -> FsResult<Vec<DirEntry>>;
+    /// The directory holding `ino` (the root is its own parent).
+    fn parent(&self, ino: u64) -> FsResult<u64>;
+    fn readlink(&self, ino: u64) -> FsResult<Vec<u8>>;
+    /// Opens a file; `truncate` empties it first (O_TRUNC).
+    fn open(&self, ino: u64, write: bool, truncate: bool) -> FsResult<u64>;
+    fn release(&self, fh: u64);
+    fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>>;
+    fn statfs(&self) -> StatFs;
+
+    fn setattr(&self, _ino: u64, _set: &SetAttr) -> FsResult<Attr> {
+        Err(FsError::ReadOnly)
+    }
+    /// Makes a node of any kind but a directory or symlink: a regular
+    /// file, pipe, socket or device node.
+    fn mknod(
+        &self,
+        _parent: u64,
+        _name: &[u8],
+        _kind: NodeKind,
+        _mode: u32,
+        _rdev: u32,
+        _caller: Caller,
+    ) -> FsResult<Attr> {
+        Err(FsError::ReadOnly)
+    }
+    fn mkdir(&self, _parent: u64, _name: &[u8], _mode: u32, _caller: Caller) -> FsResult<Attr> {
+        Err(FsError::ReadOnly)
+    }
+    fn symlink(
+        &self,
+        _parent: u64,
+        _name: &[u8],
+        _target: &[u8],
+        _caller: Caller,
+    ) -> FsResult<Attr> {
+        Err(FsError::ReadOnly)
+    }
+    fn link(&self, _ino: u64, _parent: u64, _name: &[u8]) -> FsResult<Attr> {
+        Err(FsError::ReadOnly)
+    }
+    fn unlink(&self, _parent: u64, _name: &[u8]) -> FsResult<()> {
+        Err(FsError::ReadOnly)
+    }
+    fn rmdir(&self, _parent: u64, _name: &[u8]) -> FsResult<()> {
+        Err(FsError::ReadOnly)
+    }
+    fn rename(
+        &self,
+        _parent: u64,
+        _name: &[u8],
+        _new_parent: u64,
+        _new_name: &[u8],
+        _mode: RenameMode,
+    ) -> FsResult<()> {
+        Err(FsError::ReadOnly)
+    }
+    /// Writes at `offset` through an open handle; returns bytes written.
+    fn write(&self, _fh: u64, _offset: u64, _data: &[u8]) -> FsResult<u32> {
+        Err(FsError::ReadOnly)
+    }
+    /// Makes a file's data (and with it every change made so far) durable.
+    fn fsync(&self, _ino: u64) -> FsResult<()> {
+        Ok(())
+    }
+    /// Reserves `[offset, offset + len)`: extends the file unless
+    /// `keep_size`.
+    fn fallocate(&self, _ino: u64, _offset: u64, _len: u64, _keep_size: bool) -> FsResult<()> {
+        Err(FsError::ReadOnly)
+    }
 }
 
 /// Which restore points a mount shows.
@@ -478,7 +650,10 @@ impl RepoFs {
             gid: self.options.gid,
             mtime_sec: mtime,
             mtime_nsec: 0,
+            atime: (mtime, 0),
+            ctime: (mtime, 0),
             nlink: 2,
+            rdev: 0,
         }
     }
 
@@ -512,7 +687,10 @@ impl RepoFs {
             gid: node.gid,
             mtime_sec,
             mtime_nsec,
+            atime: (mtime_sec, mtime_nsec),
+            ctime: (mtime_sec, mtime_nsec),
             nlink,
+            rdev: 0,
         }
     }
 
@@ -543,11 +721,17 @@ impl RepoFs {
                     mode: 0o777,
                     uid: self.options.uid,
                     gid: self.options.gid,
-                    mtime_sec: parse_timestamp_name(&String::from_utf8_lossy(&target))
-                        .unwrap_or(mount_time),
+                    mtime_sec: 0,
                     mtime_nsec: 0,
+                    atime: (0, 0),
+                    ctime: (0, 0),
                     nlink: 1,
-                })
+                    rdev: 0,
+                }
+                .with_mtime(
+                    parse_timestamp_name(&String::from_utf8_lossy(&target)).unwrap_or(mount_time),
+                    0,
+                ))
             }
             // Until a restore point is opened, its directory's attributes
             // come from its name: no manifest load for `ls -l` of a job.
@@ -717,8 +901,8 @@ impl RepoFs {
         };
         match rp.manifest.nodes[i].kind {
             NodeKind::Dir => return Err(FsError::IsADirectory),
-            NodeKind::Symlink => return Err(FsError::InvalidArgument),
             NodeKind::File => {}
+            _ => return Err(FsError::InvalidArgument),
         }
         if write {
             return Err(FsError::ReadOnly);
@@ -874,16 +1058,50 @@ impl RepoFs {
         file.ahead_until.store(until, Ordering::Relaxed);
     }
 
-    /// Total and used figures for statfs: (logical bytes of loaded restore
-    /// points, number of inodes known).
-    pub fn statfs(&self) -> (u64, u64) {
+    /// Sizes cover the restore points loaded so far; nothing is free.
+    pub fn statfs(&self) -> StatFs {
         let tree = self.tree.read();
         let bytes = tree
             .loaded
             .values()
             .map(|rp| rp.manifest.stats.logical_bytes)
             .sum();
-        (bytes, tree.next_ino)
+        StatFs {
+            total_bytes: bytes,
+            free_bytes: 0,
+            files: tree.next_ino,
+            free_files: 0,
+        }
+    }
+}
+
+impl FsModel for RepoFs {
+    fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        RepoFs::getattr(self, ino)
+    }
+    fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        RepoFs::lookup(self, parent, name)
+    }
+    fn readdir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+        RepoFs::readdir(self, ino)
+    }
+    fn parent(&self, ino: u64) -> FsResult<u64> {
+        RepoFs::parent(self, ino)
+    }
+    fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        RepoFs::readlink(self, ino)
+    }
+    fn open(&self, ino: u64, write: bool, truncate: bool) -> FsResult<u64> {
+        RepoFs::open(self, ino, write || truncate)
+    }
+    fn release(&self, fh: u64) {
+        RepoFs::release(self, fh)
+    }
+    fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        RepoFs::read(self, fh, offset, size)
+    }
+    fn statfs(&self) -> StatFs {
+        RepoFs::statfs(self)
     }
 }
 

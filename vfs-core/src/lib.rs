@@ -16,6 +16,8 @@
 //! - [`cache`] and [`fs`]: the read path of a mount: an inode table over
 //!   restore points, a sharded byte-bounded chunk cache with one fetch per
 //!   chunk, and readahead.
+//! - [`session`]: writable sessions, a copy-on-write layer over one
+//!   restore point that keeps changed byte ranges in a session directory.
 
 pub mod backup;
 pub mod cache;
@@ -29,6 +31,7 @@ pub mod local_store;
 pub mod manifest;
 pub mod repo;
 pub mod restore;
+pub mod session;
 pub mod store;
 pub mod verify;
 

@@ -14,6 +14,20 @@ pub enum NodeKind {
     Dir,
     File,
     Symlink,
+    /// The kinds below exist only in writable sessions (a database server
+    /// may make a pipe or socket there); restore points never hold them and
+    /// [`Manifest::validate`] refuses a manifest that does.
+    Fifo,
+    Socket,
+    CharDevice,
+    BlockDevice,
+}
+
+impl NodeKind {
+    /// Whether a restore point can hold this kind.
+    pub fn is_stored(self) -> bool {
+        matches!(self, NodeKind::Dir | NodeKind::File | NodeKind::Symlink)
+    }
 }
 
 /// Where a file's bytes come from. `None` in a chunk slot is a hole: that
@@ -147,6 +161,9 @@ impl Manifest {
             }
             if n.name.is_empty() || n.name.contains(&b'/') || n.name == b"." || n.name == b".." {
                 return bad(format!("node {i} has an invalid name"));
+            }
+            if !n.kind.is_stored() {
+                return bad(format!("node {i} is a {:?}, which is never stored", n.kind));
             }
             let expected: u64 = match &n.content {
                 Content::Empty => 0,

@@ -161,6 +161,14 @@ pub fn restore(
                 stats.bytes += node.size;
                 opts.progress.files_done.fetch_add(1, Ordering::Relaxed);
             }
+            // `Manifest::validate` refuses these on load.
+            NodeKind::Fifo | NodeKind::Socket | NodeKind::CharDevice | NodeKind::BlockDevice => {
+                return Err(Error::InvalidInput(format!(
+                    "{}: a {:?} cannot be restored",
+                    manifest.path_of(i),
+                    node.kind
+                )));
+            }
         }
     }
     // Directory metadata last, deepest first, so adding entries does not

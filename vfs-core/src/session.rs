@@ -1,0 +1,2079 @@
+//! Writable sessions: a copy-on-write layer over one restore point, so a
+//! database engine can attach, replay its log and take writes straight
+//! from a mount while the restore point stays untouched.
+//!
+//! [`CowFs`] serves the same [`FsModel`] calls as the read-only
+//! [`RepoFs`] it wraps. Nothing is copied up front or on a file's first
+//! write: a file that was written keeps
+//! - `extents`: the byte ranges written in this session, whose bytes live at
+//!   the same offsets in a sparse data file `data/<inode>`;
+//! - `base_len`: below it, bytes not written come from the restore point;
+//!   a shrinking truncate lowers it, so what lies past a truncate reads as
+//!   zeros afterwards, never as old data;
+//! - `size`: reads past `base_len` that no extent covers are holes.
+//!
+//! Reads merge the three. The namespace is copied per directory, and only
+//! when something in it changes: an untouched directory or file is served
+//! from the restore point directly, under its own inode number. New nodes
+//! get numbers from [`FIRST_NEW_INO`] up, so numbers never collide.
+//!
+//! Durability: every change is a record appended to `journal` (a write
+//! record after its bytes are in the data file; anything that discards
+//! data, before). A process crash keeps everything the kernel accepted;
+//! `fsync` flushes the data file and the journal, so a machine crash keeps
+//! everything fsynced. `state` is a checkpoint of the whole overlay; the
+//! journal restarts after each checkpoint, tagged with the checkpoint's
+//! generation so a checkpoint interrupted midway never replays twice.
+//!
+//! The session directory, under a state directory:
+//! `session.json` (which repository and restore point), `lock` (held by the
+//! process serving the session), `state`, `journal`, `data/`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::backup::Source;
+use crate::error::{Error, Result};
+use crate::format;
+use crate::fs::{
+    Attr, Caller, DirEntry, FsError, FsModel, FsResult, RenameMode, RepoFs, SetAttr, SetTime,
+    StatFs, ROOT_INO,
+};
+use crate::manifest::{Content, Node as ManifestNode, NodeKind};
+
+/// Inode numbers of nodes made in a session start here; restore point
+/// inodes stay below.
+pub const FIRST_NEW_INO: u64 = 1 << 48;
+
+/// Longest file name, as on Linux filesystems.
+pub const NAME_MAX: usize = 255;
+
+const STATE_MAGIC: [u8; 8] = *b"FLRSTAT\0";
+const JOURNAL_MAGIC: [u8; 8] = *b"FLRJRNL\0";
+const JOURNAL_HEADER_LEN: u64 = 16;
+/// Version of `session.json`, `state` and `journal`.
+const SESSION_FORMAT: u32 = 1;
+/// A journal this long is folded into a checkpoint at the next fsync.
+const JOURNAL_COMPACT_BYTES: u64 = 64 << 20;
+/// Free space is looked up again after this many bytes written.
+const SPACE_CHECK_BYTES: u64 = 16 << 20;
+
+const S_ISGID: u32 = 0o2000;
+
+type Time = (i64, u32);
+
+fn now() -> Time {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs() as i64, d.subsec_nanos())
+}
+
+/// Byte ranges `[start, end)`, kept disjoint and merged when they touch.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeSet {
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl RangeSet {
+    pub fn insert(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let (mut s, mut e) = (start, end);
+        if let Some((&a, &b)) = self.ranges.range(..=s).next_back() {
+            if b >= s {
+                s = a;
+                e = e.max(b);
+            }
+        }
+        let inside: Vec<u64> = self.ranges.range(s..=e).map(|(&a, _)| a).collect();
+        for a in inside {
+            if let Some(b) = self.ranges.remove(&a) {
+                e = e.max(b);
+            }
+        }
+        self.ranges.insert(s, e);
+    }
+
+    /// Drops everything at or past `len`.
+    pub fn truncate(&mut self, len: u64) {
+        let _ = self.ranges.split_off(&len);
+        if let Some((_, b)) = self.ranges.range_mut(..len).next_back() {
+            *b = (*b).min(len);
+        }
+    }
+
+    /// Bytes covered.
+    pub fn total(&self) -> u64 {
+        self.ranges.iter().map(|(a, b)| b - a).sum()
+    }
+
+    /// Where `pos` stands: `(true, end of its range)` inside a range,
+    /// `(false, start of the next range or u64::MAX)` outside.
+    pub fn at(&self, pos: u64) -> (bool, u64) {
+        if let Some((_, &b)) = self.ranges.range(..=pos).next_back() {
+            if b > pos {
+                return (true, b);
+            }
+        }
+        let next = self.ranges.range(pos..).next().map_or(u64::MAX, |(&a, _)| a);
+        (false, next)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges.iter().map(|(&a, &b)| (a, b))
+    }
+}
+
+/// Where a run of a file's bytes comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Piece {
+    /// Written in this session: the data file.
+    Session,
+    /// The restore point's file.
+    Base,
+    /// A hole: zeros.
+    Zero,
+}
+
+/// A file's copy-on-write state; see the module comment.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FileState {
+    pub base: Option<u64>,
+    pub base_len: u64,
+    pub size: u64,
+    pub extents: RangeSet,
+    /// The restore point file's size and 512-byte blocks, for `st_blocks`.
+    base_size: u64,
+    base_blocks: u64,
+}
+
+impl FileState {
+    /// `[offset, end)` split by source, `end` clamped to the size.
+    pub fn pieces(&self, offset: u64, end: u64) -> Vec<(u64, u64, Piece)> {
+        let end = end.min(self.size);
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let (inside, bound) = self.extents.at(pos);
+            let (next, piece) = if inside {
+                (bound.min(end), Piece::Session)
+            } else if pos < self.base_len && self.base.is_some() {
+                (bound.min(end).min(self.base_len), Piece::Base)
+            } else {
+                (bound.min(end), Piece::Zero)
+            };
+            out.push((pos, next, piece));
+            pos = next;
+        }
+        out
+    }
+
+    fn truncate(&mut self, size: u64) {
+        if size < self.size {
+            self.extents.truncate(size);
+            self.base_len = self.base_len.min(size);
+        }
+        self.size = size;
+    }
+
+    fn blocks(&self) -> u64 {
+        let base = if self.base_size == 0 {
+            0
+        } else {
+            // Scaled when a truncate cut the restore point's part.
+            (self.base_blocks as u128 * self.base_len as u128 / self.base_size as u128) as u64
+        };
+        base + self.extents.total().div_ceil(512)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Body {
+    File(FileState),
+    Dir {
+        parent: u64,
+        children: BTreeMap<Vec<u8>, u64>,
+    },
+    Symlink(Vec<u8>),
+    /// Pipes, sockets, device nodes.
+    Special,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Node {
+    kind: NodeKind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    nlink: u32,
+    rdev: u32,
+    atime: Time,
+    mtime: Time,
+    ctime: Time,
+    body: Body,
+    /// Open handles; an unlinked node lives on until the last closes.
+    #[serde(skip)]
+    open: u32,
+}
+
+impl Node {
+    fn attr(&self, ino: u64) -> Attr {
+        let (size, blocks) = match &self.body {
+            Body::File(f) => (f.size, f.blocks()),
+            Body::Symlink(t) => (t.len() as u64, 0),
+            _ => (0, 0),
+        };
+        Attr {
+            ino,
+            kind: self.kind,
+            size,
+            blocks,
+            mode: self.mode & 0o7777,
+            uid: self.uid,
+            gid: self.gid,
+            mtime_sec: self.mtime.0,
+            mtime_nsec: self.mtime.1,
+            atime: self.atime,
+            ctime: self.ctime,
+            nlink: self.nlink,
+            rdev: self.rdev,
+        }
+    }
+
+    fn file(&mut self) -> FsResult<&mut FileState> {
+        match &mut self.body {
+            Body::File(f) => Ok(f),
+            Body::Dir { .. } => Err(FsError::IsADirectory),
+            _ => Err(FsError::InvalidArgument),
+        }
+    }
+
+    fn children(&self) -> FsResult<&BTreeMap<Vec<u8>, u64>> {
+        match &self.body {
+            Body::Dir { children, .. } if self.nlink > 0 => Ok(children),
+            Body::Dir { .. } => Err(FsError::NotFound),
+            _ => Err(FsError::NotADirectory),
+        }
+    }
+
+    fn children_mut(&mut self) -> &mut BTreeMap<Vec<u8>, u64> {
+        match &mut self.body {
+            Body::Dir { children, .. } => children,
+            _ => unreachable!("checked to be a directory"),
+        }
+    }
+
+    fn touch(&mut self, t: Time) {
+        self.mtime = t;
+        self.ctime = t;
+    }
+}
+
+/// One journal record: a change, with the times it set, so replaying
+/// gives the same attributes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Op {
+    Make {
+        parent: u64,
+        name: Vec<u8>,
+        ino: u64,
+        kind: NodeKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        target: Vec<u8>,
+        time: Time,
+    },
+    Link {
+        ino: u64,
+        parent: u64,
+        name: Vec<u8>,
+        time: Time,
+    },
+    Remove {
+        parent: u64,
+        name: Vec<u8>,
+        dir: bool,
+        time: Time,
+    },
+    Rename {
+        parent: u64,
+        name: Vec<u8>,
+        new_parent: u64,
+        new_name: Vec<u8>,
+        exchange: bool,
+        no_replace: bool,
+        time: Time,
+    },
+    SetAttr {
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<Time>,
+        mtime: Option<Time>,
+        time: Time,
+    },
+    Write {
+        ino: u64,
+        offset: u64,
+        len: u64,
+        time: Time,
+    },
+}
+
+/// A checkpoint of the overlay.
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    generation: u64,
+    next_ino: u64,
+    nodes: Vec<(u64, Node)>,
+}
+
+/// The append-only change log.
+struct Journal {
+    file: File,
+    len: u64,
+    generation: u64,
+    /// Records appended since the last sync.
+    unsynced: bool,
+}
+
+impl Journal {
+    fn create(path: &Path, generation: u64) -> Result<Journal> {
+        let tmp = path.with_extension("tmp");
+        let mut header = Vec::with_capacity(JOURNAL_HEADER_LEN as usize);
+        header.extend_from_slice(&JOURNAL_MAGIC);
+        header.extend_from_slice(&generation.to_le_bytes());
+        std::fs::write(&tmp, &header).map_err(|e| Error::io(&tmp, e))?;
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+        Self::open_at(path, generation, JOURNAL_HEADER_LEN)
+    }
+
+    fn open_at(path: &Path, generation: u64, len: u64) -> Result<Journal> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(Journal {
+            file,
+            len,
+            generation,
+            unsynced: false,
+        })
+    }
+
+    /// Reads a journal: its generation, its records, and the length of the
+    /// intact part (a record torn by a crash ends it).
+    fn load(path: &Path) -> Result<(u64, Vec<Op>, u64)> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let what = path.display().to_string();
+        if bytes.len() < JOURNAL_HEADER_LEN as usize || bytes[..8] != JOURNAL_MAGIC {
+            return Err(Error::malformed(what, "not a session journal"));
+        }
+        let generation = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+        let mut ops = Vec::new();
+        let mut pos = JOURNAL_HEADER_LEN as usize;
+        while pos + 8 <= bytes.len() {
+            let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+            let Some(payload) = bytes.get(pos + 8..pos + 8 + len) else {
+                break;
+            };
+            if blake3::hash(payload).as_bytes()[..4] != bytes[pos + 4..pos + 8] {
+                break;
+            }
+            match postcard::from_bytes::<Op>(payload) {
+                Ok(op) => ops.push(op),
+                Err(e) => {
+                    return Err(Error::malformed(
+                        what,
+                        format!("record at byte {pos} passed its checksum but does not decode: {e}"),
+                    ))
+                }
+            }
+            pos += 8 + len;
+        }
+        Ok((generation, ops, pos as u64))
+    }
+
+    fn append(&mut self, op: &Op) -> FsResult<()> {
+        let payload = postcard::to_allocvec(op).map_err(|e| FsError::SessionIo(e.to_string()))?;
+        let mut record = Vec::with_capacity(payload.len() + 8);
+        record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        record.extend_from_slice(&blake3::hash(&payload).as_bytes()[..4]);
+        record.extend_from_slice(&payload);
+        write_all_at(&self.file, &record, self.len)
+            .map_err(|e| FsError::session_io("session journal", &e))?;
+        self.len += record.len() as u64;
+        self.unsynced = true;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> FsResult<()> {
+        if self.unsynced {
+            self.file
+                .sync_data()
+                .map_err(|e| FsError::session_io("session journal", &e))?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+}
+
+/// The in-memory overlay: nodes copied from the restore point or made in
+/// the session. Nodes not here are the restore point's, untouched.
+struct Overlay {
+    nodes: HashMap<u64, Node>,
+    next_ino: u64,
+}
+
+/// What [`Overlay::apply`] needs besides the change.
+struct Ctx<'a> {
+    base: &'a RepoFs,
+    /// `Some` when serving: the record is appended once the change is
+    /// known to succeed. `None` when replaying.
+    journal: Option<&'a mut Journal>,
+    data_dir: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn record(&mut self, op: &Op) -> FsResult<()> {
+        match &mut self.journal {
+            Some(j) => j.append(op),
+            None => Ok(()),
+        }
+    }
+
+    fn live(&self) -> bool {
+        self.journal.is_some()
+    }
+}
+
+fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if name.is_empty() || name.contains(&b'/') || name == b"." || name == b".." {
+        return Err(FsError::InvalidArgument);
+    }
+    Ok(())
+}
+
+fn data_path(data_dir: &Path, ino: u64) -> PathBuf {
+    data_dir.join(format!("{ino:x}"))
+}
+
+impl Overlay {
+    /// Copies a restore point node into the overlay (metadata only).
+    fn materialize(&mut self, base: &RepoFs, ino: u64) -> FsResult<()> {
+        if self.nodes.contains_key(&ino) {
+            return Ok(());
+        }
+        if ino >= FIRST_NEW_INO {
+            return Err(FsError::NotFound);
+        }
+        let a = base.getattr(ino)?;
+        let body = match a.kind {
+            NodeKind::Dir => Body::Dir {
+                parent: base.parent(ino)?,
+                children: base
+                    .readdir(ino)?
+                    .into_iter()
+                    .map(|e| (e.name, e.ino))
+                    .collect(),
+            },
+            NodeKind::File => Body::File(FileState {
+                base: Some(ino),
+                base_len: a.size,
+                size: a.size,
+                extents: RangeSet::default(),
+                base_size: a.size,
+                base_blocks: a.blocks,
+            }),
+            NodeKind::Symlink => Body::Symlink(base.readlink(ino)?),
+            _ => Body::Special,
+        };
+        let t = (a.mtime_sec, a.mtime_nsec);
+        self.nodes.insert(
+            ino,
+            Node {
+                kind: a.kind,
+                // The restore point shows its root read-only; the session
+                // root is writable by its owner.
+                mode: if ino == ROOT_INO { 0o755 } else { a.mode },
+                uid: a.uid,
+                gid: a.gid,
+                nlink: a.nlink,
+                rdev: 0,
+                atime: t,
+                mtime: t,
+                ctime: t,
+                body,
+                open: 0,
+            },
+        );
+        Ok(())
+    }
+
+    fn node(&mut self, base: &RepoFs, ino: u64) -> FsResult<&mut Node> {
+        self.materialize(base, ino)?;
+        Ok(self.nodes.get_mut(&ino).expect("materialized"))
+    }
+
+    /// A live directory's child, copying the directory into the overlay.
+    fn child(&mut self, base: &RepoFs, parent: u64, name: &[u8]) -> FsResult<Option<u64>> {
+        Ok(self.node(base, parent)?.children()?.get(name).copied())
+    }
+
+    fn dir_parent(&self, base: &RepoFs, ino: u64) -> FsResult<u64> {
+        match self.nodes.get(&ino) {
+            Some(Node {
+                body: Body::Dir { parent, .. },
+                ..
+            }) => Ok(*parent),
+            Some(_) => Err(FsError::NotADirectory),
+            None => base.parent(ino),
+        }
+    }
+
+    /// Whether directory `dir` is `ancestor` or lies under it.
+    fn is_within(&self, base: &RepoFs, mut dir: u64, ancestor: u64) -> FsResult<bool> {
+        loop {
+            if dir == ancestor {
+                return Ok(true);
+            }
+            if dir == ROOT_INO {
+                return Ok(false);
+            }
+            dir = self.dir_parent(base, dir)?;
+        }
+    }
+
+    /// Drops a node no name and no handle refers to, with its data.
+    fn reap(&mut self, data_dir: &Path, ino: u64) {
+        let Some(node) = self.nodes.get(&ino) else {
+            return;
+        };
+        if node.nlink > 0 || node.open > 0 {
+            return;
+        }
+        let was_file = matches!(node.body, Body::File(_));
+        if ino >= FIRST_NEW_INO {
+            self.nodes.remove(&ino);
+        } else {
+            // A restore point node stays as a tombstone, so its inode is
+            // not served from the restore point again.
+            let node = self.nodes.get_mut(&ino).expect("present");
+            node.body = Body::Special;
+        }
+        if was_file {
+            let _ = std::fs::remove_file(data_path(data_dir, ino));
+        }
+    }
+
+    /// Applies one change: checks it, records it (when serving), then
+    /// makes it. Replaying applies the same records in the same order.
+    fn apply(&mut self, cx: &mut Ctx, op: &Op) -> FsResult<Option<u64>> {
+        let base = cx.base;
+        match op {
+            Op::Make {
+                parent,
+                name,
+                ino,
+                kind,
+                mode,
+                uid,
+                gid,
+                rdev,
+                target,
+                time,
+            } => {
+                check_name(name)?;
+                if self.child(base, *parent, name)?.is_some() {
+                    return Err(FsError::Exists);
+                }
+                cx.record(op)?;
+                self.next_ino = self.next_ino.max(ino + 1);
+                let body = match kind {
+                    NodeKind::Dir => Body::Dir {
+                        parent: *parent,
+                        children: BTreeMap::new(),
+                    },
+                    NodeKind::File => Body::File(FileState::default()),
+                    NodeKind::Symlink => Body::Symlink(target.clone()),
+                    _ => Body::Special,
+                };
+                let is_dir = *kind == NodeKind::Dir;
+                self.nodes.insert(
+                    *ino,
+                    Node {
+                        kind: *kind,
+                        mode: *mode,
+                        uid: *uid,
+                        gid: *gid,
+                        nlink: if is_dir { 2 } else { 1 },
+                        rdev: *rdev,
+                        atime: *time,
+                        mtime: *time,
+                        ctime: *time,
+                        body,
+                        open: 0,
+                    },
+                );
+                let p = self.nodes.get_mut(parent).expect("checked");
+                p.children_mut().insert(name.clone(), *ino);
+                p.touch(*time);
+                if is_dir {
+                    p.nlink += 1;
+                }
+                Ok(Some(*ino))
+            }
+            Op::Link {
+                ino,
+                parent,
+                name,
+                time,
+            } => {
+                check_name(name)?;
+                let node = self.node(base, *ino)?;
+                if node.kind == NodeKind::Dir {
+                    return Err(FsError::NotPermitted);
+                }
+                if node.nlink == 0 {
+                    return Err(FsError::NotFound);
+                }
+                if self.child(base, *parent, name)?.is_some() {
+                    return Err(FsError::Exists);
+                }
+                cx.record(op)?;
+                let node = self.nodes.get_mut(ino).expect("materialized");
+                node.nlink += 1;
+                node.ctime = *time;
+                let p = self.nodes.get_mut(parent).expect("checked");
+                p.children_mut().insert(name.clone(), *ino);
+                p.touch(*time);
+                Ok(Some(*ino))
+            }
+            Op::Remove {
+                parent,
+                name,
+                dir,
+                time,
+            } => {
+                let ino = self.child(base, *parent, name)?.ok_or(FsError::NotFound)?;
+                let node = self.node(base, ino)?;
+                match (&node.body, dir) {
+                    (Body::Dir { children, .. }, true) => {
+                        if !children.is_empty() {
+                            return Err(FsError::NotEmpty);
+                        }
+                    }
+                    (Body::Dir { .. }, false) => return Err(FsError::IsADirectory),
+                    (_, true) => return Err(FsError::NotADirectory),
+                    (_, false) => {}
+                }
+                cx.record(op)?;
+                self.detach(cx.data_dir, *parent, name, ino, *time);
+                Ok(None)
+            }
+            Op::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                exchange,
+                no_replace,
+                time,
+            } => {
+                check_name(new_name)?;
+                let src = self.child(base, *parent, name)?.ok_or(FsError::NotFound)?;
+                let dst = self.child(base, *new_parent, new_name)?;
+                let src_dir = self.node(base, src)?.kind == NodeKind::Dir;
+                if src_dir && *new_parent != *parent && self.is_within(base, *new_parent, src)? {
+                    return Err(FsError::InvalidArgument);
+                }
+                if *exchange {
+                    let dst = dst.ok_or(FsError::NotFound)?;
+                    let dst_dir = self.node(base, dst)?.kind == NodeKind::Dir;
+                    if dst_dir && *new_parent != *parent && self.is_within(base, *parent, dst)? {
+                        return Err(FsError::InvalidArgument);
+                    }
+                    cx.record(op)?;
+                    self.nodes
+                        .get_mut(parent)
+                        .expect("checked")
+                        .children_mut()
+                        .insert(name.clone(), dst);
+                    self.nodes
+                        .get_mut(new_parent)
+                        .expect("checked")
+                        .children_mut()
+                        .insert(new_name.clone(), src);
+                    if parent != new_parent {
+                        self.reparent(src, *parent, *new_parent);
+                        self.reparent(dst, *new_parent, *parent);
+                    }
+                    for n in [src, dst] {
+                        self.nodes.get_mut(&n).expect("materialized").ctime = *time;
+                    }
+                    for p in [parent, new_parent] {
+                        self.nodes.get_mut(p).expect("checked").touch(*time);
+                    }
+                    return Ok(None);
+                }
+                if let Some(dst) = dst {
+                    if *no_replace {
+                        return Err(FsError::Exists);
+                    }
+                    if dst == src {
+                        // Two names of one file: POSIX says do nothing.
+                        return Ok(None);
+                    }
+                    let target = self.node(base, dst)?;
+                    match (&target.body, src_dir) {
+                        (Body::Dir { children, .. }, true) => {
+                            if !children.is_empty() {
+                                return Err(FsError::NotEmpty);
+                            }
+                        }
+                        (Body::Dir { .. }, false) => return Err(FsError::IsADirectory),
+                        (_, true) => return Err(FsError::NotADirectory),
+                        (_, false) => {}
+                    }
+                }
+                cx.record(op)?;
+                if let Some(dst) = dst {
+                    self.detach(cx.data_dir, *new_parent, new_name, dst, *time);
+                }
+                self.nodes
+                    .get_mut(parent)
+                    .expect("checked")
+                    .children_mut()
+                    .remove(name.as_slice());
+                self.nodes
+                    .get_mut(new_parent)
+                    .expect("checked")
+                    .children_mut()
+                    .insert(new_name.clone(), src);
+                if parent != new_parent {
+                    self.reparent(src, *parent, *new_parent);
+                }
+                self.nodes.get_mut(&src).expect("materialized").ctime = *time;
+                for p in [parent, new_parent] {
+                    self.nodes.get_mut(p).expect("checked").touch(*time);
+                }
+                Ok(None)
+            }
+            Op::SetAttr {
+                ino,
+                mode,
+                uid,
+                gid,
+                size,
+                atime,
+                mtime,
+                time,
+            } => {
+                let node = self.node(base, *ino)?;
+                if size.is_some() {
+                    node.file()?;
+                }
+                cx.record(op)?;
+                let node = self.nodes.get_mut(ino).expect("materialized");
+                if let Some(m) = mode {
+                    node.mode = m & 0o7777;
+                }
+                if let Some(u) = uid {
+                    node.uid = *u;
+                }
+                if let Some(g) = gid {
+                    node.gid = *g;
+                }
+                if let Some(t) = atime {
+                    node.atime = *t;
+                }
+                if let Some(t) = mtime {
+                    node.mtime = *t;
+                }
+                node.ctime = *time;
+                if let Some(size) = size {
+                    let f = node.file()?;
+                    let shrink = *size < f.size;
+                    f.truncate(*size);
+                    if mtime.is_none() {
+                        node.mtime = *time;
+                    }
+                    if shrink && cx.live() {
+                        shrink_data_file(&data_path(cx.data_dir, *ino), *size)?;
+                    }
+                }
+                Ok(None)
+            }
+            Op::Write {
+                ino,
+                offset,
+                len,
+                time,
+            } => {
+                // Replay only: serving, the write path updates the node
+                // itself (see CowFs::write).
+                let Some(node) = self.nodes.get_mut(ino) else {
+                    return Ok(None);
+                };
+                let Ok(f) = node.file() else { return Ok(None) };
+                f.extents.insert(*offset, offset + len);
+                f.size = f.size.max(offset + len);
+                node.touch(*time);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Removes the name `name` of `ino` from `parent` (checked to exist).
+    fn detach(&mut self, data_dir: &Path, parent: u64, name: &[u8], ino: u64, time: Time) {
+        let p = self.nodes.get_mut(&parent).expect("checked");
+        p.children_mut().remove(name);
+        p.touch(time);
+        let node = self.nodes.get_mut(&ino).expect("materialized");
+        node.ctime = time;
+        if node.kind == NodeKind::Dir {
+            node.nlink = 0;
+            self.nodes.get_mut(&parent).expect("checked").nlink -= 1;
+        } else {
+            node.nlink = node.nlink.saturating_sub(1);
+        }
+        self.reap(data_dir, ino);
+    }
+
+    /// Moves directory `ino` (a no-op for other kinds) between parents.
+    fn reparent(&mut self, ino: u64, from: u64, to: u64) {
+        let node = self.nodes.get_mut(&ino).expect("materialized");
+        if let Body::Dir { parent, .. } = &mut node.body {
+            *parent = to;
+            self.nodes.get_mut(&from).expect("checked").nlink -= 1;
+            self.nodes.get_mut(&to).expect("checked").nlink += 1;
+        }
+    }
+}
+
+fn shrink_data_file(path: &Path, size: u64) -> FsResult<()> {
+    match OpenOptions::new().write(true).open(path) {
+        Ok(f) => {
+            let len = f
+                .metadata()
+                .map_err(|e| FsError::session_io("session data", &e))?
+                .len();
+            if len > size {
+                f.set_len(size)
+                    .map_err(|e| FsError::session_io("session data", &e))?;
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(FsError::session_io("session data", &e)),
+    }
+}
+
+/// What a session records about itself in `session.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub format: u32,
+    pub id: String,
+    /// The repository, as given when the session was made.
+    pub repository: PathBuf,
+    /// `JOB/TIMESTAMP`.
+    pub restore_point: String,
+    /// Unix seconds.
+    pub created: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    /// Writes fail with ENOSPC once the state directory's free space
+    /// would drop below this, so the journal and checkpoints still fit.
+    pub reserve_bytes: u64,
+    /// A new session needs at least this much free space to start.
+    pub min_free_bytes: u64,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            reserve_bytes: 64 << 20,
+            min_free_bytes: 256 << 20,
+        }
+    }
+}
+
+/// A session as `flr session list` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionStatus {
+    pub info: SessionInfo,
+    pub dir: PathBuf,
+    /// A process serves it (holds its lock).
+    pub in_use: bool,
+    /// Bytes its directory takes on disk.
+    pub disk_bytes: u64,
+}
+
+/// Checks a session id: it names a directory.
+pub fn validate_session_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidInput(format!(
+            "invalid session id {id:?}: use letters, digits, '-', '_' and '.', not starting with '.'"
+        )))
+    }
+}
+
+pub fn session_dir(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join(id)
+}
+
+/// Reads a session's `session.json`.
+pub fn read_info(state_dir: &Path, id: &str) -> Result<SessionInfo> {
+    validate_session_id(id)?;
+    let path = session_dir(state_dir, id).join("session.json");
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::NotFound(format!(
+                "session {id} (no {})",
+                path.display()
+            )))
+        }
+        Err(e) => return Err(Error::io(&path, e)),
+    };
+    let info: SessionInfo = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::malformed(path.display().to_string(), e.to_string()))?;
+    if info.format != SESSION_FORMAT {
+        return Err(Error::UnsupportedVersion {
+            what: path.display().to_string(),
+            found: info.format,
+            supported: SESSION_FORMAT,
+        });
+    }
+    Ok(info)
+}
+
+/// Takes a session's lock: the one process serving or changing it.
+fn lock_session(dir: &Path, id: &str) -> Result<File> {
+    let path = dir.join("lock");
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::InvalidInput(format!(
+            "session {id} is in use by another process (its mount is still running)"
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+    }
+}
+
+/// Every session under `state_dir`, oldest first.
+pub fn list_sessions(state_dir: &Path) -> Result<Vec<SessionStatus>> {
+    let rd = match std::fs::read_dir(state_dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(state_dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io(state_dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if validate_session_id(&name).is_err() {
+            continue;
+        }
+        let dir = entry.path();
+        if !dir.join("session.json").exists() {
+            continue;
+        }
+        let info = read_info(state_dir, &name)?;
+        let in_use = File::open(dir.join("lock"))
+            .map(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+            .unwrap_or(false);
+        out.push(SessionStatus {
+            info,
+            disk_bytes: disk_usage(&dir),
+            dir,
+            in_use,
+        });
+    }
+    out.sort_by(|a, b| (a.info.created, &a.info.id).cmp(&(b.info.created, &b.info.id)));
+    Ok(out)
+}
+
+/// Deletes a session that no process serves.
+pub fn discard(state_dir: &Path, id: &str) -> Result<()> {
+    read_info(state_dir, id)?;
+    let dir = session_dir(state_dir, id);
+    let _lock = lock_session(&dir, id)?;
+    remove_session_dir(&dir)
+}
+
+fn remove_session_dir(dir: &Path) -> Result<()> {
+    // Renamed first, so a crash midway never leaves half a session that
+    // looks resumable.
+    let doomed = dir.with_file_name(format!(
+        ".discard-{}-{}",
+        dir.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::rename(dir, &doomed).map_err(|e| Error::io(dir, e))?;
+    std::fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
+}
+
+fn disk_usage(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += allocated_bytes(&m);
+            }
+        }
+    }
+    total
+}
+
+#[cfg(unix)]
+fn allocated_bytes(m: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    m.blocks() * 512
+}
+
+#[cfg(not(unix))]
+fn allocated_bytes(m: &std::fs::Metadata) -> u64 {
+    m.len()
+}
+
+/// Free-space bookkeeping for the reserve.
+struct Space {
+    checked_at: Instant,
+    written_since: u64,
+    free: u64,
+}
+
+/// A writable session over one restore point.
+pub struct CowFs {
+    base: Arc<RepoFs>,
+    info: SessionInfo,
+    dir: PathBuf,
+    data_dir: PathBuf,
+    options: SessionOptions,
+    /// Taken shared by every change and exclusively by a commit, which so
+    /// sees one instant of the session.
+    gate: RwLock<()>,
+    overlay: RwLock<Overlay>,
+    journal: Mutex<Journal>,
+    /// Open data files by inode.
+    data_files: Mutex<HashMap<u64, Arc<File>>>,
+    /// Restore point handles by inode, for reads of unchanged ranges.
+    base_handles: Mutex<HashMap<u64, u64>>,
+    /// Open handles: inode and whether it may write.
+    handles: Mutex<HashMap<u64, (u64, bool)>>,
+    next_handle: AtomicU64,
+    space: Mutex<Space>,
+    /// Data files made since the data directory was last synced.
+    new_data_files: Mutex<bool>,
+    _lock: File,
+    pub counters: SessionCounters,
+}
+
+#[derive(Default, Debug)]
+pub struct SessionCounters {
+    pub writes: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub fsyncs: AtomicU64,
+    pub no_space: AtomicU64,
+}
+
+impl CowFs {
+    /// Makes a new session `info.id` under `state_dir` over `base` (a
+    /// mount model rooted at the restore point `info.restore_point`).
+    pub fn create(
+        base: Arc<RepoFs>,
+        state_dir: &Path,
+        info: SessionInfo,
+        options: SessionOptions,
+    ) -> Result<Arc<CowFs>> {
+        validate_session_id(&info.id)?;
+        std::fs::create_dir_all(state_dir).map_err(|e| Error::io(state_dir, e))?;
+        if let Some(free) = free_space(state_dir) {
+            if free < options.min_free_bytes {
+                return Err(Error::InvalidInput(format!(
+                    "{}: only {} MiB free, a writable session needs at least {} MiB (see --min-free)",
+                    state_dir.display(),
+                    free >> 20,
+                    options.min_free_bytes >> 20
+                )));
+            }
+        }
+        let dir = session_dir(state_dir, &info.id);
+        if dir.exists() {
+            return Err(Error::AlreadyExists(format!(
+                "session {} ({}): resume it or discard it",
+                info.id,
+                dir.display()
+            )));
+        }
+        // Built under a temporary name and renamed: a session directory
+        // either has its session.json or does not exist.
+        let tmp = state_dir.join(format!(".new-{}-{}", info.id, std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(tmp.join("data")).map_err(|e| Error::io(&tmp, e))?;
+        // The session holds database contents: its owner only.
+        set_private(&tmp)?;
+        let json = serde_json::to_vec_pretty(&info).expect("session info serializes");
+        let info_path = tmp.join("session.json");
+        std::fs::write(&info_path, json).map_err(|e| Error::io(&info_path, e))?;
+        File::open(&info_path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(&info_path, e))?;
+        Journal::create(&tmp.join("journal"), 0)?;
+        std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
+        sync_dir(state_dir)?;
+        Self::open(base, &dir, info, options)
+    }
+
+    /// Opens an existing session (after a crash, or one kept at unmount),
+    /// replaying its journal.
+    pub fn resume(
+        base: Arc<RepoFs>,
+        state_dir: &Path,
+        id: &str,
+        options: SessionOptions,
+    ) -> Result<Arc<CowFs>> {
+        let info = read_info(state_dir, id)?;
+        Self::open(base, &session_dir(state_dir, id), info, options)
+    }
+
+    fn open(
+        base: Arc<RepoFs>,
+        dir: &Path,
+        info: SessionInfo,
+        options: SessionOptions,
+    ) -> Result<Arc<CowFs>> {
+        let lock = lock_session(dir, &info.id)?;
+        let data_dir = dir.join("data");
+        std::fs::create_dir_all(&data_dir).map_err(|e| Error::io(&data_dir, e))?;
+        let state_path = dir.join("state");
+        let mut overlay = Overlay {
+            nodes: HashMap::new(),
+            next_ino: FIRST_NEW_INO,
+        };
+        let mut generation = 0;
+        match std::fs::read(&state_path) {
+            Ok(bytes) => {
+                let what = state_path.display().to_string();
+                let (_, payload) = format::open_envelope(&what, STATE_MAGIC, &bytes)?;
+                let snap: Snapshot = postcard::from_bytes(payload)
+                    .map_err(|e| Error::malformed(&what, e.to_string()))?;
+                generation = snap.generation;
+                overlay.next_ino = snap.next_ino;
+                overlay.nodes = snap.nodes.into_iter().collect();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&state_path, e)),
+        }
+        let journal_path = dir.join("journal");
+        let (jgen, ops, intact) = Journal::load(&journal_path)?;
+        let replay = jgen == generation;
+        if jgen > generation {
+            return Err(Error::malformed(
+                journal_path.display().to_string(),
+                format!("generation {jgen} is newer than the checkpoint's {generation}"),
+            ));
+        }
+        if replay {
+            let mut cx = Ctx {
+                base: &base,
+                journal: None,
+                data_dir: &data_dir,
+            };
+            for (n, op) in ops.iter().enumerate() {
+                // A change that failed when it was made was never recorded,
+                // so a replayed one fails only if the restore point changed
+                // under the session.
+                if let Err(e) = overlay.apply(&mut cx, op) {
+                    return Err(Error::malformed(
+                        journal_path.display().to_string(),
+                        format!("record {n} ({op:?}) does not apply: {e}"),
+                    ));
+                }
+            }
+        }
+        let journal = Journal::open_at(&journal_path, jgen, intact)?;
+        let fs = Arc::new(CowFs {
+            base,
+            info,
+            dir: dir.to_path_buf(),
+            data_dir,
+            options,
+            gate: RwLock::new(()),
+            overlay: RwLock::new(overlay),
+            journal: Mutex::new(journal),
+            data_files: Mutex::new(HashMap::new()),
+            base_handles: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            space: Mutex::new(Space {
+                checked_at: Instant::now(),
+                written_since: u64::MAX,
+                free: 0,
+            }),
+            new_data_files: Mutex::new(false),
+            _lock: lock,
+            counters: SessionCounters::default(),
+        });
+        {
+            let mut ov = fs.overlay.write();
+            ov.materialize(&fs.base, ROOT_INO).map_err(fs_to_error)?;
+        }
+        if !ops.is_empty() || !replay {
+            fs.checkpoint()?;
+        }
+        Ok(fs)
+    }
+
+    pub fn info(&self) -> &SessionInfo {
+        &self.info
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn base(&self) -> &Arc<RepoFs> {
+        &self.base
+    }
+
+    /// Writes a checkpoint of the overlay and restarts the journal.
+    pub fn checkpoint(&self) -> Result<()> {
+        let _gate = self.gate.write();
+        let ov = self.overlay.read();
+        let mut journal = self.journal.lock();
+        self.checkpoint_locked(&ov, &mut journal)
+    }
+
+    fn checkpoint_locked(&self, ov: &Overlay, journal: &mut Journal) -> Result<()> {
+        for f in self.data_files.lock().values() {
+            f.sync_data().map_err(|e| Error::io(&self.data_dir, e))?;
+        }
+        sync_dir(&self.data_dir)?;
+        let generation = journal.generation + 1;
+        let snap = Snapshot {
+            generation,
+            next_ino: ov.next_ino,
+            nodes: ov
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.nlink > 0 || !matches!(n.body, Body::File(_)))
+                .map(|(&i, n)| (i, n.clone()))
+                .collect(),
+        };
+        let payload = postcard::to_allocvec(&snap).expect("snapshot serializes");
+        let path = self.dir.join("state");
+        let tmp = self.dir.join("state.tmp");
+        std::fs::write(&tmp, format::seal_envelope(STATE_MAGIC, 0, &payload))
+            .map_err(|e| Error::io(&tmp, e))?;
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        sync_dir(&self.dir)?;
+        *journal = Journal::create(&self.dir.join("journal"), generation)?;
+        Ok(())
+    }
+
+    /// Ends the session: keeps it resumable (a checkpoint) or deletes its
+    /// directory.
+    pub fn close(self: Arc<Self>, keep: bool) -> Result<()> {
+        for fh in self.base_handles.lock().drain().map(|(_, fh)| fh) {
+            self.base.release(fh);
+        }
+        if keep {
+            return self.checkpoint();
+        }
+        let dir = self.dir.clone();
+        // The lock goes with the directory; nothing may write after this.
+        drop(self);
+        remove_session_dir(&dir)
+    }
+
+    fn run(&self, op: Op) -> FsResult<Option<u64>> {
+        self.run_with(|_| Ok(op))
+    }
+
+    /// Applies the change `build` makes from the current overlay, under
+    /// one lock, so what it read (a free inode number) stays true.
+    fn run_with(&self, build: impl FnOnce(&mut Overlay) -> FsResult<Op>) -> FsResult<Option<u64>> {
+        let mut ov = self.overlay.write();
+        let op = build(&mut ov)?;
+        let mut journal = self.journal.lock();
+        let mut cx = Ctx {
+            base: &self.base,
+            journal: Some(&mut journal),
+            data_dir: &self.data_dir,
+        };
+        let out = ov.apply(&mut cx, &op)?;
+        if let Op::Remove { .. } | Op::Rename { .. } = op {
+            self.forget_reaped(&ov);
+        }
+        Ok(out)
+    }
+
+    /// Closes data files of nodes that are gone.
+    fn forget_reaped(&self, ov: &Overlay) {
+        self.data_files
+            .lock()
+            .retain(|ino, _| ov.nodes.get(ino).is_some_and(|n| n.nlink > 0 || n.open > 0));
+    }
+
+    fn attr_of(&self, ov: &Overlay, ino: u64) -> FsResult<Attr> {
+        match ov.nodes.get(&ino) {
+            Some(n) if n.nlink == 0 && n.open == 0 => Err(FsError::NotFound),
+            Some(n) => Ok(n.attr(ino)),
+            None if ino >= FIRST_NEW_INO => Err(FsError::NotFound),
+            None => self.base.getattr(ino),
+        }
+    }
+
+    fn data_file(&self, ino: u64) -> FsResult<Arc<File>> {
+        if let Some(f) = self.data_files.lock().get(&ino) {
+            return Ok(f.clone());
+        }
+        let path = data_path(&self.data_dir, ino);
+        let existed = path.exists();
+        let file = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|e| FsError::session_io("session data", &e))?,
+        );
+        if !existed {
+            *self.new_data_files.lock() = true;
+        }
+        self.data_files.lock().insert(ino, file.clone());
+        Ok(file)
+    }
+
+    fn base_handle(&self, ino: u64) -> FsResult<u64> {
+        if let Some(&fh) = self.base_handles.lock().get(&ino) {
+            return Ok(fh);
+        }
+        let fh = self.base.open(ino, false)?;
+        let mut handles = self.base_handles.lock();
+        if let Some(&other) = handles.get(&ino) {
+            self.base.release(fh);
+            return Ok(other);
+        }
+        handles.insert(ino, fh);
+        Ok(fh)
+    }
+
+    /// Fails with NoSpace when writing `len` more bytes would eat into the
+    /// reserve.
+    fn check_space(&self, len: u64) -> FsResult<()> {
+        let mut space = self.space.lock();
+        if space.written_since >= SPACE_CHECK_BYTES
+            || space.checked_at.elapsed().as_secs() >= 1
+        {
+            if let Some(free) = free_space(&self.data_dir) {
+                space.free = free;
+                space.written_since = 0;
+                space.checked_at = Instant::now();
+            } else {
+                return Ok(());
+            }
+        }
+        let left = space.free.saturating_sub(space.written_since);
+        if left < self.options.reserve_bytes.saturating_add(len) {
+            self.counters.no_space.fetch_add(1, Ordering::Relaxed);
+            // Look again next time: space may have been freed.
+            space.written_since = u64::MAX;
+            return Err(FsError::NoSpace);
+        }
+        space.written_since += len;
+        Ok(())
+    }
+
+    /// Reads `[offset, offset + size)` of file `ino`, merging session data
+    /// over the restore point.
+    pub fn read_ino(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let (pieces, data) = {
+            let ov = self.overlay.read();
+            match ov.nodes.get(&ino) {
+                None => {
+                    drop(ov);
+                    let fh = self.base_handle(ino)?;
+                    return self.base.read(fh, offset, size);
+                }
+                Some(node) => {
+                    let Body::File(f) = &node.body else {
+                        return Err(FsError::InvalidArgument);
+                    };
+                    let pieces = f.pieces(offset, offset.saturating_add(size as u64));
+                    let base = f.base;
+                    (
+                        pieces
+                            .into_iter()
+                            .map(|p| (p, base))
+                            .collect::<Vec<_>>(),
+                        self.data_files.lock().get(&ino).cloned(),
+                    )
+                }
+            }
+        };
+        let total = pieces.last().map_or(0, |((_, end, _), _)| *end - offset);
+        let mut out = vec![0u8; total as usize];
+        for ((start, end, piece), base) in pieces {
+            let buf = &mut out[(start - offset) as usize..(end - offset) as usize];
+            match piece {
+                Piece::Zero => {}
+                Piece::Session => {
+                    let file = match &data {
+                        Some(f) => f.clone(),
+                        None => self.data_file(ino)?,
+                    };
+                    read_full_at(&file, buf, start)
+                        .map_err(|e| FsError::session_io("session data", &e))?;
+                }
+                Piece::Base => {
+                    let base_ino = base.expect("base pieces have a base");
+                    let fh = self.base_handle(base_ino)?;
+                    let got = self.base.read(fh, start, buf.len() as u32)?;
+                    buf[..got.len()].copy_from_slice(&got);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn make(
+        &self,
+        parent: u64,
+        name: &[u8],
+        kind: NodeKind,
+        mode: u32,
+        rdev: u32,
+        target: &[u8],
+        caller: Caller,
+    ) -> FsResult<Attr> {
+        let _gate = self.gate.read();
+        let ino = self.run_with(|ov| {
+            let p = ov.node(&self.base, parent)?;
+            p.children()?;
+            // A set-group-ID directory hands its group down, and its bit
+            // to subdirectories.
+            let inherit = p.mode & S_ISGID != 0;
+            let gid = if inherit { p.gid } else { caller.gid };
+            let mode = if inherit && kind == NodeKind::Dir {
+                mode | S_ISGID
+            } else {
+                mode
+            };
+            Ok(Op::Make {
+                parent,
+                name: name.to_vec(),
+                ino: ov.next_ino,
+                kind,
+                mode: mode & 0o7777,
+                uid: caller.uid,
+                gid,
+                rdev,
+                target: target.to_vec(),
+                time: now(),
+            })
+        })?;
+        self.attr_of(&self.overlay.read(), ino.expect("make returns the inode"))
+    }
+
+    /// Stores the session's current state as a new restore point of job
+    /// `job`. Changes wait while the session is read; reads go on. Pipes,
+    /// sockets and device nodes are left out (restore points never hold
+    /// them) and counted in the second value.
+    pub fn commit(
+        self: &Arc<Self>,
+        opts: &crate::backup::BackupOptions,
+    ) -> Result<(crate::manifest::Manifest, u64)> {
+        let _gate = self.gate.write();
+        let mut nodes = Vec::new();
+        let mut files: Vec<(usize, Box<dyn Read + Send>)> = Vec::new();
+        let mut skipped = 0;
+        let root = self.getattr(ROOT_INO).map_err(fs_to_error)?;
+        nodes.push(manifest_node(0, Vec::new(), &root, Vec::new()));
+        let mut stack = vec![(ROOT_INO, 0u32)];
+        while let Some((dir, idx)) = stack.pop() {
+            let mut entries = self.readdir(dir).map_err(fs_to_error)?;
+            entries.sort_by(|a, b| a.name.cmp(&b.name));
+            let mut subdirs = Vec::new();
+            for e in entries {
+                let attr = self.getattr(e.ino).map_err(fs_to_error)?;
+                let i = nodes.len();
+                match attr.kind {
+                    NodeKind::Dir => {
+                        nodes.push(manifest_node(idx, e.name, &attr, Vec::new()));
+                        subdirs.push((e.ino, i as u32));
+                    }
+                    NodeKind::File => {
+                        nodes.push(manifest_node(idx, e.name, &attr, Vec::new()));
+                        files.push((
+                            i,
+                            Box::new(SessionReader {
+                                fs: self.clone(),
+                                ino: e.ino,
+                                pos: 0,
+                                size: attr.size,
+                            }),
+                        ));
+                    }
+                    NodeKind::Symlink => {
+                        let target = self.readlink(e.ino).map_err(fs_to_error)?;
+                        nodes.push(manifest_node(idx, e.name, &attr, target));
+                    }
+                    _ => skipped += 1,
+                }
+            }
+            // Depth first, in name order: pushed in reverse.
+            stack.extend(subdirs.into_iter().rev());
+        }
+        let manifest = crate::backup::backup(
+            self.base.repository(),
+            Source::Tree { nodes, files },
+            opts,
+        )?;
+        Ok((manifest, skipped))
+    }
+}
+
+fn manifest_node(parent: u32, name: Vec<u8>, a: &Attr, target: Vec<u8>) -> ManifestNode {
+    ManifestNode {
+        parent,
+        name,
+        kind: a.kind,
+        mode: a.mode,
+        uid: a.uid,
+        gid: a.gid,
+        mtime_sec: a.mtime_sec,
+        mtime_nsec: a.mtime_nsec,
+        size: if a.kind == NodeKind::File {
+            a.size
+        } else {
+            target.len() as u64
+        },
+        target,
+        content: Content::Empty,
+    }
+}
+
+/// A session file's bytes as a stream, for commit.
+struct SessionReader {
+    fs: Arc<CowFs>,
+    ino: u64,
+    pos: u64,
+    size: u64,
+}
+
+impl Read for SessionReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let want = (buf.len() as u64).min(self.size - self.pos).min(4 << 20) as u32;
+        let data = self
+            .fs
+            .read_ino(self.ino, self.pos, want)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        if data.is_empty() {
+            return Err(std::io::Error::other("file shrank while being committed"));
+        }
+        buf[..data.len()].copy_from_slice(&data);
+        self.pos += data.len() as u64;
+        Ok(data.len())
+    }
+}
+
+fn fs_to_error(e: FsError) -> Error {
+    Error::InvalidInput(e.to_string())
+}
+
+impl FsModel for CowFs {
+    fn writable(&self) -> bool {
+        true
+    }
+
+    fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        self.attr_of(&self.overlay.read(), ino)
+    }
+
+    fn lookup(&self, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        let ov = self.overlay.read();
+        match ov.nodes.get(&parent) {
+            Some(p) => {
+                let ino = *p.children()?.get(name).ok_or(FsError::NotFound)?;
+                self.attr_of(&ov, ino)
+            }
+            None if parent >= FIRST_NEW_INO => Err(FsError::NotFound),
+            None => {
+                let a = self.base.lookup(parent, name)?;
+                match ov.nodes.get(&a.ino) {
+                    Some(_) => self.attr_of(&ov, a.ino),
+                    None => Ok(a),
+                }
+            }
+        }
+    }
+
+    fn readdir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+        let ov = self.overlay.read();
+        match ov.nodes.get(&ino) {
+            Some(p) => p
+                .children()?
+                .iter()
+                .map(|(name, &c)| {
+                    let kind = match ov.nodes.get(&c) {
+                        Some(n) => n.kind,
+                        None => self.base.getattr(c)?.kind,
+                    };
+                    Ok(DirEntry {
+                        ino: c,
+                        kind,
+                        name: name.clone(),
+                    })
+                })
+                .collect(),
+            None if ino >= FIRST_NEW_INO => Err(FsError::NotFound),
+            None => self.base.readdir(ino),
+        }
+    }
+
+    fn parent(&self, ino: u64) -> FsResult<u64> {
+        let ov = self.overlay.read();
+        match ov.nodes.get(&ino) {
+            Some(Node {
+                body: Body::Dir { parent, .. },
+                ..
+            }) => Ok(*parent),
+            Some(_) => Err(FsError::NotADirectory),
+            None if ino >= FIRST_NEW_INO => Err(FsError::NotFound),
+            None => self.base.parent(ino),
+        }
+    }
+
+    fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let ov = self.overlay.read();
+        match ov.nodes.get(&ino) {
+            Some(Node {
+                body: Body::Symlink(t),
+                ..
+            }) => Ok(t.clone()),
+            Some(_) => Err(FsError::NotASymlink),
+            None if ino >= FIRST_NEW_INO => Err(FsError::NotFound),
+            None => self.base.readlink(ino),
+        }
+    }
+
+    fn open(&self, ino: u64, write: bool, truncate: bool) -> FsResult<u64> {
+        let _gate = self.gate.read();
+        {
+            let mut ov = self.overlay.write();
+            let node = ov.node(&self.base, ino)?;
+            if node.nlink == 0 {
+                return Err(FsError::NotFound);
+            }
+            match node.kind {
+                NodeKind::File => {}
+                NodeKind::Dir => return Err(FsError::IsADirectory),
+                _ => return Err(FsError::InvalidArgument),
+            }
+            node.open += 1;
+        }
+        if truncate && write {
+            let set = SetAttr {
+                size: Some(0),
+                ..SetAttr::default()
+            };
+            if let Err(e) = self.setattr_gated(ino, &set) {
+                let mut ov = self.overlay.write();
+                if let Some(n) = ov.nodes.get_mut(&ino) {
+                    n.open -= 1;
+                }
+                return Err(e);
+            }
+        }
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, (ino, write));
+        Ok(fh)
+    }
+
+    fn release(&self, fh: u64) {
+        let Some((ino, _)) = self.handles.lock().remove(&fh) else {
+            return;
+        };
+        let mut ov = self.overlay.write();
+        if let Some(n) = ov.nodes.get_mut(&ino) {
+            n.open = n.open.saturating_sub(1);
+        }
+        ov.reap(&self.data_dir, ino);
+        self.forget_reaped(&ov);
+    }
+
+    fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let (ino, _) = *self.handles.lock().get(&fh).ok_or(FsError::BadHandle)?;
+        self.read_ino(ino, offset, size)
+    }
+
+    fn statfs(&self) -> StatFs {
+        let used = disk_usage(&self.data_dir);
+        let free = free_space(&self.data_dir)
+            .unwrap_or(0)
+            .saturating_sub(self.options.reserve_bytes);
+        let logical = self.base.statfs().total_bytes;
+        StatFs {
+            total_bytes: logical + used + free,
+            free_bytes: free,
+            files: self.overlay.read().next_ino - FIRST_NEW_INO + logical / 4096,
+            free_files: free / 4096,
+        }
+    }
+
+    fn setattr(&self, ino: u64, set: &SetAttr) -> FsResult<Attr> {
+        let _gate = self.gate.read();
+        self.setattr_gated(ino, set)
+    }
+
+    fn mknod(
+        &self,
+        parent: u64,
+        name: &[u8],
+        kind: NodeKind,
+        mode: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> FsResult<Attr> {
+        if matches!(kind, NodeKind::Dir | NodeKind::Symlink) {
+            return Err(FsError::InvalidArgument);
+        }
+        self.make(parent, name, kind, mode, rdev, &[], caller)
+    }
+
+    fn mkdir(&self, parent: u64, name: &[u8], mode: u32, caller: Caller) -> FsResult<Attr> {
+        self.make(parent, name, NodeKind::Dir, mode, 0, &[], caller)
+    }
+
+    fn symlink(&self, parent: u64, name: &[u8], target: &[u8], caller: Caller) -> FsResult<Attr> {
+        if target.is_empty() {
+            return Err(FsError::NotFound);
+        }
+        self.make(parent, name, NodeKind::Symlink, 0o777, 0, target, caller)
+    }
+
+    fn link(&self, ino: u64, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        let _gate = self.gate.read();
+        self.run(Op::Link {
+            ino,
+            parent,
+            name: name.to_vec(),
+            time: now(),
+        })?;
+        self.attr_of(&self.overlay.read(), ino)
+    }
+
+    fn unlink(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        let _gate = self.gate.read();
+        self.run(Op::Remove {
+            parent,
+            name: name.to_vec(),
+            dir: false,
+            time: now(),
+        })
+        .map(|_| ())
+    }
+
+    fn rmdir(&self, parent: u64, name: &[u8]) -> FsResult<()> {
+        let _gate = self.gate.read();
+        self.run(Op::Remove {
+            parent,
+            name: name.to_vec(),
+            dir: true,
+            time: now(),
+        })
+        .map(|_| ())
+    }
+
+    fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        mode: RenameMode,
+    ) -> FsResult<()> {
+        let _gate = self.gate.read();
+        self.run(Op::Rename {
+            parent,
+            name: name.to_vec(),
+            new_parent,
+            new_name: new_name.to_vec(),
+            exchange: mode == RenameMode::Exchange,
+            no_replace: mode == RenameMode::NoReplace,
+            time: now(),
+        })
+        .map(|_| ())
+    }
+
+    fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let (ino, writable) = *self.handles.lock().get(&fh).ok_or(FsError::BadHandle)?;
+        if !writable {
+            return Err(FsError::BadHandle);
+        }
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or(FsError::InvalidArgument)?;
+        let _gate = self.gate.read();
+        self.check_space(data.len() as u64)?;
+        let file = self.data_file(ino)?;
+        let mut ov = self.overlay.write();
+        let node = ov.nodes.get_mut(&ino).ok_or(FsError::BadHandle)?;
+        node.file()?;
+        write_all_at(&file, data, offset).map_err(|e| {
+            let e = FsError::session_io("session data", &e);
+            if e == FsError::NoSpace {
+                self.counters.no_space.fetch_add(1, Ordering::Relaxed);
+            }
+            e
+        })?;
+        let time = now();
+        // An unlinked file's writes need no record: nothing can reach it
+        // after a restart.
+        if node.nlink > 0 {
+            self.journal.lock().append(&Op::Write {
+                ino,
+                offset,
+                len: data.len() as u64,
+                time,
+            })?;
+        }
+        let f = node.file()?;
+        f.extents.insert(offset, end);
+        f.size = f.size.max(end);
+        node.touch(time);
+        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .bytes_written
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(data.len() as u32)
+    }
+
+    fn fsync(&self, ino: u64) -> FsResult<()> {
+        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let file = self.data_files.lock().get(&ino).cloned();
+        if let Some(f) = file {
+            f.sync_data()
+                .map_err(|e| FsError::session_io("session data", &e))?;
+        }
+        let new_files = std::mem::take(&mut *self.new_data_files.lock());
+        if new_files {
+            sync_dir(&self.data_dir).map_err(|e| FsError::SessionIo(e.to_string()))?;
+        }
+        let long = {
+            let mut journal = self.journal.lock();
+            journal.sync()?;
+            journal.len > JOURNAL_COMPACT_BYTES
+        };
+        if long {
+            self.checkpoint()
+                .map_err(|e| FsError::SessionIo(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    fn fallocate(&self, ino: u64, offset: u64, len: u64, keep_size: bool) -> FsResult<()> {
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= i64::MAX as u64)
+            .ok_or(FsError::InvalidArgument)?;
+        let size = self.getattr(ino)?.size;
+        // Space is not reserved ahead (the data file stays sparse); the
+        // size grows as asked.
+        if keep_size || end <= size {
+            return Ok(());
+        }
+        self.setattr(
+            ino,
+            &SetAttr {
+                size: Some(end),
+                ..SetAttr::default()
+            },
+        )
+        .map(|_| ())
+    }
+}
+
+impl CowFs {
+    fn setattr_gated(&self, ino: u64, set: &SetAttr) -> FsResult<Attr> {
+        let time = now();
+        let resolve = |t: Option<SetTime>| {
+            t.map(|t| match t {
+                SetTime::Now => time,
+                SetTime::At(s, n) => (s, n),
+            })
+        };
+        self.run(Op::SetAttr {
+            ino,
+            mode: set.mode,
+            uid: set.uid,
+            gid: set.gid,
+            size: set.size,
+            atime: resolve(set.atime),
+            mtime: resolve(set.mtime),
+            time,
+        })?;
+        self.attr_of(&self.overlay.read(), ino)
+    }
+}
+
+impl Drop for CowFs {
+    fn drop(&mut self) {
+        for fh in self.base_handles.get_mut().drain().map(|(_, fh)| fh) {
+            self.base.release(fh);
+        }
+    }
+}
+
+#[cfg(unix)]
+fn write_all_at(file: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(data, offset)
+}
+
+#[cfg(windows)]
+fn write_all_at(file: &File, mut data: &[u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !data.is_empty() {
+        let n = file.seek_write(data, offset)?;
+        data = &data[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+/// Reads `buf.len()` bytes at `offset`; past the end of the file the rest
+/// stays zero (a data file is sparse and may end before the file does).
+#[cfg(unix)]
+fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(windows)]
+fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.seek_read(&mut buf[done..], offset + done as u64)? {
+            0 => break,
+            n => done += n,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn set_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(dir, e))
+}
+
+#[cfg(not(unix))]
+fn set_private(_dir: &Path) -> Result<()> {
+    Ok(())
+}
+
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dir, e))
+}
+
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) -> Result<()> {
+    Ok(())
+}
+
+/// Bytes an unprivileged writer may still use on `path`'s filesystem.
+#[cfg(unix)]
+pub fn free_space(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    #[allow(unsafe_code)]
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c_path` is NUL-terminated and outlives the call; `st` is a
+    // valid, writable statvfs.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut st) };
+    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+#[cfg(not(unix))]
+pub fn free_space(_path: &Path) -> Option<u64> {
+    None
+}
