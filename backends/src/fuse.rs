@@ -512,8 +512,14 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEntry,
     ) {
         let attr = mknod_kind(mode).and_then(|kind| {
-            self.fs
-                .mknod(parent.0, name.as_bytes(), kind, mode & 0o7777, rdev, caller(req))
+            self.fs.mknod(
+                parent.0,
+                name.as_bytes(),
+                kind,
+                mode & 0o7777,
+                rdev,
+                caller(req),
+            )
         });
         self.entry(attr, reply);
     }
@@ -821,7 +827,14 @@ impl Filesystem for FuseAdapter {
     ) {
         let made = self
             .fs
-            .mknod(parent.0, name.as_bytes(), NodeKind::File, mode & 0o7777, 0, caller(req))
+            .mknod(
+                parent.0,
+                name.as_bytes(),
+                NodeKind::File,
+                mode & 0o7777,
+                0,
+                caller(req),
+            )
             .and_then(|attr| {
                 let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
                 Ok((self.fs.open(attr.ino, write, false)?, attr))

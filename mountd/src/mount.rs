@@ -156,7 +156,11 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
     serve(
         &mount,
         mountpoint,
-        &format!("mounted {} at {}", repo_path.display(), mountpoint.display()),
+        &format!(
+            "mounted {} at {}",
+            repo_path.display(),
+            mountpoint.display()
+        ),
     )?;
     mount.unmount().ok();
     let c = &fs.counters;

@@ -30,14 +30,21 @@ fn list(state_dir: &Path, json: bool) -> Result<u8> {
         println!("no sessions in {}", state_dir.display());
         return Ok(exit::OK);
     }
-    println!("{:<32} {:<40} {:>10}  state", "ID", "RESTORE POINT", "CHANGES");
+    println!(
+        "{:<32} {:<40} {:>10}  state",
+        "ID", "RESTORE POINT", "CHANGES"
+    );
     for s in sessions {
         println!(
             "{:<32} {:<40} {:>10}  {}",
             s.info.id,
             s.info.restore_point,
             crate::cli::human(s.disk_bytes),
-            if s.in_use { "mounted" } else { "kept (resume or discard)" }
+            if s.in_use {
+                "mounted"
+            } else {
+                "kept (resume or discard)"
+            }
         );
     }
     Ok(exit::OK)

@@ -187,7 +187,9 @@ fn walk(source: Source) -> Result<Walk> {
     match source {
         Source::Tree { nodes, files } => {
             if nodes.first().is_none_or(|n| n.kind != NodeKind::Dir) {
-                return Err(Error::InvalidInput("a tree to back up needs a root directory".into()));
+                return Err(Error::InvalidInput(
+                    "a tree to back up needs a root directory".into(),
+                ));
             }
             walk.nodes = nodes;
             walk.inputs = files

@@ -125,7 +125,11 @@ impl RangeSet {
                 return (true, b);
             }
         }
-        let next = self.ranges.range(pos..).next().map_or(u64::MAX, |(&a, _)| a);
+        let next = self
+            .ranges
+            .range(pos..)
+            .next()
+            .map_or(u64::MAX, |(&a, _)| a);
         (false, next)
     }
 
@@ -404,7 +408,9 @@ impl Journal {
                 Err(e) => {
                     return Err(Error::malformed(
                         what,
-                        format!("record at byte {pos} passed its checksum but does not decode: {e}"),
+                        format!(
+                            "record at byte {pos} passed its checksum but does not decode: {e}"
+                        ),
                     ))
                 }
             }
@@ -834,7 +840,9 @@ impl Overlay {
             } => {
                 // Replay only: serving, the write path updates the node
                 // itself (see CowFs::write).
-                let Some(node) = self.nodes.get_mut(ino) else {
+                // Writes to a file unlinked since are not recorded; a
+                // restore point file is copied in here as on its open.
+                let Ok(node) = self.node(base, *ino) else {
                     return Ok(None);
                 };
                 let Ok(f) = node.file() else { return Ok(None) };
@@ -1219,6 +1227,11 @@ impl CowFs {
                 format!("generation {jgen} is newer than the checkpoint's {generation}"),
             ));
         }
+        // Loads the restore point's manifest: its inodes exist from here.
+        base.readdir(ROOT_INO).map_err(fs_to_error)?;
+        if !overlay.nodes.contains_key(&ROOT_INO) {
+            overlay.materialize(&base, ROOT_INO).map_err(fs_to_error)?;
+        }
         if replay {
             let mut cx = Ctx {
                 base: &base,
@@ -1260,10 +1273,6 @@ impl CowFs {
             _lock: lock,
             counters: SessionCounters::default(),
         });
-        {
-            let mut ov = fs.overlay.write();
-            ov.materialize(&fs.base, ROOT_INO).map_err(fs_to_error)?;
-        }
         if !ops.is_empty() || !replay {
             fs.checkpoint()?;
         }
@@ -1413,9 +1422,7 @@ impl CowFs {
     /// reserve.
     fn check_space(&self, len: u64) -> FsResult<()> {
         let mut space = self.space.lock();
-        if space.written_since >= SPACE_CHECK_BYTES
-            || space.checked_at.elapsed().as_secs() >= 1
-        {
+        if space.written_since >= SPACE_CHECK_BYTES || space.checked_at.elapsed().as_secs() >= 1 {
             if let Some(free) = free_space(&self.data_dir) {
                 space.free = free;
                 space.written_since = 0;
@@ -1453,10 +1460,7 @@ impl CowFs {
                     let pieces = f.pieces(offset, offset.saturating_add(size as u64));
                     let base = f.base;
                     (
-                        pieces
-                            .into_iter()
-                            .map(|p| (p, base))
-                            .collect::<Vec<_>>(),
+                        pieces.into_iter().map(|p| (p, base)).collect::<Vec<_>>(),
                         self.data_files.lock().get(&ino).cloned(),
                     )
                 }
@@ -1576,11 +1580,8 @@ impl CowFs {
             // Depth first, in name order: pushed in reverse.
             stack.extend(subdirs.into_iter().rev());
         }
-        let manifest = crate::backup::backup(
-            self.base.repository(),
-            Source::Tree { nodes, files },
-            opts,
-        )?;
+        let manifest =
+            crate::backup::backup(self.base.repository(), Source::Tree { nodes, files }, opts)?;
         Ok((manifest, skipped))
     }
 }
