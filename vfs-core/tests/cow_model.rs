@@ -377,13 +377,12 @@ fn model_apply(m: &mut Model, all: &[String], op: &Op) -> bool {
             if s == Entry::Dir && dst.starts_with(&src_prefix) {
                 return false;
             }
+            let dst_full = m.keys().any(|k| k.starts_with(&dst_prefix));
             match (m.get(dst), &s) {
-                (Some(Entry::Dir), Entry::Dir) => {
-                    if m.keys().any(|k| k.starts_with(&dst_prefix)) {
-                        return false;
-                    }
+                (Some(Entry::Dir), Entry::Dir) if dst_full => return false,
+                (Some(Entry::Dir), Entry::File(_)) | (Some(Entry::File(_)), Entry::Dir) => {
+                    return false
                 }
-                (Some(Entry::Dir), _) | (Some(Entry::File(_)), Entry::Dir) => return false,
                 _ => {}
             }
             m.remove(dst);
