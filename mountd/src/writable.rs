@@ -11,6 +11,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,22 +132,45 @@ fn control_path(session_dir: &Path) -> PathBuf {
     session_dir.join("control.sock")
 }
 
+/// The control socket's server; [`ControlServer::stop`] ends it.
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+}
+
+impl ControlServer {
+    /// Ends the server thread (it holds the session open until then).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the thread blocked in accept.
+        let _ = UnixStream::connect(&self.path);
+    }
+}
+
 /// Serves the control socket of a mounted session on a thread.
 /// `discard` is called for a discard request and returns once the session
 /// is gone (or with why it could not be).
 pub fn serve_control(
     cow: Arc<CowFs>,
     discard: impl Fn() -> Result<()> + Send + 'static,
-) -> Result<()> {
+) -> Result<ControlServer> {
     let path = control_path(cow.dir());
     // The session lock is ours: a socket file left here is stale.
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)
         .with_context(|| format!("cannot listen on {}", path.display()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = ControlServer {
+        path,
+        stop: stop.clone(),
+    };
     std::thread::Builder::new()
         .name("flr-session-control".into())
         .spawn(move || {
             for conn in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
                 let Ok(mut conn) = conn else { continue };
                 let mut line = String::new();
                 let read = BufReader::new(&conn).read_line(&mut line);
@@ -169,7 +193,7 @@ pub fn serve_control(
             }
         })
         .context("cannot start the session control thread")?;
-    Ok(())
+    Ok(server)
 }
 
 /// Sends one request to the process serving a session. `Ok(None)`: no

@@ -127,10 +127,11 @@ impl Daemon {
         let restore = dir.path().join("restore");
         std::fs::create_dir_all(&restore).unwrap();
         let config = dir.path().join("daemon.toml");
+        let state = dir.path().join("sessions");
         std::fs::write(
             &config,
             format!(
-                "[settings]\nmount_root = {root:?}\nsocket = {socket:?}\ncache_size = \"64M\"\nrestore_targets = [{restore:?}]\n{extra_settings}\n\n[repositories.main]\npath = {:?}\n",
+                "[settings]\nmount_root = {root:?}\nsocket = {socket:?}\ncache_size = \"64M\"\nrestore_targets = [{restore:?}]\nstate_dir = {state:?}\n{extra_settings}\n\n[repositories.main]\npath = {:?}\n",
                 fixture().repo
             ),
         )
@@ -376,6 +377,84 @@ fn two_clients_mount_different_restore_points_and_read_them() {
     assert!(metrics.contains("flr_sessions_active 0"), "{metrics}");
     assert!(metrics.contains("flr_read_latency_seconds_bucket{le=\"+Inf\"}"));
     assert!(!metrics.contains("flr_bytes_served_total 0\n"), "{metrics}");
+}
+
+#[test]
+fn a_writable_session_takes_writes_commits_and_discards() {
+    let f = fixture();
+    let d = Daemon::start("");
+    let r = d.call(
+        "POST",
+        "/sessions",
+        Some(json!({"repository": "main", "restore_point": f.rp1, "writable": true})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let s = r.json();
+    assert_eq!(s["writable"], true);
+    let id = s["id"].as_str().unwrap().to_string();
+    let path = PathBuf::from(s["path"].as_str().unwrap());
+    // Its own mount, next to where a read-only one would be.
+    let ro = d.session(&f.rp1);
+    assert_ne!(ro["path"], s["path"]);
+    std::fs::write(path.join("data/notes.txt"), b"changed in the session\n").unwrap();
+    std::fs::write(path.join("new.txt"), b"new file\n").unwrap();
+    let ro_path = PathBuf::from(ro["path"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read(ro_path.join("data/notes.txt")).unwrap(),
+        std::fs::read(f.v1.join("data/notes.txt")).unwrap(),
+        "the read-only mount of the same restore point must not change"
+    );
+    let session_dir = d.dir.path().join("sessions").join(&id);
+    assert!(session_dir.join("session.json").is_file());
+
+    // A read-only session has nothing to commit; a bad job name is refused.
+    let ro_id = ro["id"].as_str().unwrap();
+    let c = d.call(
+        "POST",
+        &format!("/sessions/{ro_id}/commit"),
+        Some(json!({"job": "x"})),
+    );
+    assert_error(&c, 409, "read-only");
+    let c = d.call(
+        "POST",
+        &format!("/sessions/{id}/commit"),
+        Some(json!({"job": "../x"})),
+    );
+    assert_error(&c, 400, "invalid job name");
+
+    let c = d.call(
+        "POST",
+        &format!("/sessions/{id}/commit"),
+        Some(json!({"job": "edited"})),
+    );
+    assert_eq!(c.status, 200, "{}", c.body);
+    let committed = c.json()["restore_point"].as_str().unwrap().to_string();
+    assert!(committed.starts_with("edited/"), "{committed}");
+    let new = d.session(&committed);
+    let new_path = PathBuf::from(new["path"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read(new_path.join("data/notes.txt")).unwrap(),
+        b"changed in the session\n"
+    );
+    assert_eq!(
+        std::fs::read(new_path.join("app.db")).unwrap(),
+        std::fs::read(f.v1.join("app.db")).unwrap()
+    );
+
+    // Ending the writable session discards its changes.
+    let r = d.call("DELETE", &format!("/sessions/{id}"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!session_dir.exists(), "session directory left behind");
+    assert!(!path.exists(), "mount directory left behind");
+    for s in [&ro, &new] {
+        let r = d.call(
+            "DELETE",
+            &format!("/sessions/{}", s["id"].as_str().unwrap()),
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert!(mounts_under(&d.root).is_empty());
 }
 
 #[test]

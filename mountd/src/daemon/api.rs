@@ -130,6 +130,7 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/repositories/{repo}/restore-points", get(restore_points))
         .route("/sessions", get(list_sessions).post(create_session))
         .route("/sessions/{id}", get(get_session).delete(end_session))
+        .route("/sessions/{id}/commit", post(commit_session))
         .route("/restore-jobs", get(list_jobs).post(create_job))
         .route("/restore-jobs/{id}", get(get_job).delete(cancel_job))
         .route("/restore-jobs/{id}/cancel", post(cancel_job))
@@ -244,6 +245,9 @@ struct CreateSession {
     /// The newest restore point of this job.
     job: Option<String>,
     expires_in_secs: Option<u64>,
+    /// A copy-on-write session whose files can be changed.
+    #[serde(default)]
+    writable: bool,
 }
 
 async fn create_session(
@@ -285,6 +289,8 @@ async fn create_session(
             key: MountKey {
                 repository: req.repository,
                 restore_point,
+                // The session's id is filled in when it is made.
+                writable: req.writable.then(String::new),
             },
             expires_in,
         },
@@ -306,6 +312,20 @@ async fn get_session(
     ApiPath(id): ApiPath,
 ) -> Result<Json<sessions::SessionInfo>, ApiError> {
     Ok(Json(d.sessions.get(&id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommitSession {
+    job: String,
+}
+
+async fn commit_session(
+    State(d): AppState,
+    ApiPath(id): ApiPath,
+    ApiJson(req): ApiJson<CommitSession>,
+) -> Result<Json<sessions::Committed>, ApiError> {
+    Ok(Json(sessions::commit(&d, &id, req.job).await?))
 }
 
 async fn end_session(

@@ -64,6 +64,9 @@ pub struct Settings {
     /// mounts left by a crash at its next start instead, and root mounts
     /// directly without a helper process per mount.
     pub auto_unmount: bool,
+    /// Where writable sessions keep their changes (default
+    /// `/var/lib/flr/sessions` for root, or `FLR_STATE_DIR`).
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -80,6 +83,7 @@ impl Default for Settings {
             tcp_listen: None,
             tcp_token: None,
             auto_unmount: false,
+            state_dir: None,
         }
     }
 }

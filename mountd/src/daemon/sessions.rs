@@ -4,6 +4,13 @@
 //! sessions that ask for it. The last session to end (DELETE, expiry,
 //! idle timeout, shutdown) unmounts it.
 //!
+//! A writable session (`"writable": true`) gets a mount of its own at
+//! `<mount root>/<repository>/<job>/<timestamp>+<session id>`, over a
+//! copy-on-write session of the same id (see `crate::writable`); ending it
+//! discards its changes, committing stores them as a new restore point.
+//! Writable sessions never end for idleness, and a daemon shutdown keeps
+//! them, resumable with `flr mount --resume`.
+//!
 //! One async lock guards the table across mounting and unmounting, so two
 //! sessions never race to mount the same path. If a client goes away while
 //! its mount is being made, the finished [`FuseMount`] is dropped, which
@@ -19,6 +26,9 @@ use backends::fuse::FuseMount;
 use serde::Serialize;
 use vfs_core::fs::{FsOptions, MountFilter, RepoFs};
 use vfs_core::repo::RestorePointName;
+use vfs_core::session::{CowFs, SessionOptions};
+
+use crate::writable::{self, ControlServer};
 
 use super::api::ApiError;
 use super::metrics::ReadStats;
@@ -29,10 +39,19 @@ use super::{log, unix_now, Daemon};
 pub struct MountKey {
     pub repository: String,
     pub restore_point: RestorePointName,
+    /// A writable session's id: its mount is its own.
+    pub writable: Option<String>,
+}
+
+/// A writable session's copy-on-write layer and control socket.
+struct Writable {
+    cow: Arc<CowFs>,
+    control: Option<ControlServer>,
 }
 
 struct SharedMount {
     fs: Arc<RepoFs>,
+    writable: Option<Writable>,
     mount: FuseMount,
     path: PathBuf,
     sessions: usize,
@@ -73,6 +92,8 @@ pub struct SessionInfo {
     pub path: String,
     pub created_at: u64,
     pub expires_at: Option<u64>,
+    /// Whether the files can be changed (a copy-on-write session).
+    pub writable: bool,
     /// Readers of the mount this session uses (shared by every session
     /// on the same restore point).
     pub readers: Readers,
@@ -96,6 +117,7 @@ fn info(s: &Session, m: &SharedMount) -> SessionInfo {
         path: m.path.display().to_string(),
         created_at: s.created_at,
         expires_at: s.expires.map(|e| e.1),
+        writable: m.writable.is_some(),
         readers: Readers {
             open_files: m.fs.open_files() as u64,
             sessions: m.sessions as u64,
@@ -109,6 +131,14 @@ fn info(s: &Session, m: &SharedMount) -> SessionInfo {
 pub struct NewSession {
     pub key: MountKey,
     pub expires_in: Option<Duration>,
+}
+
+/// What a commit made, for the API.
+#[derive(Serialize)]
+pub struct Committed {
+    pub restore_point: String,
+    pub added_bytes: u64,
+    pub skipped_special_files: u64,
 }
 
 impl Sessions {
@@ -126,6 +156,22 @@ impl Sessions {
             .get(id)
             .and_then(|s| t.mounts.get(&s.key).map(|m| info(s, m)))
             .ok_or_else(|| ApiError::not_found(format!("unknown session {id:?}")))
+    }
+
+    /// The copy-on-write layer of writable session `id`.
+    async fn cow(&self, id: &str) -> Result<Arc<CowFs>, ApiError> {
+        let t = self.table.lock().await;
+        let s = t
+            .sessions
+            .get(id)
+            .ok_or_else(|| ApiError::not_found(format!("unknown session {id:?}")))?;
+        t.mounts
+            .get(&s.key)
+            .and_then(|m| m.writable.as_ref())
+            .map(|w| w.cow.clone())
+            .ok_or_else(|| {
+                ApiError::conflict(format!("session {id} is read-only: nothing to commit"))
+            })
     }
 
     /// Read statistics over live and retired mounts, the number of
@@ -149,6 +195,20 @@ pub async fn create(daemon: &Arc<Daemon>, new: NewSession) -> Result<SessionInfo
     if t.closed {
         return Err(ApiError::unavailable("the daemon is shutting down"));
     }
+    let mut key = new.key;
+    let id = if key.writable.is_some() {
+        // Unique across restarts: a kept session directory may hold an
+        // older daemon's ids.
+        let id = format!("w{}-{}", unix_now(), daemon.new_id("s"));
+        key.writable = Some(id.clone());
+        id
+    } else {
+        daemon.new_id("s")
+    };
+    let new = NewSession {
+        key,
+        expires_in: new.expires_in,
+    };
     if !t.mounts.contains_key(&new.key) {
         let d = daemon.clone();
         let key = new.key.clone();
@@ -163,10 +223,11 @@ pub async fn create(daemon: &Arc<Daemon>, new: NewSession) -> Result<SessionInfo
         ));
         t.mounts.insert(new.key.clone(), made);
     }
-    let id = daemon.new_id("s");
+    // The default expiry would discard a writable session's changes
+    // unasked: only an explicit one applies to them.
     let expires_in = new.expires_in.or_else(|| {
         let secs = daemon.config.settings.session_expiry_secs;
-        (secs > 0).then(|| Duration::from_secs(secs))
+        (secs > 0 && new.key.writable.is_none()).then(|| Duration::from_secs(secs))
     });
     let session = Session {
         id: id.clone(),
@@ -182,23 +243,57 @@ pub async fn create(daemon: &Arc<Daemon>, new: NewSession) -> Result<SessionInfo
     Ok(out)
 }
 
-/// Mounts one restore point at its path below the mount root. Blocking.
-fn mount(daemon: &Daemon, key: &MountKey) -> Result<SharedMount, ApiError> {
+/// Stores writable session `id` as a new restore point of `job`.
+pub async fn commit(daemon: &Daemon, id: &str, job: String) -> Result<Committed, ApiError> {
+    vfs_core::manifest::validate_job_name(&job).map_err(ApiError::from_core)?;
+    let cow = daemon.sessions.cow(id).await?;
+    let c = tokio::task::spawn_blocking(move || writable::commit(&cow, &job))
+        .await
+        .map_err(|e| ApiError::internal(format!("commit task failed: {e}")))?
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
+    log(format!("session {id} committed as {}", c.restore_point));
+    Ok(Committed {
+        restore_point: c.restore_point,
+        added_bytes: c.added_bytes,
+        skipped_special_files: c.skipped,
+    })
+}
+
+/// The directory writable sessions keep their changes in.
+pub fn state_dir(daemon: &Daemon) -> PathBuf {
+    daemon
+        .config
+        .settings
+        .state_dir
+        .clone()
+        .unwrap_or_else(writable::default_state_dir)
+}
+
+/// Mounts one restore point at its path below the mount root, writable
+/// when the key names a session. Blocking.
+fn mount(daemon: &Arc<Daemon>, key: &MountKey) -> Result<SharedMount, ApiError> {
     let handle = daemon.repo(&key.repository)?;
     let repo = handle
         .open_for(Some(&key.restore_point))
         .map_err(ApiError::from_core)?;
+    let leaf = match &key.writable {
+        Some(id) => format!("{}+{id}", key.restore_point.name),
+        None => key.restore_point.name.clone(),
+    };
     let path = daemon
         .mount_root
         .join(&key.repository)
         .join(&key.restore_point.job)
-        .join(&key.restore_point.name);
+        .join(leaf);
     if super::is_dead_mount(&path) {
         let _ = backends::fuse::clear_stale_mount(&path);
     }
     std::fs::create_dir_all(&path).map_err(|e| {
         ApiError::internal(format!("cannot create mount point {}: {e}", path.display()))
     })?;
+    if let Some(id) = &key.writable {
+        return mount_writable(daemon, key, id, repo, handle, path);
+    }
     let (uid, gid) = own_ids();
     let fs = RepoFs::new(
         repo,
@@ -234,6 +329,73 @@ fn mount(daemon: &Daemon, key: &MountKey) -> Result<SharedMount, ApiError> {
     })?;
     Ok(SharedMount {
         fs,
+        writable: None,
+        mount,
+        path,
+        sessions: 0,
+        last_reads: 0,
+        active_at: Instant::now(),
+    })
+}
+
+fn mount_writable(
+    daemon: &Arc<Daemon>,
+    key: &MountKey,
+    id: &str,
+    repo: Arc<vfs_core::repo::Repository>,
+    handle: &super::RepoHandle,
+    path: PathBuf,
+) -> Result<SharedMount, ApiError> {
+    let cow = writable::open_session(
+        repo,
+        &handle.config.path,
+        &key.restore_point,
+        &state_dir(daemon),
+        id,
+        false,
+        writable::OpenOptions {
+            cache_bytes: daemon.config.cache_bytes(),
+            session: SessionOptions::default(),
+        },
+    )
+    .map_err(|e| {
+        remove_mount_dirs(&daemon.mount_root, &path);
+        ApiError::internal(format!("{e:#}"))
+    })?;
+    let opts = backends::fuse::FuseOptions {
+        threads: daemon.config.settings.fuse_threads,
+        allow_other: true,
+        auto_unmount: daemon.config.settings.auto_unmount,
+        fs_name: format!("flr:{}:{}", key.repository, key.restore_point),
+    };
+    let mount = match backends::fuse::mount(cow.clone(), &path, &opts) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = cow.close(false);
+            remove_mount_dirs(&daemon.mount_root, &path);
+            return Err(ApiError::internal(format!(
+                "cannot mount at {}: {e}",
+                path.display()
+            )));
+        }
+    };
+    // `flr session discard` reaches the session through its control
+    // socket; it ends the session here like DELETE does.
+    let (d, session, rt) = (
+        daemon.clone(),
+        id.to_string(),
+        tokio::runtime::Handle::current(),
+    );
+    let control = writable::serve_control(cow.clone(), move || {
+        rt.block_on(end(&d, &session))
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("{}", e.message))
+    })
+    .map_err(|e| log(format!("session {id}: {e:#}")))
+    .ok();
+    Ok(SharedMount {
+        fs: cow.base().clone(),
+        writable: Some(Writable { cow, control }),
         mount,
         path,
         sessions: 0,
@@ -271,15 +433,34 @@ fn detach(t: &mut Table, id: &str) -> Option<Option<SharedMount>> {
 }
 
 /// Unmounts (detaching if files are still open) and removes the mount's
-/// directories. Runs the blocking part on a worker thread; the caller
-/// holds the table lock so nothing mounts at the path meanwhile.
-async fn unmount(root: PathBuf, m: SharedMount) -> bool {
+/// directories; a writable session's changes are kept (`keep`) or
+/// discarded. Runs the blocking part on a worker thread; the caller holds
+/// the table lock so nothing mounts at the path meanwhile.
+async fn unmount(root: PathBuf, m: SharedMount, keep: bool) -> bool {
     let path = m.path.clone();
-    let SharedMount { mount, fs, .. } = m;
+    let SharedMount {
+        mount,
+        fs,
+        writable,
+        ..
+    } = m;
     let dirs = path.clone();
     let done = tokio::task::spawn_blocking(move || {
         let r = mount.unmount();
         drop(fs);
+        if let Some(w) = writable {
+            if let Some(c) = &w.control {
+                c.stop();
+            }
+            let id = w.cow.info().id.clone();
+            match w.cow.close(keep) {
+                Ok(()) if keep => log(format!(
+                    "session {id} kept: `flr mount --resume {id} MOUNTPOINT` mounts it again"
+                )),
+                Ok(()) => log(format!("session {id}: changes discarded")),
+                Err(e) => log(format!("session {id}: cannot close: {e}")),
+            }
+        }
         remove_mount_dirs(&root, &dirs);
         r
     })
@@ -308,7 +489,7 @@ pub async fn end(daemon: &Daemon, id: &str) -> Result<bool, ApiError> {
         detach(&mut t, id).ok_or_else(|| ApiError::not_found(format!("unknown session {id:?}")))?;
     log(format!("session {id} ended"));
     Ok(match last {
-        Some(m) => unmount(daemon.mount_root.clone(), m).await,
+        Some(m) => unmount(daemon.mount_root.clone(), m, false).await,
         None => false,
     })
 }
@@ -322,7 +503,7 @@ pub async fn end_all(daemon: &Daemon) -> usize {
     let mut n = 0;
     for m in mounts {
         t.retired.add(&m.fs);
-        if unmount(daemon.mount_root.clone(), m).await {
+        if unmount(daemon.mount_root.clone(), m, true).await {
             n += 1;
         }
     }
@@ -348,7 +529,7 @@ pub async fn reap(daemon: Arc<Daemon>, mut stop: tokio::sync::watch::Receiver<bo
             .collect();
         if !idle_limit.is_zero() {
             let mut idle_keys = Vec::new();
-            for (key, m) in t.mounts.iter_mut() {
+            for (key, m) in t.mounts.iter_mut().filter(|(k, _)| k.writable.is_none()) {
                 let reads = m.fs.counters.reads.load(Relaxed);
                 if m.fs.open_files() > 0 || reads != m.last_reads {
                     m.last_reads = reads;
@@ -366,7 +547,7 @@ pub async fn reap(daemon: Arc<Daemon>, mut stop: tokio::sync::watch::Receiver<bo
         for (id, why) in ending {
             log(format!("session {id} ended ({why})"));
             if let Some(Some(m)) = detach(&mut t, &id) {
-                unmount(daemon.mount_root.clone(), m).await;
+                unmount(daemon.mount_root.clone(), m, false).await;
             }
         }
     }
