@@ -83,8 +83,8 @@ pub struct MountArgs {
 
 pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
     let writable = args.writable || args.resume.is_some();
-    if writable && args.mountpoint.is_none() {
-        bail!("a writable mount needs a MOUNTPOINT");
+    if args.resume.is_some() && args.mountpoint.is_none() {
+        bail!("--resume needs a MOUNTPOINT");
     }
     if args.mountpoint.is_none() {
         if mountd::client::is_running(socket) {
@@ -94,6 +94,13 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
                 args.job.as_deref(),
                 args.restore_point.as_deref(),
                 args.expires_in,
+                args.writable,
+            );
+        }
+        if writable {
+            bail!(
+                "no flr daemon answers on {}: give a MOUNTPOINT for a writable mount",
+                socket.display()
             );
         }
         eprintln!(

@@ -90,6 +90,7 @@ pub fn mount_session(
     job: Option<&str>,
     restore_point: Option<&str>,
     expires_in: Option<u64>,
+    writable: bool,
 ) -> Result<u8> {
     let repos = expect_ok(
         call(socket, "GET", "/repositories", None)?,
@@ -128,12 +129,16 @@ pub fn mount_session(
     if let Some(secs) = expires_in {
         body["expires_in_secs"] = json!(secs);
     }
+    if writable {
+        body["writable"] = json!(true);
+    }
     let s = expect_ok(
         call(socket, "POST", "/sessions", Some(&body))?,
         "mount failed",
     )?;
     eprintln!(
-        "flr: session {} mounted {} by the daemon",
+        "flr: {}session {} mounted {} by the daemon",
+        if writable { "writable " } else { "" },
         s["id"].as_str().unwrap_or("?"),
         s["restore_point"].as_str().unwrap_or("?")
     );
