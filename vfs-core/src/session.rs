@@ -797,11 +797,20 @@ impl Overlay {
                 mtime,
                 time,
             } => {
-                let node = self.node(base, *ino)?;
+                let node = match self.node(base, *ino) {
+                    Ok(n) => n,
+                    // Replaying a change to a file unlinked since.
+                    Err(FsError::NotFound) if !cx.live() => return Ok(None),
+                    Err(e) => return Err(e),
+                };
                 if size.is_some() {
                     node.file()?;
                 }
-                cx.record(op)?;
+                // A file no name reaches is not recorded: nothing can find
+                // it after a restart.
+                if node.nlink > 0 {
+                    cx.record(op)?;
+                }
                 let node = self.nodes.get_mut(ino).expect("materialized");
                 if let Some(m) = mode {
                     node.mode = m & 0o7777;

@@ -558,3 +558,37 @@ fn truncate_then_extend_reads_zeros() {
     assert!(data[1000..].iter().all(|&b| b == 0));
     assert_eq!(data[999], (999u32 * 7 % 253) as u8);
 }
+
+/// Changes to a file that is open but unlinked (a temporary file) leave
+/// nothing a restart would trip over, and are readable until closed.
+#[test]
+fn an_unlinked_open_file_works_until_closed_and_survives_restarts() {
+    let (mut h, _) = Harness::new();
+    for base_file in [true, false] {
+        let (dir, name) = if base_file {
+            h.locate("a/b").unwrap()
+        } else {
+            let a = h
+                .fs()
+                .mknod(ROOT_INO, b"tmp", NodeKind::File, 0o600, 0, ME)
+                .unwrap();
+            assert!(a.ino >= vfs_core::session::FIRST_NEW_INO);
+            (ROOT_INO, b"tmp".to_vec())
+        };
+        let ino = h.fs().lookup(dir, &name).unwrap().ino;
+        let fh = h.fs().open(ino, true, false).unwrap();
+        h.fs().unlink(dir, &name).unwrap();
+        assert_eq!(h.fs().write(fh, 10, b"still here"), Ok(10));
+        let grow = SetAttr {
+            size: Some(50),
+            ..SetAttr::default()
+        };
+        h.fs().setattr(ino, &grow).unwrap();
+        assert_eq!(&h.fs().read(fh, 10, 10).unwrap(), b"still here");
+        h.fs().release(fh);
+        assert!(h.fs().getattr(ino).is_err());
+        h.restart(true);
+        assert!(h.fs().lookup(dir, &name).is_err());
+        h.restart(false);
+    }
+}
