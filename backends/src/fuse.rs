@@ -431,9 +431,11 @@ impl Filesystem for FuseAdapter {
         let _ = config.set_max_background(MAX_BACKGROUND);
         let _ = config.set_congestion_threshold(MAX_BACKGROUND * 3 / 4);
         if self.fs.writable() {
-            // O_TRUNC arrives with the open instead of as a separate
-            // setattr after it.
-            let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+            // FUSE_ATOMIC_O_TRUNC is left off on purpose: with it the kernel
+            // drops a file's pages on any O_TRUNC open before checking
+            // ETXTBSY, pulling them from under a program running from the
+            // mount. Without it the kernel truncates by a setattr after
+            // its own checks.
             if let Err(max) = config.set_max_write(MAX_WRITE) {
                 let _ = config.set_max_write(max);
             }

@@ -18,6 +18,16 @@ use vfs_core::session::{self, SessionOptions};
 
 use crate::exit;
 
+/// `eprintln!` that never panics: a background mount's stderr may be a
+/// pipe whose reader has gone, and a failed message must not stop the
+/// session from being closed properly.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Default mount root on Linux.
 pub const DEFAULT_MOUNT_ROOT: &str = "/mnt/flr";
 
@@ -103,7 +113,7 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
                 socket.display()
             );
         }
-        eprintln!(
+        say!(
             "flr: no flr daemon answers on {}; mounting here at {DEFAULT_MOUNT_ROOT}",
             socket.display()
         );
@@ -173,7 +183,7 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
     let c = &fs.counters;
     let cache = &fs.cache().counters;
     use std::sync::atomic::Ordering::Relaxed;
-    eprintln!(
+    say!(
         "flr: unmounted {}: {} reads, {} served, {} chunk errors, cache {} hits / {} misses",
         mountpoint.display(),
         c.reads.load(Relaxed),
@@ -196,11 +206,11 @@ fn serve(mount: &backends::fuse::FuseMount, mountpoint: &Path, message: &str) ->
     .context("cannot install signal handlers")?;
     let signal_thread = std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
-            eprintln!("flr: signal {sig}: unmounting");
+            say!("flr: signal {sig}: unmounting");
             // A busy mount (a process has files open) is detached: new
             // opens fail, open files keep working until they are closed.
             if let Err(e) = unmount.unmount().or_else(|_| unmount.detach()) {
-                eprintln!("flr: cannot unmount: {e}");
+                say!("flr: cannot unmount: {e}");
             }
         }
     });
@@ -208,7 +218,7 @@ fn serve(mount: &backends::fuse::FuseMount, mountpoint: &Path, message: &str) ->
     // Ready: the mount answers. A background parent waits for this line.
     std::fs::metadata(mountpoint)
         .with_context(|| format!("mount at {} does not answer", mountpoint.display()))?;
-    eprintln!("flr: {message}");
+    say!("flr: {message}");
     let mut out = std::io::stdout();
     let _ = writeln!(out, "{READY}");
     let _ = out.flush();
@@ -289,7 +299,7 @@ fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
         }
     });
     if let Err(e) = control {
-        eprintln!("flr: warning: {e:#}; `flr session commit|discard {id}` cannot reach this mount");
+        say!("flr: warning: {e:#}; `flr session commit|discard {id}` cannot reach this mount");
     }
     serve(
         &mount,
@@ -304,7 +314,7 @@ fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
     let keep = args.keep && !discarded.load(std::sync::atomic::Ordering::SeqCst);
     let c = &cow.counters;
     use std::sync::atomic::Ordering::Relaxed;
-    eprintln!(
+    say!(
         "flr: unmounted {}: {} writes, {} written, {} fsyncs, {} refused for space",
         mountpoint.display(),
         c.writes.load(Relaxed),
@@ -316,12 +326,12 @@ fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
     let _ = done_tx.send(closed.as_ref().map(|_| ()).map_err(|e| e.to_string()));
     closed.with_context(|| format!("cannot close session {id}"))?;
     if keep {
-        eprintln!(
+        say!(
             "flr: session {id} kept in {}: `flr mount --resume {id} MOUNTPOINT` mounts it again, `flr session commit {id} --job JOB` stores it, `flr session discard {id}` drops it",
             state_dir.display()
         );
     } else {
-        eprintln!("flr: session {id} discarded");
+        say!("flr: session {id} discarded");
     }
     Ok(exit::OK)
 }
@@ -346,7 +356,7 @@ fn spawn_background() -> Result<u8> {
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).ok();
     if line.trim() == READY {
-        eprintln!("flr: mount running in the background (pid {})", child.id());
+        say!("flr: mount running in the background (pid {})", child.id());
         return Ok(exit::OK);
     }
     let status = child.wait().context("waiting for the mount process")?;
