@@ -298,9 +298,11 @@ fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
             Err(_) => bail!("the mount process ended first"),
         }
     });
-    if let Err(e) = control {
-        say!("flr: warning: {e:#}; `flr session commit|discard {id}` cannot reach this mount");
-    }
+    let control = control
+        .map_err(|e| {
+            say!("flr: warning: {e:#}; `flr session commit|discard {id}` cannot reach this mount")
+        })
+        .ok();
     serve(
         &mount,
         mountpoint,
@@ -322,8 +324,16 @@ fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
         c.fsyncs.load(Relaxed),
         c.no_space.load(Relaxed),
     );
+    // Stopped while its socket still exists (closing may delete it).
+    if let Some(c) = &control {
+        c.stop();
+    }
     let closed = cow.close(keep);
     let _ = done_tx.send(closed.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+    // A discard's reply goes out before this process ends.
+    if let Some(c) = control {
+        c.finish();
+    }
     closed.with_context(|| format!("cannot close session {id}"))?;
     if keep {
         say!(

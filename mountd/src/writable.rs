@@ -136,14 +136,26 @@ fn control_path(session_dir: &Path) -> PathBuf {
 pub struct ControlServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ControlServer {
-    /// Ends the server thread (it holds the session open until then).
+    /// Tells the server thread to end (it holds the session open until
+    /// then); a request being answered is finished first.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         // Wakes the thread blocked in accept.
         let _ = UnixStream::connect(&self.path);
+    }
+
+    /// Stops the server and waits for its thread, so a reply being sent
+    /// (to a discard) reaches its client before the process exits. Not
+    /// from the server thread itself.
+    pub fn finish(mut self) {
+        self.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -160,11 +172,12 @@ pub fn serve_control(
     let listener = UnixListener::bind(&path)
         .with_context(|| format!("cannot listen on {}", path.display()))?;
     let stop = Arc::new(AtomicBool::new(false));
-    let server = ControlServer {
+    let mut server = ControlServer {
         path,
         stop: stop.clone(),
+        thread: None,
     };
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("flr-session-control".into())
         .spawn(move || {
             for conn in listener.incoming() {
@@ -193,6 +206,7 @@ pub fn serve_control(
             }
         })
         .context("cannot start the session control thread")?;
+    server.thread = Some(thread);
     Ok(server)
 }
 
