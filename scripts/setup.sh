@@ -8,6 +8,9 @@ need=()
 for pkg in fuse3 sqlite3 python3; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
+# The PostgreSQL end-to-end tests and bench/pg.sh run PostgreSQL 15's own
+# programs (initdb, pg_ctl, pgbench, pg_basebackup) from this directory.
+[ -x /usr/lib/postgresql/15/bin/pg_ctl ] || need+=(postgresql-15)
 if ((${#need[@]})); then
     echo "setup: installing ${need[*]}" >&2
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
@@ -29,4 +32,23 @@ if [ ! -e /dev/fuse ]; then
     exit 1
 fi
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust with rustup" >&2; exit 1; }
+# pjdfstest switches between root, nobody and a second unprivileged user
+# with a group of its own name (tests/src/pjdfstest.rs names it).
+if ! id flrtest >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin flrtest
+fi
+# The peer test suites of the writable mount, built from crates.io into
+# target/tools (about 40 s each on two idle cores). Pinned: the tests'
+# list of known pjdfstest failures names the cases of this version
+# (tests/src/tools.rs).
+tools="${CARGO_TARGET_DIR:-target}/tools"
+for tool in fsx@0.3.2 pjdfstest@0.2.2; do
+    name=${tool%@*} version=${tool#*@}
+    if [ "$("$tools/bin/$name" --version 2>/dev/null)" != "$name $version" ]; then
+        echo "setup: installing $name $version (crates.io) into $tools" >&2
+        cargo install --quiet --locked --force --root "$tools" "$name" --version "$version"
+    fi
+done
 cargo build --release --workspace --all-targets

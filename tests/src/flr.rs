@@ -16,6 +16,14 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory: `CARGO_TARGET_DIR`, else the workspace's
+/// `target`.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
 /// The binary under test: `FLR_BIN`, else the workspace's release build,
 /// else its debug build.
 pub fn flr_bin() -> &'static Path {
@@ -30,9 +38,7 @@ pub fn flr_bin() -> &'static Path {
             );
             return p;
         }
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"));
+        let target = target_dir();
         for profile in ["release", "debug"] {
             let p = target.join(profile).join("flr");
             if p.is_file() {

@@ -1,7 +1,7 @@
 //! End-to-end tests of flr: the real `flr` binary against real files, a
-//! real kernel FUSE mount and real clients (`sqlite3`, coreutils, `tar`).
-//! Nothing is mocked; every test owns its temporary directories and mount
-//! points, so tests run in parallel.
+//! real kernel FUSE mount and real clients (`sqlite3`, PostgreSQL,
+//! coreutils, `tar`). Nothing is mocked; every test owns its temporary
+//! directories, mount points and server ports, so tests run in parallel.
 //!
 //! The helpers, by layer:
 //! - [`command`]: run any program with arguments, environment and stdin,
@@ -12,28 +12,42 @@
 //!   with typed wrappers for init, backup, restore and listing.
 //! - [`mount`]: [`mount::Mount`], a guard around `flr mount --background`
 //!   that unmounts and ends the mount process on drop, also when the test
-//!   panics; [`mount::is_mounted`] reads `/proc/mounts`.
+//!   panics; [`mount::WritableMount`], the same for a restore point
+//!   mounted writable, whose session it discards;
+//!   [`mount::is_mounted`] reads `/proc/mounts`.
 //! - [`tree`]: builds a source tree with every kind of file and compares
 //!   two trees (kind, size, permission bits, mtime to the nanosecond,
 //!   symlink targets, contents byte for byte).
 //! - [`sqlite`]: the `sqlite3` shell, and databases built with it.
+//! - [`postgres`]: PostgreSQL 15 clusters and servers run as the
+//!   `postgres` user ([`postgres::PgServer`], stopped on drop), queries
+//!   through `psql`, `pgbench` and `pg_basebackup`.
 //! - [`rng`]: a small seeded generator, so every "random" input is
 //!   reproducible from the seed printed in a failure.
+//! - [`tools`]: the peer test suites scripts/setup.sh installs into
+//!   `target/tools`; [`fsx`] runs the file exerciser on one file;
+//!   [`pjdfstest`] runs the POSIX suite in a directory and parses its
+//!   report into one outcome per test case.
 //!
 //! The binary comes from `FLR_BIN`, else `target/release/flr`, else
 //! `target/debug/flr`; the test command builds it once beforehand.
 
 pub mod command;
 pub mod flr;
+pub mod fsx;
 pub mod mount;
+pub mod pjdfstest;
+pub mod postgres;
 pub mod repo;
 pub mod rng;
 pub mod sqlite;
+pub mod tools;
 pub mod tree;
 
 pub use command::{run, Run};
 pub use flr::{flr, flr_bin, Flr};
-pub use mount::{is_mounted, Mount};
+pub use mount::{is_mounted, Mount, WritableMount};
+pub use postgres::PgServer;
 pub use repo::{Backup, TestRepo};
 pub use rng::Rng;
 

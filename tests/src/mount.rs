@@ -1,4 +1,5 @@
-//! Mounting a repository for a test, and always unmounting it again.
+//! Mounting a repository (or one restore point writable) for a test, and
+//! always unmounting it again.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -7,6 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::command::{process_alive, send_signal, wait_for_exit};
+use crate::flr::Flr;
 use crate::repo::TestRepo;
 
 /// How long `flr mount --background` may take to report the mount ready.
@@ -205,6 +207,99 @@ impl Drop for Mount {
     }
 }
 
+/// How long `flr session discard` gets when a writable mount is dropped;
+/// the mount is unmounted and its process ended after it either way.
+const DISCARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A restore point mounted writable in a copy-on-write session: `flr
+/// mount --restore-point RP --writable --session ID --state-dir DIR
+/// --background`, its changes kept in `DIR/ID`. Dropping it (also while
+/// a failed test unwinds) runs `flr session discard`, which unmounts and
+/// removes the changes, and then makes sure the mount and its process
+/// are gone as [`Mount`] does.
+pub struct WritableMount {
+    pub mount: Mount,
+    pub session: String,
+    pub state_dir: PathBuf,
+    password: Option<String>,
+}
+
+impl WritableMount {
+    /// Mounts `restore_point` of `repo` writable at `mountpoint` as
+    /// session `session`, with its state under `state_dir` (both created
+    /// if missing); panics with the mount's messages unless it is ready.
+    #[track_caller]
+    pub fn background(
+        repo: &TestRepo,
+        restore_point: &str,
+        mountpoint: &Path,
+        state_dir: &Path,
+        session: &str,
+    ) -> WritableMount {
+        crate::mkdir(state_dir);
+        let state = state_dir
+            .to_str()
+            .expect("the tests' scratch paths are UTF-8");
+        let mount = Mount::background(
+            repo,
+            mountpoint,
+            &[
+                "--restore-point",
+                restore_point,
+                "--writable",
+                "--session",
+                session,
+                "--state-dir",
+                state,
+            ],
+        );
+        WritableMount {
+            mount,
+            session: session.to_string(),
+            state_dir: state_dir.to_path_buf(),
+            password: repo.password.clone(),
+        }
+    }
+
+    /// The mount point, canonical.
+    pub fn path(&self) -> &Path {
+        &self.mount.path
+    }
+
+    /// `self.path().join(rel)`.
+    pub fn join(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.mount.join(rel)
+    }
+
+    /// The mount processes' messages so far.
+    pub fn messages(&self) -> String {
+        self.mount.messages()
+    }
+}
+
+impl Drop for WritableMount {
+    fn drop(&mut self) {
+        let mut child = Flr::new(["session", "discard"])
+            .arg(&self.session)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .password(self.password.as_deref())
+            .spawn_quiet();
+        let started = Instant::now();
+        // Never panic here: this also runs while a failed test unwinds.
+        while let Ok(None) = child.try_wait() {
+            if started.elapsed() > DISCARD_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        // `self.mount` drops next: unmount and end the process if the
+        // discard did not.
+    }
+}
+
 /// The pid in "... (pid 1234)" from `flr mount --background`.
 fn parse_pid(messages: &str) -> Option<u32> {
     let at = messages.find("pid ")?;
@@ -241,5 +336,69 @@ pub struct UnmountOnDrop(pub PathBuf);
 impl Drop for UnmountOnDrop {
     fn drop(&mut self) {
         force_unmount(&self.0);
+    }
+}
+
+/// The other ways to start a [`WritableMount`]: with more `flr mount`
+/// options, and mounting an existing session again.
+impl WritableMount {
+    /// As [`WritableMount::background`], with `extra` options for the
+    /// session (`--keep`, `--reserve SIZE`, `--min-free SIZE`).
+    #[track_caller]
+    pub fn background_with(
+        repo: &TestRepo,
+        restore_point: &str,
+        mountpoint: &Path,
+        state_dir: &Path,
+        session: &str,
+        extra: &[&str],
+    ) -> WritableMount {
+        let mut args = vec![
+            "--restore-point",
+            restore_point,
+            "--writable",
+            "--session",
+            session,
+        ];
+        args.extend_from_slice(extra);
+        WritableMount::start(repo, mountpoint, state_dir, session, &args)
+    }
+
+    /// `flr mount --resume ID`: session `session` of `state_dir`, kept or
+    /// left by a crash, mounted again at `mountpoint` with `extra`
+    /// options.
+    #[track_caller]
+    pub fn resume(
+        repo: &TestRepo,
+        mountpoint: &Path,
+        state_dir: &Path,
+        session: &str,
+        extra: &[&str],
+    ) -> WritableMount {
+        let mut args = vec!["--resume", session];
+        args.extend_from_slice(extra);
+        WritableMount::start(repo, mountpoint, state_dir, session, &args)
+    }
+
+    #[track_caller]
+    fn start(
+        repo: &TestRepo,
+        mountpoint: &Path,
+        state_dir: &Path,
+        session: &str,
+        args: &[&str],
+    ) -> WritableMount {
+        crate::mkdir(state_dir);
+        let state = state_dir
+            .to_str()
+            .expect("the tests' scratch paths are UTF-8");
+        let mut args = args.to_vec();
+        args.extend(["--state-dir", state]);
+        WritableMount {
+            mount: Mount::background(repo, mountpoint, &args),
+            session: session.to_string(),
+            state_dir: state_dir.to_path_buf(),
+            password: repo.password.clone(),
+        }
     }
 }
