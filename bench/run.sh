@@ -16,6 +16,9 @@
 #                           default size and a full run, else <date>-<size>mb[-part].md
 #   BENCH_SKIP_INSTALL=1    do not apt-get install the tools
 #   BENCH_SKIP_BUILD=1      use target/release/flr as it is, do not build
+#   BENCH_PG=1              afterwards, also run bench/pg.sh (PostgreSQL on a writable
+#                           session against a full restore; its own report, its own
+#                           settings BENCH_PG_*, see the top of pg.sh)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -151,3 +154,13 @@ if [[ $rc != 0 ]]; then
     exit "$rc"
 fi
 say "report written to $OUT"
+
+if [[ -n "${BENCH_PG:-}" ]]; then
+    say "PostgreSQL: bench/pg.sh (its report goes to bench/results/<date>-pg*.md)"
+    # flr is built already; BENCH_OUT names this script's report, not pg.sh's
+    env -u BENCH_OUT BENCH_SKIP_BUILD=1 BENCH_WORK="$WORK" "$HERE/pg.sh" || {
+        rc=$?
+        say "bench/pg.sh failed (exit $rc)"
+        exit "$rc"
+    }
+fi
