@@ -37,7 +37,7 @@ first_write() {
     t0=$(date +%s.%N)
     dd if=/dev/zero of="$file" bs=8192 count=1 seek=$((SIZE_MB * 64)) conv=notrunc,fsync status=none
     t1=$(date +%s.%N)
-    printf "%.3f" "$(echo "$t1 - $t0" | bc)"
+    python3 -c "print(f'{$t1 - $t0:.3f}')"
 }
 
 "$FLR" mount --repo "$WORK/repo" --restore-point "$RP" "$WORK/ro" --background 2>/dev/null
