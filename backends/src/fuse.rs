@@ -1,7 +1,9 @@
-//! The FUSE adapter: serves a [`RepoFs`] through the Linux kernel's FUSE
-//! driver with fuser (pure Rust, no libfuse).
+//! The FUSE adapter: serves a filesystem model ([`FsModel`]: the read-only
+//! `RepoFs`, or a writable session's `CowFs`) through the Linux kernel's
+//! FUSE driver with fuser (pure Rust, no libfuse).
 //!
-//! - [`mount`] mounts read-only with kernel permission checks, runs a
+//! - [`mount`] mounts (read-only unless the model is writable) with kernel
+//!   permission checks, runs a
 //!   fuser session with `threads` workers (each with its own cloned
 //!   `/dev/fuse` descriptor) on a background thread, and returns a
 //!   [`FuseMount`].
@@ -18,7 +20,8 @@
 //! `FOPEN_KEEP_CACHE` (page cache survives close and reopen) and their
 //! directories with `FOPEN_CACHE_DIR`. The root, job directories, `latest`
 //! links and restore point directories change as backups finish, so they
-//! get [`LIVE_TTL`].
+//! get [`LIVE_TTL`]. In a writable session everything gets
+//! [`WRITABLE_TTL`] and directory listings are not kept.
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
@@ -1257,6 +1260,30 @@ mod tests {
         assert!(wants_write(OpenFlags(libc::O_WRONLY)));
         assert!(wants_write(OpenFlags(libc::O_RDWR)));
         assert!(wants_write(OpenFlags(libc::O_RDONLY | libc::O_TRUNC)));
+    }
+
+    #[test]
+    fn setattr_times_round_trip_around_the_epoch() {
+        let at = |t: SystemTime| set_time(TimeOrNow::SpecificTime(t));
+        assert_eq!(at(UNIX_EPOCH + Duration::new(5, 7)), SetTime::At(5, 7));
+        assert_eq!(
+            at(UNIX_EPOCH - Duration::new(1, 250_000_000)),
+            SetTime::At(-2, 750_000_000)
+        );
+        assert_eq!(at(UNIX_EPOCH - Duration::from_secs(3)), SetTime::At(-3, 0));
+        for (sec, nsec) in [(-2i64, 750_000_000u32), (4, 1)] {
+            assert_eq!(at(system_time(sec, nsec)), SetTime::At(sec, nsec));
+        }
+        assert_eq!(set_time(TimeOrNow::Now), SetTime::Now);
+    }
+
+    #[test]
+    fn mknod_modes_name_their_kind() {
+        assert_eq!(mknod_kind(libc::S_IFIFO | 0o644), Ok(NodeKind::Fifo));
+        assert_eq!(mknod_kind(libc::S_IFREG | 0o600), Ok(NodeKind::File));
+        assert_eq!(mknod_kind(0o600), Ok(NodeKind::File));
+        assert_eq!(mknod_kind(libc::S_IFSOCK), Ok(NodeKind::Socket));
+        assert_eq!(mknod_kind(libc::S_IFDIR), Err(FsError::InvalidArgument));
     }
 
     #[test]
