@@ -60,7 +60,7 @@ const STATE_MAGIC: [u8; 8] = *b"FLRSTAT\0";
 const JOURNAL_MAGIC: [u8; 8] = *b"FLRJRNL\0";
 const JOURNAL_HEADER_LEN: u64 = 16;
 /// Version of `session.json`, `state` and `journal`.
-const SESSION_FORMAT: u32 = 1;
+pub const SESSION_FORMAT: u32 = 1;
 /// A journal this long is folded into a checkpoint at the next fsync.
 const JOURNAL_COMPACT_BYTES: u64 = 64 << 20;
 /// Free space is looked up again after this many bytes written.
