@@ -208,17 +208,24 @@ impl Manifest {
 /// Checks a job name: it becomes a directory name in the repository and
 /// in every mount.
 pub fn validate_job_name(job: &str) -> Result<()> {
-    let ok = !job.is_empty()
-        && job.len() <= 128
-        && !job.starts_with('.')
-        && job
+    validate_name("job name", job, 128)
+}
+
+/// Checks a name that becomes a directory name (a job, a session id):
+/// letters, digits, '-', '_' and '.', not starting with '.', at most `max`
+/// bytes. `what` names it in the error.
+pub fn validate_name(what: &str, name: &str, max: usize) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= max
+        && !name.starts_with('.')
+        && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if ok {
         Ok(())
     } else {
         Err(Error::InvalidInput(format!(
-            "invalid job name {job:?}: use letters, digits, '-', '_' and '.', not starting with '.'"
+            "invalid {what} {name:?}: use letters, digits, '-', '_' and '.', not starting with '.'"
         )))
     }
 }

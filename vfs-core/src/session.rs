@@ -425,7 +425,7 @@ impl Journal {
         record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         record.extend_from_slice(&blake3::hash(&payload).as_bytes()[..4]);
         record.extend_from_slice(&payload);
-        write_all_at(&self.file, &record, self.len)
+        crate::restore::write_at(&self.file, &record, self.len)
             .map_err(|e| FsError::session_io("session journal", &e))?;
         self.len += record.len() as u64;
         self.unsynced = true;
@@ -952,19 +952,7 @@ pub struct SessionStatus {
 
 /// Checks a session id: it names a directory.
 pub fn validate_session_id(id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && !id.starts_with('.')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidInput(format!(
-            "invalid session id {id:?}: use letters, digits, '-', '_' and '.', not starting with '.'"
-        )))
-    }
+    crate::manifest::validate_name("session id", id, 64)
 }
 
 pub fn session_dir(state_dir: &Path, id: &str) -> PathBuf {
@@ -1454,7 +1442,7 @@ impl CowFs {
     /// Reads `[offset, offset + size)` of file `ino`, merging session data
     /// over the restore point.
     pub fn read_ino(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let (pieces, data) = {
+        let (pieces, base, data) = {
             let ov = self.overlay.read();
             match ov.nodes.get(&ino) {
                 None => {
@@ -1466,18 +1454,23 @@ impl CowFs {
                     let Body::File(f) = &node.body else {
                         return Err(FsError::InvalidArgument);
                     };
-                    let pieces = f.pieces(offset, offset.saturating_add(size as u64));
-                    let base = f.base;
                     (
-                        pieces.into_iter().map(|p| (p, base)).collect::<Vec<_>>(),
+                        f.pieces(offset, offset.saturating_add(size as u64)),
+                        f.base,
                         self.data_files.lock().get(&ino).cloned(),
                     )
                 }
             }
         };
-        let total = pieces.last().map_or(0, |((_, end, _), _)| *end - offset);
+        // A range the session never wrote: the restore point's bytes as
+        // they come, without merging into a second buffer.
+        if let ([(start, end, Piece::Base)], Some(base_ino)) = (pieces.as_slice(), base) {
+            let fh = self.base_handle(base_ino)?;
+            return self.base.read(fh, *start, (end - start) as u32);
+        }
+        let total = pieces.last().map_or(0, |(_, end, _)| *end - offset);
         let mut out = vec![0u8; total as usize];
-        for ((start, end, piece), base) in pieces {
+        for (start, end, piece) in pieces {
             let buf = &mut out[(start - offset) as usize..(end - offset) as usize];
             match piece {
                 Piece::Zero => {}
@@ -1892,7 +1885,7 @@ impl FsModel for CowFs {
         let mut ov = self.overlay.write();
         let node = ov.nodes.get_mut(&ino).ok_or(FsError::BadHandle)?;
         node.file()?;
-        write_all_at(&file, data, offset).map_err(|e| {
+        crate::restore::write_at(&file, data, offset).map_err(|e| {
             let e = FsError::session_io("session data", &e);
             if e == FsError::NoSpace {
                 self.counters.no_space.fetch_add(1, Ordering::Relaxed);
@@ -1995,23 +1988,6 @@ impl Drop for CowFs {
             self.base.release(fh);
         }
     }
-}
-
-#[cfg(unix)]
-fn write_all_at(file: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    file.write_all_at(data, offset)
-}
-
-#[cfg(windows)]
-fn write_all_at(file: &File, mut data: &[u8], mut offset: u64) -> std::io::Result<()> {
-    use std::os::windows::fs::FileExt;
-    while !data.is_empty() {
-        let n = file.seek_write(data, offset)?;
-        data = &data[n..];
-        offset += n as u64;
-    }
-    Ok(())
 }
 
 /// Reads `buf.len()` bytes at `offset`; past the end of the file the rest
