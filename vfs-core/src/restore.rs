@@ -10,7 +10,7 @@
 //! load ([`Manifest::validate`]: one plain component per name, no two
 //! entries of one name in a directory), and every entry is then created
 //! relative to a directory handle this module opened itself, never by a
-//! path that the kernel resolves again ([`DirHandle`]): a symlink found
+//! path that the kernel resolves again (`DirHandle`): a symlink found
 //! where the restore point has a directory is refused, not followed, and
 //! an existing file or symlink is replaced by rename, never written
 //! through. The directory the caller names as the target is the one path
