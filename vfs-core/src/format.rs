@@ -154,6 +154,59 @@ pub fn open_envelope<'a>(what: &str, magic: [u8; 8], bytes: &'a [u8]) -> Result<
     Ok((flags, &bytes[ENVELOPE_HEADER_LEN..body_end]))
 }
 
+// ---------------------------------------------------------------------
+// Keys of an encrypted repository (used by `crypto`).
+//
+// The config holds `EncryptionConfig`: the KDF name and parameters, a
+// salt, and the master key wrapped (sealed) under the key the KDF derives
+// from the password. The master key is one random secret split in two, so
+// chunk ids are never keyed with the key that encrypts.
+// ---------------------------------------------------------------------
+
+/// XChaCha20-Poly1305 nonce, stored in front of every sealed object. 192
+/// random bits: nonces are drawn at random (no counter survives a crash or
+/// two writers), and at this length collisions stay negligible.
+pub const NONCE_LEN: usize = 24;
+
+/// Poly1305 tag, stored after the ciphertext.
+pub const TAG_LEN: usize = 16;
+
+/// Every symmetric key: XChaCha20 and keyed BLAKE3 both take 32 bytes, and
+/// the KDF derives the key-encryption key at this length.
+pub const KEY_LEN: usize = 32;
+
+/// The master key: data key | id key.
+pub const MASTER_KEY_LEN: usize = 2 * KEY_LEN;
+
+/// Bytes of the master key that seal chunks and metadata.
+pub const DATA_KEY: std::ops::Range<usize> = 0..KEY_LEN;
+
+/// Bytes of the master key that key the BLAKE3 chunk ids.
+pub const ID_KEY: std::ops::Range<usize> = KEY_LEN..MASTER_KEY_LEN;
+
+/// The wrapped master key as stored (hex) in the config: nonce | sealed
+/// master key | tag.
+pub const WRAPPED_KEY_LEN: usize = NONCE_LEN + MASTER_KEY_LEN + TAG_LEN;
+const _: () = assert!(WRAPPED_KEY_LEN == 24 + 64 + 16);
+const _: () = assert!(DATA_KEY.end == ID_KEY.start && ID_KEY.end == MASTER_KEY_LEN);
+
+/// The one key derivation understood; the config names it so another can
+/// be added without guessing.
+pub const KDF_NAME: &str = "argon2id";
+
+/// Argon2 version 1.3 (0x13), the version RFC 9106 defines.
+pub const KDF_VERSION: u32 = 0x13;
+
+/// Random salt per repository: 128 bits, as RFC 9106 recommends.
+pub const KDF_SALT_LEN: usize = 16;
+
+/// Parameters new repositories get: 64 MiB and 3 passes, one lane, the
+/// OWASP-recommended floor for Argon2id. Stored in the config, so raising
+/// them later leaves existing repositories readable.
+pub const KDF_M_COST_KIB: u32 = 64 * 1024;
+pub const KDF_T_COST: u32 = 3;
+pub const KDF_P_COST: u32 = 1;
+
 #[cfg(test)]
 mod tests {
     use super::*;
