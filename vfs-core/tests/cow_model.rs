@@ -225,7 +225,7 @@ impl Harness {
             CowFs::resume(self.base(), self.state.path(), "s", options).unwrap()
         } else {
             let info = SessionInfo {
-                format: 1,
+                format: vfs_core::format::SESSION_FORMAT,
                 id: "s".into(),
                 repository: "mem".into(),
                 restore_point: self.rp.to_string(),
@@ -525,7 +525,9 @@ fn writes_store_only_changed_ranges() {
     let fh = h.fs().open(ino, true, false).unwrap();
     h.fs().write(fh, 100_000, &[9u8; 4096]).unwrap();
     h.fs().release(fh);
-    let data = h.state.path().join("s/data").join(format!("{ino:x}"));
+    // `a/b` is node 2 of the restore point's manifest.
+    let name = vfs_core::format::NodeRef::RestorePoint(2).data_file_name();
+    let data = h.state.path().join("s/data").join(name);
     let meta = std::fs::metadata(&data).unwrap();
     use std::os::unix::fs::MetadataExt;
     assert!(
