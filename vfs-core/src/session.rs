@@ -171,7 +171,7 @@ pub enum Piece {
 }
 
 /// A file's copy-on-write state; see the module comment.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileState {
     /// The file is the restore point's (the node's own inode there), not
     /// made in the session.
@@ -226,7 +226,7 @@ impl FileState {
 
 /// `N` names other nodes: an inode number in memory, a [`NodeRef`] in the
 /// checkpoint.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Body<N = u64> {
     File(FileState),
     Dir {
@@ -238,7 +238,7 @@ enum Body<N = u64> {
     Special,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Node<N = u64> {
     kind: NodeKind,
     mode: u32,
@@ -311,7 +311,7 @@ impl Node {
 /// One journal record: a change, with the times it set, so replaying
 /// gives the same attributes. `N` names nodes: an inode number in memory, a
 /// [`NodeRef`] in the journal. The variants' order is the wire format.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 enum Op<N = u64> {
     Make {
         parent: N,
@@ -502,7 +502,7 @@ impl<N> Node<N> {
 }
 
 /// A checkpoint of the overlay, as stored in `state`.
-#[derive(Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Snapshot {
     /// [`SESSION_FORMAT`], so the file says what it is on its own.
     format: u32,
@@ -2449,3 +2449,6 @@ pub fn free_space(path: &Path) -> Option<u64> {
 pub fn free_space(_path: &Path) -> Option<u64> {
     None
 }
+
+#[cfg(test)]
+mod replay_tests;
