@@ -2451,4 +2451,7 @@ pub fn free_space(_path: &Path) -> Option<u64> {
 }
 
 #[cfg(test)]
+mod format_tests;
+
+#[cfg(test)]
 mod replay_tests;
