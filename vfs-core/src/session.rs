@@ -6,7 +6,8 @@
 //! [`RepoFs`] it wraps. Nothing is copied up front or on a file's first
 //! write: a file that was written keeps
 //! - `extents`: the byte ranges written in this session, whose bytes live at
-//!   the same offsets in a sparse data file `data/<inode>`;
+//!   the same offsets in a sparse data file in `data/` named by the node
+//!   ([`format::NodeRef::data_file_name`]);
 //! - `base_len`: below it, bytes not written come from the restore point;
 //!   a shrinking truncate lowers it, so what lies past a truncate reads as
 //!   zeros afterwards, never as old data;
@@ -33,7 +34,7 @@
 //! generation so a checkpoint interrupted midway never replays twice.
 //!
 //! The session directory's layout and its files' formats are described
-//! in [`format`], in the section on writable sessions.
+//! in [`crate::format`], in the section on writable sessions.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
