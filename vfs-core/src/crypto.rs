@@ -11,9 +11,10 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-
-pub const NONCE_LEN: usize = 24;
-pub const TAG_LEN: usize = 16;
+use crate::format::{
+    DATA_KEY, ID_KEY, KDF_M_COST_KIB, KDF_NAME, KDF_P_COST, KDF_SALT_LEN, KDF_T_COST, KDF_VERSION,
+    KEY_LEN, MASTER_KEY_LEN, NONCE_LEN, TAG_LEN, WRAPPED_KEY_LEN,
+};
 
 /// Key-derivation and wrapped-key record kept in the repository config.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -24,7 +25,7 @@ pub struct EncryptionConfig {
     pub m_cost_kib: u32,
     pub t_cost: u32,
     pub p_cost: u32,
-    /// nonce | ciphertext of the 64-byte master key, hex.
+    /// The master key wrapped as [`crate::format::WRAPPED_KEY_LEN`] says, hex.
     pub wrapped_key: String,
 }
 
@@ -32,7 +33,7 @@ pub struct EncryptionConfig {
 #[derive(Clone)]
 pub struct Keys {
     cipher: XChaCha20Poly1305,
-    pub id_key: [u8; 32],
+    pub id_key: [u8; KEY_LEN],
 }
 
 fn random_bytes<const N: usize>() -> [u8; N] {
@@ -41,11 +42,13 @@ fn random_bytes<const N: usize>() -> [u8; N] {
     b
 }
 
-fn kek(password: &[u8], salt: &[u8], m: u32, t: u32, p: u32) -> Result<[u8; 32]> {
-    let params = Params::new(m, t, p, Some(32))
+fn kek(password: &[u8], salt: &[u8], m: u32, t: u32, p: u32) -> Result<[u8; KEY_LEN]> {
+    let params = Params::new(m, t, p, Some(KEY_LEN))
         .map_err(|e| Error::InvalidInput(format!("bad key-derivation parameters: {e}")))?;
-    let mut out = [0u8; 32];
-    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+    let version = Version::try_from(KDF_VERSION)
+        .map_err(|e| Error::InvalidInput(format!("key-derivation version: {e}")))?;
+    let mut out = [0u8; KEY_LEN];
+    Argon2::new(Algorithm::Argon2id, version, params)
         .hash_password_into(password, salt, &mut out)
         .map_err(|e| Error::InvalidInput(format!("key derivation failed: {e}")))?;
     Ok(out)
@@ -54,10 +57,9 @@ fn kek(password: &[u8], salt: &[u8], m: u32, t: u32, p: u32) -> Result<[u8; 32]>
 impl Keys {
     /// Makes new random keys and the config record that wraps them.
     pub fn create(password: &[u8]) -> Result<(Keys, EncryptionConfig)> {
-        // 64 MiB, 3 passes: the OWASP-recommended floor for Argon2id.
-        let (m, t, p) = (64 * 1024, 3, 1);
-        let salt: [u8; 16] = random_bytes();
-        let master: [u8; 64] = random_bytes();
+        let (m, t, p) = (KDF_M_COST_KIB, KDF_T_COST, KDF_P_COST);
+        let salt: [u8; KDF_SALT_LEN] = random_bytes();
+        let master: [u8; MASTER_KEY_LEN] = random_bytes();
         let wrap = XChaCha20Poly1305::new(&kek(password, &salt, m, t, p)?.into());
         let nonce: [u8; NONCE_LEN] = random_bytes();
         let sealed = wrap
@@ -66,7 +68,7 @@ impl Keys {
         let mut wrapped = nonce.to_vec();
         wrapped.extend_from_slice(&sealed);
         let config = EncryptionConfig {
-            kdf: "argon2id".into(),
+            kdf: KDF_NAME.into(),
             salt: hex::encode(salt),
             m_cost_kib: m,
             t_cost: t,
@@ -82,7 +84,7 @@ impl Keys {
         password: &[u8],
         repo: &std::path::Path,
     ) -> Result<Keys> {
-        if config.kdf != "argon2id" {
+        if config.kdf != KDF_NAME {
             return Err(Error::malformed(
                 "config",
                 format!("unknown key derivation {:?}", config.kdf),
@@ -92,7 +94,7 @@ impl Keys {
         let salt = hex::decode(&config.salt).map_err(|_| bad("salt is not hex"))?;
         let wrapped =
             hex::decode(&config.wrapped_key).map_err(|_| bad("wrapped key is not hex"))?;
-        if wrapped.len() != NONCE_LEN + 64 + TAG_LEN {
+        if wrapped.len() != WRAPPED_KEY_LEN {
             return Err(bad("wrapped key has the wrong length"));
         }
         let wrap = XChaCha20Poly1305::new(
@@ -111,13 +113,16 @@ impl Keys {
                 &wrapped[NONCE_LEN..],
             )
             .map_err(|_| Error::WrongPassword(repo.to_path_buf()))?;
-        let master: [u8; 64] = master.try_into().map_err(|_| bad("master key length"))?;
+        let master: [u8; MASTER_KEY_LEN] =
+            master.try_into().map_err(|_| bad("master key length"))?;
         Ok(Keys::from_master(&master))
     }
 
-    fn from_master(master: &[u8; 64]) -> Keys {
-        let data_key: [u8; 32] = master[..32].try_into().unwrap();
-        let id_key: [u8; 32] = master[32..].try_into().unwrap();
+    fn from_master(master: &[u8; MASTER_KEY_LEN]) -> Keys {
+        let mut data_key = [0u8; KEY_LEN];
+        data_key.copy_from_slice(&master[DATA_KEY]);
+        let mut id_key = [0u8; KEY_LEN];
+        id_key.copy_from_slice(&master[ID_KEY]);
         Keys {
             cipher: XChaCha20Poly1305::new(&data_key.into()),
             id_key,
