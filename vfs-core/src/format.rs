@@ -37,6 +37,20 @@ pub const FLAG_ZSTD: u32 = 1;
 /// Envelope flag: payload is sealed (nonce prefix + ciphertext + tag).
 pub const FLAG_SEALED: u32 = 2;
 
+/// Largest plaintext an envelope's zstd payload may decode to. Metadata is
+/// held in memory whole, so this is a bound on what one file can make a
+/// reader allocate, far above any real file: the index of one pack or the
+/// manifest of a multi-terabyte restore point (about 33 bytes per stored
+/// chunk). A payload whose zstd header declares more is refused before
+/// anything is decompressed.
+pub const MAX_META_PLAIN: u64 = 16 << 30;
+
+/// Largest zstd window a metadata payload may use (log2 bytes). Writers
+/// compress at level 19 at most, which uses 2^23; a decoder allocates its
+/// window before reading any data, so a few garbled bytes must not be able
+/// to ask for zstd's own limit of 2^31.
+pub const META_WINDOW_LOG_MAX: u32 = 23;
+
 /// Length of the trailing checksum of an envelope.
 pub const CHECKSUM_LEN: usize = 32;
 
