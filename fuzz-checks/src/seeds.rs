@@ -1,0 +1,166 @@
+//! Starting inputs for every target, made by the product's own writers: a
+//! real backup (a page-structured file with holes, a content-defined one,
+//! an empty file, a symlink, nested directories) into a plain and an
+//! encrypted repository, whose files are turned into each target's input
+//! form.
+
+use std::path::Path;
+
+use vfs_core::backup::{backup, BackupOptions, Source};
+use vfs_core::crypto::KdfParams;
+use vfs_core::format;
+use vfs_core::manifest::Manifest;
+use vfs_core::repo::{IndexFile, RepoConfig, INDEX_PREFIX, PACKS_PREFIX};
+use vfs_core::store::ObjectStore;
+
+use crate::repos::{self, Fixture};
+use crate::{meta, pack};
+
+fn write_tree(root: &Path) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    std::fs::create_dir_all(root.join("etc/app"))?;
+    // Pages of an "app.db": fixed 8 KiB chunks, a hole in the middle.
+    let mut db = std::fs::File::create(root.join("app.db"))?;
+    db.write_all(&[1u8; 8192])?;
+    db.seek(SeekFrom::Start(3 * 8192))?;
+    db.write_all(&(0..8192u32).map(|i| (i % 251) as u8).collect::<Vec<_>>())?;
+    // Content-defined chunks: bytes that do not repeat.
+    let mut x = 0x9e37_79b9u32;
+    let dump: Vec<u8> = (0..40_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect();
+    std::fs::write(root.join("etc/app/dump.bin"), dump)?;
+    std::fs::write(root.join("etc/app/empty"), b"")?;
+    std::fs::write(root.join("etc/app/app.conf"), b"listen = 8080\n")?;
+    std::os::unix::fs::symlink("app/app.conf", root.join("etc/current"))?;
+    Ok(())
+}
+
+fn backed_up(encrypted: bool) -> (&'static Fixture, Manifest) {
+    let dir =
+        std::env::temp_dir().join(format!("flr-fuzz-seeds-{}-{encrypted}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    write_tree(&dir).expect("a temporary tree");
+    // The targets' own repositories, so a whole sealed file opens there.
+    let fixture = if encrypted {
+        repos::encrypted()
+    } else {
+        repos::plain()
+    };
+    let opts = BackupOptions {
+        job: "app".into(),
+        chunker: None,
+        hostname: "seed".into(),
+        progress: Default::default(),
+    };
+    let manifest = backup(
+        &fixture.repo,
+        Source::Paths(vec![dir.join("app.db"), dir.join("etc")]),
+        &opts,
+    )
+    .expect("a backup into memory");
+    std::fs::remove_dir_all(&dir).expect("a temporary tree");
+    (fixture, manifest)
+}
+
+fn keys(fixture: &Fixture, prefix: &str) -> Vec<String> {
+    fixture.store.list(prefix).expect("memory store")
+}
+
+/// Seeds by target name.
+pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
+    let mut envelope = Vec::new();
+    let mut packs = Vec::new();
+    let mut index = Vec::new();
+    let mut manifest = Vec::new();
+    for encrypted in [false, true] {
+        let (fx, m) = backed_up(encrypted);
+        let crypt = if encrypted { 4 } else { 0 };
+        let get = |k: &str| fx.store.get(k).expect("memory store");
+        let rp = vfs_core::repo::RestorePointName::parse(&m.full_name()).expect("its name");
+        let rp_file = get(&rp.key());
+        let plain = postcard::to_stdvec(&m).expect("manifest serializes");
+        for mode in [0, 1, 2] {
+            manifest.push(meta::input(mode | crypt, &plain));
+        }
+        manifest.push([&[3 | crypt][..], &rp_file].concat());
+        envelope.push([&[2u8][..], &rp_file].concat());
+        for key in keys(&fx, INDEX_PREFIX) {
+            let file = get(&key);
+            let idx: IndexFile = fx
+                .repo
+                .decode_meta("seed", format::INDEX_MAGIC, &file)
+                .expect("own index");
+            let plain = postcard::to_stdvec(&idx).expect("index serializes");
+            index.push(meta::input(1 | crypt, &plain));
+            index.push([&[3 | crypt][..], &file].concat());
+            envelope.push([&[1u8][..], &file].concat());
+            if !encrypted {
+                index.push(meta::input(0, &plain));
+                index.push(meta::input(2, &plain));
+                let pack_bytes = get(&vfs_core::repo::pack_key(&idx.pack));
+                packs.push(pack::input(
+                    &idx.entries[..idx.entries.len().min(pack::MAX_ENTRIES)],
+                    &pack_bytes,
+                ));
+            }
+        }
+        for key in keys(&fx, PACKS_PREFIX) {
+            envelope.push([&[3u8][..], &get(&key)[..64]].concat());
+        }
+        envelope.push([&[0u8][..], &get(vfs_core::repo::CONFIG_KEY)].concat());
+    }
+    let mut config = Vec::new();
+    for encrypted in [false, true] {
+        let fx = if encrypted {
+            repos::encrypted()
+        } else {
+            repos::plain()
+        };
+        let file = fx
+            .store
+            .get(vfs_core::repo::CONFIG_KEY)
+            .expect("memory store");
+        let (_, json) =
+            format::open_envelope("seed", format::CONFIG_MAGIC, &file).expect("own config");
+        config.push([&[1u8][..], json].concat());
+        config.push([&[0u8][..], &file].concat());
+        if encrypted {
+            // Costs above what the harness derives: only the record is
+            // checked.
+            let mut c: RepoConfig = serde_json::from_slice(json).expect("own config");
+            let e = c.encryption.as_mut().expect("encrypted");
+            e.m_cost_kib = KdfParams::DEFAULT.m_cost_kib;
+            e.t_cost = KdfParams::DEFAULT.t_cost;
+            let text = serde_json::to_vec(&c).expect("config serializes");
+            config.push([&[1u8][..], &text].concat());
+        }
+    }
+    let daemon = [
+        &br#"{"repository":"r","job":"app","expires_in_secs":60}"#[..],
+        br#"{"repository":"r","restore_point":"app/2026-11-22T03-49-34Z","writable":true}"#,
+        br#"{"repository":"x","restore_point":"app/latest","job":"app"}"#,
+    ]
+    .iter()
+    .map(|b| [&[0u8][..], b].concat())
+    .chain([
+        [&[1u8][..], br#"{"job":"app-recovered"}"#].concat(),
+        [&[2u8][..], br#"{"repository":"r","restore_point":"app/latest","paths":["etc/**"],"target":"/tmp/x","overwrite":true}"#].concat(),
+        [&[3u8][..], b"w1-s-2\n{\"job\":\"j\"}"].concat(),
+        [&[4u8][..], br#"{"repository":"r","job":"app"}"#].concat(),
+    ])
+    .collect();
+    vec![
+        ("envelope", envelope),
+        ("pack", packs),
+        ("index", index),
+        ("manifest", manifest),
+        ("config", config),
+        ("daemon_json", daemon),
+    ]
+}

@@ -1,0 +1,72 @@
+//! Replays every committed fuzz corpus (`fuzz/corpus/<target>/`) through
+//! its target's checks, with allocations counted as in the fuzzer, so CI
+//! catches a regression on any input the fuzzer once found interesting.
+
+use std::path::PathBuf;
+
+use flr_fuzz_checks::alloc::{self, CountingAlloc};
+
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
+
+fn replay(target: &str) {
+    assert!(alloc::counting(), "the counting allocator is not installed");
+    let check = flr_fuzz_checks::target(target).expect("a known target");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("a directory entry").path())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{}: empty corpus", dir.display());
+    for file in &files {
+        let data = std::fs::read(file).expect("a corpus file");
+        // A panic names the file, to rerun it alone under the fuzzer.
+        eprintln!("{target}: {}", file.display());
+        check(&data);
+    }
+}
+
+#[test]
+fn envelope_corpus() {
+    replay("envelope");
+}
+
+#[test]
+fn pack_corpus() {
+    replay("pack");
+}
+
+#[test]
+fn index_corpus() {
+    replay("index");
+}
+
+#[test]
+fn manifest_corpus() {
+    replay("manifest");
+}
+
+#[test]
+fn config_corpus() {
+    replay("config");
+}
+
+#[test]
+fn daemon_json_corpus() {
+    replay("daemon_json");
+}
+
+#[test]
+fn every_target_is_replayed() {
+    let names: Vec<&str> = flr_fuzz_checks::TARGETS.iter().map(|t| t.0).collect();
+    let this = include_str!("corpus.rs");
+    for name in names {
+        assert!(
+            this.contains(&format!("replay(\"{name}\")")),
+            "{name} has no replay test"
+        );
+    }
+}
