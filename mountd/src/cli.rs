@@ -103,6 +103,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Repair repository metadata from the data itself.
+    Repair {
+        #[command(subcommand)]
+        command: RepairCommand,
+    },
     /// Mount restore points read-only at MOUNTPOINT/<job>/<restore point>,
     /// or, without MOUNTPOINT while a daemon runs, as a daemon session.
     Mount(crate::mount::MountArgs),
@@ -131,6 +136,18 @@ enum Command {
         state_dir: Option<PathBuf>,
         #[command(subcommand)]
         command: SessionCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RepairCommand {
+    /// Rebuild missing, unreadable or wrong index files from the packs'
+    /// own entry tables. Never deletes or changes a pack.
+    Index {
+        #[arg(long)]
+        repo: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -191,6 +208,9 @@ pub fn run(cli: Cli) -> Result<u8> {
             read_data,
             json,
         } => run_verify(&repo, read_data, json),
+        Command::Repair {
+            command: RepairCommand::Index { repo, json },
+        } => run_repair_index(&repo, json),
         Command::Mount(args) => crate::mount::run(args, &socket),
         Command::Daemon { config } => crate::remote::daemon(config, cli.socket),
         Command::Unmount { session } => crate::remote::unmount(&socket, &session),
@@ -525,6 +545,42 @@ fn run_verify(repo_path: &Path, read_data: bool, json: bool) -> Result<u8> {
         );
     }
     Ok(if report.is_clean() {
+        exit::OK
+    } else {
+        exit::DAMAGED
+    })
+}
+
+fn run_repair_index(repo_path: &Path, json: bool) -> Result<u8> {
+    let repo = open_repo(repo_path)?;
+    let report = vfs_core::repair::repair_index(&repo)?;
+    if json {
+        println!("{}", serde_json::to_value(&report)?);
+    } else {
+        for r in &report.rebuilt {
+            println!(
+                "rebuilt {} ({} chunks): {}",
+                r.index_file, r.chunks, r.reason
+            );
+        }
+        for p in &report.unreadable_packs {
+            eprintln!("flr: damage: {p}");
+        }
+        for f in &report.orphan_index_files {
+            eprintln!("flr: warning: {f} names a pack that does not exist (kept)");
+        }
+        for f in &report.foreign_files {
+            eprintln!("flr: warning: {f} is not a file flr writes (kept)");
+        }
+        println!(
+            "{} packs: {} index files sound, {} rebuilt, {} packs unreadable",
+            report.packs,
+            report.index_files_ok,
+            report.rebuilt.len(),
+            report.unreadable_packs.len()
+        );
+    }
+    Ok(if report.unreadable_packs.is_empty() {
         exit::OK
     } else {
         exit::DAMAGED

@@ -28,7 +28,7 @@ use crate::manifest::{
     timestamp_name, validate_job_name, BackupStats, Content, Manifest, Node, NodeKind,
 };
 use crate::repo::{
-    index_key, pack_key, IndexEntry, IndexFile, Repository, RestorePointName, PAGE_CHUNK_MAX,
+    pack_key, IndexEntry, IndexFile, PackTable, Repository, RestorePointName, PAGE_CHUNK_MAX,
 };
 
 /// Bytes read from a file per batch: large enough to keep both cores busy
@@ -399,8 +399,8 @@ struct PackBuilder {
 }
 
 impl PackBuilder {
-    fn new() -> Self {
-        let mut buf = Vec::with_capacity(format::PACK_TARGET_SIZE + (1 << 20));
+    fn new(target: usize) -> Self {
+        let mut buf = Vec::with_capacity(target.min(format::PACK_TARGET_SIZE) + (1 << 20));
         buf.extend_from_slice(&format::pack_header());
         PackBuilder {
             buf,
@@ -409,20 +409,30 @@ impl PackBuilder {
     }
 }
 
-/// Writes a finished pack and then its index file; returns the bytes
-/// written. The pack is durable before the index that points into it.
+/// Seals a finished pack (appends its own entry table and the trailer),
+/// writes it and then its index file; returns the bytes of metadata
+/// written. The pack is durable before the index that points into it, and
+/// its id hashes the table too, so the same bytes cut into other frames
+/// make another pack. Both writes are create-only: an existing object is
+/// accepted only if identical in meaning (another backup wrote the very
+/// same pack), never replaced.
 fn write_pack(repo: &Repository, pack: PackBuilder) -> Result<u64> {
-    let id = PackId(*blake3::hash(&pack.buf).as_bytes());
-    repo.store().put(&pack_key(&id), &pack.buf)?;
+    let PackBuilder { mut buf, entries } = pack;
+    let table_at = buf.len();
+    let table = PackTable { entries };
+    buf.extend_from_slice(&repo.encode_meta(format::PACK_TABLE_MAGIC, &table));
+    let table_len = (buf.len() - table_at) as u64;
+    buf.extend_from_slice(&format::pack_trailer(table_len));
+    let id = PackId(*blake3::hash(&buf).as_bytes());
+    repo.put_once(&pack_key(&id), &buf, |old| old == buf.as_slice())?;
     let file = IndexFile {
         pack: id,
-        pack_len: pack.buf.len() as u64,
-        entries: pack.entries,
+        pack_len: buf.len() as u64,
+        entries: table.entries,
     };
-    let idx = repo.encode_meta(format::INDEX_MAGIC, &file);
-    repo.store().put(&index_key(&id), &idx)?;
+    let idx_len = repo.put_index_file(&file)?;
     repo.index().write().add_pack(&file);
-    Ok((format::PACK_HEADER_LEN + idx.len()) as u64)
+    Ok(format::PACK_HEADER_LEN as u64 + table_len + format::PACK_TRAILER_LEN as u64 + idx_len)
 }
 
 thread_local! {
@@ -537,6 +547,7 @@ pub fn backup(repo: &Repository, source: Source, opts: &BackupOptions) -> Result
     let page_level = repo.config().page_compression_level;
     let hasher = repo.hasher().clone();
     let keys = repo.keys().cloned();
+    let pack_target = repo.pack_target();
 
     let outcome: Result<()> = std::thread::scope(|scope| {
         let chunker = opts.chunker;
@@ -550,7 +561,7 @@ pub fn backup(repo: &Repository, source: Source, opts: &BackupOptions) -> Result
         });
 
         let mut pending = IdSet::default();
-        let mut pack = PackBuilder::new();
+        let mut pack = PackBuilder::new(pack_target);
         let mut current: Option<CurrentFile> = None;
         let mut failure = None;
 
@@ -635,8 +646,8 @@ pub fn backup(repo: &Repository, source: Source, opts: &BackupOptions) -> Result
                         pack.buf.extend_from_slice(&bytes);
                         stats.new_chunks += members.len() as u64;
                         stats.new_chunk_bytes += bytes.len() as u64;
-                        if pack.buf.len() >= format::PACK_TARGET_SIZE {
-                            let full = std::mem::replace(&mut pack, PackBuilder::new());
+                        if pack.buf.len() >= pack_target {
+                            let full = std::mem::replace(&mut pack, PackBuilder::new(pack_target));
                             if pack_tx.send(full).is_err() {
                                 // The writer failed; its error is reported
                                 // below. Stop reading.
@@ -715,7 +726,7 @@ pub fn backup(repo: &Repository, source: Source, opts: &BackupOptions) -> Result
             job: manifest.job.clone(),
             name: manifest.name.clone(),
         };
-        match repo.store().put_new(&name.key(), &encoded) {
+        match repo.store().put(&name.key(), &encoded) {
             Ok(()) => return Ok(manifest),
             Err(Error::AlreadyExists(_)) => {
                 // Another backup of this job finished in the same second.

@@ -20,6 +20,10 @@ pub enum Error {
     NotFound(String),
     #[error("{0}: already exists")]
     AlreadyExists(String),
+    /// A create-only write met an object of the same name with other
+    /// content: nothing was replaced.
+    #[error("{0}: exists with other content; it was left as it is (run `flr verify`)")]
+    Conflict(String),
     #[error("{what}: malformed: {why}")]
     Malformed { what: String, why: String },
     #[error(

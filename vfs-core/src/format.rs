@@ -5,8 +5,8 @@
 //!
 //! ```text
 //! config                       Envelope(CONFIG): JSON RepoConfig, never encrypted
-//! packs/<2 hex>/<pack id>.pack PACK_HEADER, then stored chunks back to back
-//! index/<pack id>.idx          Envelope(INDEX): the entries of that one pack
+//! packs/<2 hex>/<pack id>.pack PACK_HEADER | stored frames | Envelope(PACK_TABLE) | PACK_TRAILER
+//! index/<pack id>.idx          Envelope(INDEX): the entries of that one pack (a copy of its table)
 //! restore-points/<job>/<ts>.rp Envelope(MANIFEST): one restore point
 //! tmp/                         objects being written; never read
 //! ```
@@ -18,19 +18,26 @@
 use crate::error::{Error, Result};
 
 /// Version of the repository layout as a whole; bumped when a reader of an
-/// older version would misread anything.
-pub const REPO_VERSION: u32 = 1;
+/// older version would misread anything. Version 1 named a pack by the hash
+/// of its bytes alone, which did not cover its frame layout (the same bytes
+/// cut two ways got one name, and the second index replaced the first);
+/// version 2 packs carry their own entry table, inside the hashed bytes.
+pub const REPO_VERSION: u32 = 2;
 
 /// Magic of each kind of envelope. Eight bytes so a hexdump shows the kind.
 pub const CONFIG_MAGIC: [u8; 8] = *b"FLRCONF\0";
 pub const INDEX_MAGIC: [u8; 8] = *b"FLRINDX\0";
 pub const MANIFEST_MAGIC: [u8; 8] = *b"FLRMANI\0";
 pub const PACK_MAGIC: [u8; 8] = *b"FLRPACK\0";
+/// The envelope of a pack's own entry table, stored inside the pack.
+pub const PACK_TABLE_MAGIC: [u8; 8] = *b"FLRPTAB\0";
+/// Last eight bytes of every pack: a reader finds the table from the end.
+pub const PACK_TRAILER_MAGIC: [u8; 8] = *b"FLRPEND\0";
 
 /// Version of each structure, checked independently of REPO_VERSION so one
 /// structure can evolve without touching the others.
 pub const ENVELOPE_VERSION: u32 = 1;
-pub const PACK_VERSION: u32 = 1;
+pub const PACK_VERSION: u32 = 2;
 
 /// Envelope flag: payload is zstd-compressed.
 pub const FLAG_ZSTD: u32 = 1;
@@ -59,11 +66,23 @@ pub const CHECKSUM_LEN: usize = 32;
 pub const ENVELOPE_HEADER_LEN: usize = 24;
 const _: () = assert!(ENVELOPE_HEADER_LEN == 8 + 4 + 4 + 8);
 
-/// Pack header: magic (8) | version u32 | reserved u32. A pack has no
-/// trailer: its entries live in the matching index file, which is written
-/// only after the pack itself is durable.
+/// Pack header: magic (8) | version u32 | reserved u32.
 pub const PACK_HEADER_LEN: usize = 16;
 const _: () = assert!(PACK_HEADER_LEN == 8 + 4 + 4);
+
+/// Pack trailer: length of the entry table envelope u64 | PACK_TRAILER_MAGIC.
+/// The table (every chunk's id, frame offset and lengths, sealed when the
+/// repository is encrypted) ends where the trailer starts. It makes a pack
+/// self-describing: its index file can always be rebuilt from it
+/// (`flr repair index`), and since the pack's id hashes the table too, two
+/// packs holding the same bytes in different frames never share an id.
+pub const PACK_TRAILER_LEN: usize = 16;
+const _: () = assert!(PACK_TRAILER_LEN == 8 + 8);
+
+/// Smallest well-formed pack: a header, no frames, the smallest table
+/// envelope and the trailer.
+pub const PACK_MIN_LEN: usize =
+    PACK_HEADER_LEN + ENVELOPE_HEADER_LEN + CHECKSUM_LEN + PACK_TRAILER_LEN;
 
 /// Target size of a pack. Large enough that a terabyte is tens of
 /// thousands of files (memory maps and S3 objects stay manageable), small
@@ -105,6 +124,39 @@ pub fn check_pack_header(what: &str, bytes: &[u8]) -> Result<()> {
         });
     }
     Ok(())
+}
+
+pub fn pack_trailer(table_len: u64) -> [u8; PACK_TRAILER_LEN] {
+    let mut t = [0u8; PACK_TRAILER_LEN];
+    t[..8].copy_from_slice(&table_len.to_le_bytes());
+    t[8..].copy_from_slice(&PACK_TRAILER_MAGIC);
+    t
+}
+
+/// Where a pack's entry table lies, from the pack's length and its last
+/// [`PACK_TRAILER_LEN`] bytes: the table's offset and length.
+pub fn parse_pack_trailer(what: &str, pack_len: u64, trailer: &[u8]) -> Result<(u64, u64)> {
+    if pack_len < PACK_MIN_LEN as u64 || trailer.len() != PACK_TRAILER_LEN {
+        return Err(Error::malformed(
+            what,
+            format!("truncated ({pack_len} bytes, too short for a pack)"),
+        ));
+    }
+    if trailer[8..] != PACK_TRAILER_MAGIC {
+        return Err(Error::malformed(
+            what,
+            "no pack trailer (truncated, or not a pack of this format)",
+        ));
+    }
+    let table_len = u64::from_le_bytes(trailer[..8].try_into().expect("8 bytes"));
+    let room = pack_len - (PACK_HEADER_LEN + PACK_TRAILER_LEN) as u64;
+    if table_len < (ENVELOPE_HEADER_LEN + CHECKSUM_LEN) as u64 || table_len > room {
+        return Err(Error::malformed(
+            what,
+            format!("entry table of {table_len} bytes does not fit in a pack of {pack_len}"),
+        ));
+    }
+    Ok((pack_len - PACK_TRAILER_LEN as u64 - table_len, table_len))
 }
 
 /// Wraps `payload` (already compressed/sealed as `flags` says) in an envelope.
@@ -185,5 +237,20 @@ mod tests {
         }
         assert!(open_envelope("x", INDEX_MAGIC, &sealed[..sealed.len() - 1]).is_err());
         assert!(open_envelope("x", MANIFEST_MAGIC, &sealed).is_err());
+    }
+
+    #[test]
+    fn pack_trailers_locate_their_table_and_refuse_nonsense() {
+        let len = 1000u64;
+        let t = pack_trailer(100);
+        assert_eq!(parse_pack_trailer("p", len, &t).unwrap(), (884, 100));
+        for bad_len in [0, 10, len] {
+            assert!(parse_pack_trailer("p", len, &pack_trailer(bad_len)).is_err());
+        }
+        let mut wrong = t;
+        wrong[15] ^= 1;
+        assert!(parse_pack_trailer("p", len, &wrong).is_err());
+        assert!(parse_pack_trailer("p", 20, &t).is_err());
+        assert!(parse_pack_trailer("p", len, &t[1..]).is_err());
     }
 }

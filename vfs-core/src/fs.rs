@@ -963,7 +963,21 @@ impl RepoFs {
             let (id, start, len) = chunks.get(k);
             let from = (pos - start) as usize;
             let to = ((end - start) as usize).min(len as usize);
-            let place = id.map(|id| Located::find(&self.repo, id));
+            let place = id.map(|id| {
+                Located::find(&self.repo, id).and_then(|chunk| {
+                    // The manifest and the index must agree on the chunk's
+                    // length; slicing by one of them alone could serve the
+                    // neighbouring chunk's bytes.
+                    if chunk.loc.raw_len == len {
+                        Ok(chunk)
+                    } else {
+                        Err(FsError::Corrupt(format!(
+                            "chunk {id}: the restore point says {len} bytes, the index {}",
+                            chunk.loc.raw_len
+                        )))
+                    }
+                })
+            });
             pieces.push((place, start, from..to));
             pos = start + to as u64;
             k += 1;
@@ -1169,18 +1183,6 @@ impl<'a> ChunkMap<'a> {
 /// A chunk as served: its decoded frame and the chunk's range in it.
 type ChunkSlice = (ChunkData, std::ops::Range<usize>);
 
-/// The cache key of the decoded frame at `offset` in `pack`: the pack's
-/// id with the (spread) offset folded into its first eight bytes. Packs are
-/// named by their content and the fold is a bijection of the offset, so two
-/// frames never share a key.
-fn frame_key(pack: &PackId, offset: u32) -> ChunkId {
-    let mut key = pack.0;
-    let low = u64::from_le_bytes(key[..8].try_into().unwrap())
-        ^ (offset as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    key[..8].copy_from_slice(&low.to_le_bytes());
-    ChunkId(key)
-}
-
 /// Where a chunk is stored, looked up once per read.
 struct Located {
     id: ChunkId,
@@ -1196,7 +1198,7 @@ impl Located {
             id,
             loc,
             pack,
-            frame_key: frame_key(&pack, loc.offset),
+            frame_key: loc.frame_key(&pack),
         })
     }
 }

@@ -3,8 +3,8 @@
 //! thin adapter over it.
 //!
 //! Layers, bottom up:
-//! - [`store::ObjectStore`]: immutable named objects. [`local_store`]
-//!   (directory, memory-mapped reads) and [`store::MemoryStore`] (tests)
+//! - [`store::ObjectStore`]: immutable named objects, written create-only.
+//!   [`local_store`] (directory, `pread`) and [`store::MemoryStore`] (tests)
 //!   implement it here; S3 lives in `backends`.
 //! - [`format`]: magic numbers, versions, headers, the checksummed envelope.
 //! - [`repo::Repository`]: config and keys ([`crypto`]), the in-memory chunk
@@ -12,7 +12,8 @@
 //!   open, decompress, verify), restore point manifests ([`manifest`]).
 //! - [`backup`]: files and streams -> [`chunker`] -> hash, compress, seal
 //!   on all cores -> packs and index files -> manifest, written last.
-//! - [`restore`] and [`verify`]: the reverse path and the health check.
+//! - [`restore`] and [`verify`]: the reverse path and the health check;
+//!   [`repair`] rebuilds index files from the packs' own entry tables.
 //! - [`cache`] and [`fs`]: the read path of a mount: an inode table over
 //!   restore points, a sharded byte-bounded chunk cache with one fetch per
 //!   chunk, and readahead.
@@ -29,6 +30,7 @@ pub mod fs;
 pub mod ids;
 pub mod local_store;
 pub mod manifest;
+pub mod repair;
 pub mod repo;
 pub mod restore;
 pub mod session;

@@ -4,34 +4,32 @@
 //! the parent directory fsynced, so a crash leaves either the whole object
 //! or none.
 //!
-//! Reads: a chunk-sized range is read with `pread` through a bounded set
-//! of open pack files; whole packs (verify, copying) are memory-mapped.
-//! Mapping was tried for chunk reads too, but every page a reader faults in
-//! (and the kernel maps up to sixteen around each fault) counts toward the
-//! process's resident size: a mount with a 64 MiB cache peaked at 740 MB
-//! under random reads. With `pread` the kernel's page cache holds the packs
-//! and a mount's own memory is its cache plus the index.
+//! Objects are placed with a hard link, which fails if the name exists, so
+//! no write ever replaces an object (a rename would, silently).
+//!
+//! Reads: ranges are read with `pread` through a bounded set of open pack
+//! files. Nothing is memory-mapped: every page a reader faults in (and the
+//! kernel maps up to sixteen around each fault) counted toward a mount's
+//! resident size (740 MB under random reads with a 64 MiB cache), and
+//! mappings kept per pack ran into `vm.max_map_count` (65,530) on large
+//! repositories. With `pread` the kernel's page cache holds the packs and
+//! a process's own memory is what it asked for.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 use crate::store::{ObjectBytes, ObjectStore};
 
 pub struct LocalStore {
     root: PathBuf,
-    maps: RwLock<HashMap<String, Arc<memmap2::Mmap>>>,
     /// Open packs for `pread`, least recently used closed first.
     files: Mutex<lru::LruCache<String, Arc<File>>>,
 }
-
-/// Ranges up to this size are read with `pread`; larger ones are mapped.
-const PREAD_MAX: usize = 4 << 20;
 
 /// Pack files kept open for `pread`: enough for the working set of a
 /// mount, well below the usual 1024 file descriptors per process.
@@ -50,7 +48,6 @@ impl LocalStore {
         }
         Ok(LocalStore {
             root: root.to_path_buf(),
-            maps: RwLock::new(HashMap::new()),
             files: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(OPEN_FILES).expect("nonzero"),
             )),
@@ -80,7 +77,7 @@ impl LocalStore {
         }
     }
 
-    fn write_object(&self, key: &str, data: &[u8], exclusive: bool) -> Result<()> {
+    fn write_object(&self, key: &str, data: &[u8]) -> Result<()> {
         let target = self.path(key);
         let parent = target.parent().expect("object keys have a parent");
         let tmp_dir = self.root.join(TMP_DIR);
@@ -107,11 +104,7 @@ impl LocalStore {
         }
         // A hard link fails atomically if the target exists; a rename would
         // silently replace it.
-        let placed = if exclusive {
-            fs::hard_link(&tmp, &target).and_then(|()| fs::remove_file(&tmp))
-        } else {
-            fs::rename(&tmp, &target)
-        };
+        let placed = fs::hard_link(&tmp, &target).and_then(|()| fs::remove_file(&tmp));
         if let Err(e) = placed {
             let _ = fs::remove_file(&tmp);
             if e.kind() == std::io::ErrorKind::AlreadyExists {
@@ -153,21 +146,6 @@ impl LocalStore {
             }
         }
         Ok(buf)
-    }
-
-    fn map(&self, key: &str) -> Result<Arc<memmap2::Mmap>> {
-        if let Some(m) = self.maps.read().get(key) {
-            return Ok(m.clone());
-        }
-        let path = self.path(key);
-        let file = File::open(&path).map_err(|e| not_found_or_io(key, &path, e))?;
-        // SAFETY: objects are immutable once renamed into place and never
-        // truncated by this program; the mapping is read-only.
-        #[allow(unsafe_code)]
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        let map = Arc::new(map);
-        self.maps.write().insert(key.to_string(), map.clone());
-        Ok(map)
     }
 }
 
@@ -220,11 +198,7 @@ impl ObjectStore for LocalStore {
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
-        self.write_object(key, data, false)
-    }
-
-    fn put_new(&self, key: &str, data: &[u8]) -> Result<()> {
-        self.write_object(key, data, true)
+        self.write_object(key, data)
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {
@@ -233,21 +207,7 @@ impl ObjectStore for LocalStore {
     }
 
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<ObjectBytes> {
-        if len <= PREAD_MAX {
-            return Ok(ObjectBytes::Owned(Arc::new(self.pread(key, offset, len)?)));
-        }
-        let map = self.map(key)?;
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        match start.checked_add(len) {
-            Some(end) if end <= map.len() => Ok(ObjectBytes::Mapped(map, start..end)),
-            _ => Err(Error::malformed(
-                key,
-                format!(
-                    "truncated: {len} bytes at offset {offset} requested, file has {}",
-                    map.len()
-                ),
-            )),
-        }
+        Ok(ObjectBytes(Arc::new(self.pread(key, offset, len)?)))
     }
 
     fn size(&self, key: &str) -> Result<Option<u64>> {
@@ -284,7 +244,6 @@ impl ObjectStore for LocalStore {
     }
 
     fn delete(&self, key: &str) -> Result<()> {
-        self.maps.write().remove(key);
         self.files.lock().pop(key);
         let path = self.path(key);
         match fs::remove_file(&path) {

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -70,8 +71,58 @@ pub struct IndexEntry {
     pub frame_raw_len: u32,
 }
 
+impl ChunkLoc {
+    /// The entry as an index file stores it.
+    pub fn entry(&self, id: ChunkId) -> IndexEntry {
+        IndexEntry {
+            id,
+            offset: self.offset,
+            stored_len: self.stored_len,
+            raw_len: self.raw_len,
+            flags: self.flags,
+            frame_offset: self.frame_offset,
+            frame_raw_len: self.frame_raw_len,
+        }
+    }
+
+    /// The key of this chunk's decoded frame in caches: a hash of the pack
+    /// and of everything that says how the frame is read and decoded
+    /// (offset, stored length, flags, plaintext length). Two different
+    /// frames never share a key, even if an index disagreed with its pack.
+    pub fn frame_key(&self, pack: &PackId) -> ChunkId {
+        let mut h = blake3::Hasher::new();
+        h.update(&pack.0);
+        h.update(&self.offset.to_le_bytes());
+        h.update(&self.stored_len.to_le_bytes());
+        h.update(&[self.flags]);
+        h.update(&self.frame_raw_len.to_le_bytes());
+        ChunkId(*h.finalize().as_bytes())
+    }
+}
+
+impl IndexEntry {
+    pub fn loc(&self, pack: u32) -> ChunkLoc {
+        ChunkLoc {
+            pack,
+            offset: self.offset,
+            stored_len: self.stored_len,
+            raw_len: self.raw_len,
+            flags: self.flags,
+            frame_offset: self.frame_offset,
+            frame_raw_len: self.frame_raw_len,
+        }
+    }
+}
+
+/// A pack's own entry table, stored inside the pack (see
+/// [`format::PACK_TRAILER_LEN`]); the index file is a copy of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackTable {
+    pub entries: Vec<IndexEntry>,
+}
+
 /// The contents of `index/<pack>.idx`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IndexFile {
     pub pack: PackId,
     pub pack_len: u64,
@@ -100,15 +151,7 @@ impl Index {
             }
         };
         for e in &file.entries {
-            self.chunks.entry(e.id).or_insert(ChunkLoc {
-                pack: n,
-                offset: e.offset,
-                stored_len: e.stored_len,
-                raw_len: e.raw_len,
-                flags: e.flags,
-                frame_offset: e.frame_offset,
-                frame_raw_len: e.frame_raw_len,
-            });
+            self.chunks.entry(e.id).or_insert(e.loc(n));
         }
     }
 }
@@ -166,9 +209,36 @@ pub struct Repository {
     hasher: ChunkHasher,
     index: RwLock<Index>,
     location: PathBuf,
+    /// Distinguishes this open repository from every other in this
+    /// process, so per-thread state never carries a frame across them.
+    instance: u64,
+    pack_target: AtomicUsize,
 }
 
-type KeptFrame = Option<(PackId, u32, Arc<Vec<u8>>)>;
+/// The last frame a thread decoded: (repository instance, frame key, bytes).
+type KeptFrame = Option<(u64, ChunkId, Arc<Vec<u8>>)>;
+
+static INSTANCES: AtomicU64 = AtomicU64::new(0);
+
+/// Checks entries (of an index file or a pack's own table) against the
+/// pack they describe, whose frames lie in `[PACK_HEADER_LEN, frames_end)`.
+fn check_entries(what: &str, entries: &[IndexEntry], frames_end: u64) -> Result<()> {
+    for e in entries {
+        if e.raw_len > format::MAX_CHUNK_SIZE
+            || e.frame_raw_len > format::MAX_CHUNK_SIZE
+            || e.frame_offset as u64 + e.raw_len as u64 > e.frame_raw_len as u64
+            || (e.offset as u64) < format::PACK_HEADER_LEN as u64
+            || e.offset as u64 + e.stored_len as u64 > frames_end
+            || e.flags & !CHUNK_ZSTD != 0
+        {
+            return Err(Error::malformed(
+                what,
+                format!("entry for chunk {} is out of bounds", e.id),
+            ));
+        }
+    }
+    Ok(())
+}
 
 thread_local! {
     static LAST_FRAME: std::cell::RefCell<KeptFrame> = const { std::cell::RefCell::new(None) };
@@ -217,7 +287,7 @@ impl Repository {
         // The config is the one JSON file, so an operator can read the
         // version and encryption parameters with any tool.
         let json = serde_json::to_string_pretty(&config).expect("config serializes") + "\n";
-        store.put_new(
+        store.put(
             CONFIG_KEY,
             &format::seal_envelope(format::CONFIG_MAGIC, 0, json.as_bytes()),
         )
@@ -264,6 +334,8 @@ impl Repository {
             hasher,
             index: RwLock::new(Index::default()),
             location,
+            instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
+            pack_target: AtomicUsize::new(format::PACK_TARGET_SIZE),
         };
         repo.reload_index()?;
         Ok(repo)
@@ -295,6 +367,90 @@ impl Repository {
 
     pub fn index(&self) -> &RwLock<Index> {
         &self.index
+    }
+
+    /// Size at which a backup closes a pack ([`format::PACK_TARGET_SIZE`]).
+    pub fn pack_target(&self) -> usize {
+        self.pack_target.load(Ordering::Relaxed)
+    }
+
+    /// Sets the pack size of later backups; tests use tiny packs to make
+    /// repositories of many packs.
+    pub fn set_pack_target(&self, bytes: usize) {
+        self.pack_target.store(bytes.max(1), Ordering::Relaxed);
+    }
+
+    /// Writes an object that other writers may have written with the same
+    /// name: create-only, and an existing object is accepted only if
+    /// `same` says its bytes mean what ours do. Nothing is ever replaced.
+    pub fn put_once(&self, key: &str, data: &[u8], same: impl Fn(&[u8]) -> bool) -> Result<()> {
+        match self.store.put(key, data) {
+            Err(Error::AlreadyExists(_)) => {
+                let existing = self.store.get(key)?;
+                if same(&existing) {
+                    Ok(())
+                } else {
+                    Err(Error::Conflict(format!("{}/{key}", self.store.location())))
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Writes the index file of `file`'s pack, accepting an existing one
+    /// only if it lists the same entries.
+    pub fn put_index_file(&self, file: &IndexFile) -> Result<u64> {
+        let key = index_key(&file.pack);
+        let encoded = self.encode_meta(format::INDEX_MAGIC, file);
+        self.put_once(&key, &encoded, |old| {
+            self.decode_meta::<IndexFile>(&key, format::INDEX_MAGIC, old)
+                .is_ok_and(|old| old == *file)
+        })?;
+        Ok(encoded.len() as u64)
+    }
+
+    /// Decodes a whole pack: header, trailer and its own entry table, each
+    /// entry checked against the pack's bounds.
+    pub fn parse_pack(&self, what: &str, bytes: &[u8]) -> Result<Vec<IndexEntry>> {
+        format::check_pack_header(what, bytes)?;
+        let len = bytes.len() as u64;
+        let trailer = &bytes[bytes.len().saturating_sub(format::PACK_TRAILER_LEN)..];
+        let (start, table_len) = format::parse_pack_trailer(what, len, trailer)?;
+        let table = &bytes[start as usize..(start + table_len) as usize];
+        self.decode_pack_table(what, start, table)
+    }
+
+    /// Reads only a pack's own entry table (its header, the trailer and the
+    /// table), as `flr repair index` does: cheap even on large packs.
+    pub fn read_pack_table(&self, pack: &PackId) -> Result<(u64, Vec<IndexEntry>)> {
+        let key = pack_key(pack);
+        let len = self
+            .store
+            .size(&key)?
+            .ok_or_else(|| Error::NotFound(key.clone()))?;
+        let head = self
+            .store
+            .get_range(&key, 0, format::PACK_HEADER_LEN.min(len as usize))?;
+        format::check_pack_header(&key, &head)?;
+        let tail_at = len.saturating_sub(format::PACK_TRAILER_LEN as u64);
+        let trailer = self
+            .store
+            .get_range(&key, tail_at, (len - tail_at) as usize)?;
+        let (start, table_len) = format::parse_pack_trailer(&key, len, &trailer)?;
+        let table = self.store.get_range(&key, start, table_len as usize)?;
+        Ok((len, self.decode_pack_table(&key, start, &table)?))
+    }
+
+    fn decode_pack_table(
+        &self,
+        what: &str,
+        frames_end: u64,
+        table: &[u8],
+    ) -> Result<Vec<IndexEntry>> {
+        let what = format!("{what} (entry table)");
+        let table: PackTable = self.decode_meta(&what, format::PACK_TABLE_MAGIC, table)?;
+        check_entries(&what, &table.entries, frames_end)?;
+        Ok(table.entries)
     }
 
     /// Reads every index file into memory. Index files of other writers
@@ -348,18 +504,12 @@ impl Repository {
                 format!("names pack {} which is not its own", file.pack),
             ));
         }
-        for e in &file.entries {
-            if e.raw_len > format::MAX_CHUNK_SIZE
-                || e.frame_raw_len > format::MAX_CHUNK_SIZE
-                || e.frame_offset as u64 + e.raw_len as u64 > e.frame_raw_len as u64
-                || e.offset as u64 + e.stored_len as u64 > file.pack_len
-            {
-                return Err(Error::malformed(
-                    key,
-                    format!("entry for chunk {} is out of bounds", e.id),
-                ));
-            }
-        }
+        // Frames end before the table and trailer; the exact end is the
+        // pack's business (checked against its own table when read).
+        let frames_end = file
+            .pack_len
+            .saturating_sub((format::PACK_TRAILER_LEN + format::ENVELOPE_HEADER_LEN) as u64);
+        check_entries(key, &file.entries, frames_end)?;
         Ok(file)
     }
 
@@ -515,21 +665,24 @@ impl Repository {
     }
 
     /// Reads and verifies one chunk. Each thread keeps the last frame it
-    /// decoded, so reading a frame's chunks in order decodes it once.
-    /// (Packs are named by their content, so a kept frame is never stale.)
+    /// decoded, so reading a frame's chunks in order decodes it once. The
+    /// kept frame is keyed by this repository instance and the frame's full
+    /// description ([`ChunkLoc::frame_key`]), so it never stands in for
+    /// another frame.
     pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let (loc, pack) = self.locate(id).ok_or(Error::MissingChunk(*id))?;
+        let key = loc.frame_key(&pack);
         let kept = LAST_FRAME.with(|c| {
             c.borrow()
                 .as_ref()
-                .filter(|(p, o, _)| *p == pack && *o == loc.offset)
+                .filter(|(i, k, _)| *i == self.instance && *k == key)
                 .map(|(_, _, f)| f.clone())
         });
         let frame = match kept {
             Some(f) => f,
             None => {
                 let f = Arc::new(self.read_frame_at(id, &loc, &pack)?);
-                LAST_FRAME.with(|c| *c.borrow_mut() = Some((pack, loc.offset, f.clone())));
+                LAST_FRAME.with(|c| *c.borrow_mut() = Some((self.instance, key, f.clone())));
                 f
             }
         };

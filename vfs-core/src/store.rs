@@ -3,42 +3,37 @@
 //! [`crate::local_store`]; the S3 store lives in the `backends` crate.
 //!
 //! Objects are immutable: `put` creates a whole object atomically (readers
-//! see all of it or nothing) and is never used to change one.
+//! see all of it or nothing) and never replaces one: a key that exists is
+//! `AlreadyExists`, whatever its content, on every store.
 
 use std::collections::BTreeMap;
-use std::ops::{Deref, Range};
+use std::ops::Deref;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
 
 use crate::error::{Error, Result};
 
-/// Bytes handed out by a store: owned, or a window into a shared mapping.
+/// Bytes handed out by a store, shared cheaply between readers.
 #[derive(Clone)]
-pub enum ObjectBytes {
-    Owned(Arc<Vec<u8>>),
-    Mapped(Arc<memmap2::Mmap>, Range<usize>),
-}
+pub struct ObjectBytes(pub Arc<Vec<u8>>);
 
 impl Deref for ObjectBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        match self {
-            ObjectBytes::Owned(v) => v,
-            ObjectBytes::Mapped(m, r) => &m[r.clone()],
-        }
+        &self.0
     }
 }
 
 pub trait ObjectStore: Send + Sync {
     /// A human-readable location, used in messages.
     fn location(&self) -> String;
-    /// Stores a whole object durably under `key`, replacing nothing: if the
-    /// key exists with other content, that is the caller's bug.
+    /// Stores a whole object durably under a new `key`. Fails with
+    /// `AlreadyExists` if the key exists, atomically with respect to other
+    /// writers: no write ever replaces an object (see
+    /// [`crate::repo::Repository::put_once`] for writes that may meet an
+    /// identical object).
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
-    /// Like `put`, but fails with `AlreadyExists` if the key exists; used
-    /// for names that two writers could choose at once (restore points).
-    fn put_new(&self, key: &str, data: &[u8]) -> Result<()>;
     /// Reads a whole object.
     fn get(&self, key: &str) -> Result<Vec<u8>>;
     /// Reads `len` bytes at `offset`; fails if the object is shorter.
@@ -78,13 +73,6 @@ impl ObjectStore for MemoryStore {
     }
 
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
-        self.objects
-            .write()
-            .insert(key.to_string(), Arc::new(data.to_vec()));
-        Ok(())
-    }
-
-    fn put_new(&self, key: &str, data: &[u8]) -> Result<()> {
         let mut objects = self.objects.write();
         if objects.contains_key(key) {
             return Err(Error::AlreadyExists(key.to_string()));
@@ -110,9 +98,7 @@ impl ObjectStore for MemoryStore {
         if start.checked_add(len).is_none_or(|end| end > obj.len()) {
             return Err(Error::malformed(key, "range beyond the end of the object"));
         }
-        Ok(ObjectBytes::Owned(Arc::new(
-            obj[start..start + len].to_vec(),
-        )))
+        Ok(ObjectBytes(Arc::new(obj[start..start + len].to_vec())))
     }
 
     fn size(&self, key: &str) -> Result<Option<u64>> {

@@ -2,7 +2,7 @@
 //! stored chunk re-read, opened, decompressed and re-hashed. Damage is
 //! reported by restore point and file, so an operator knows what is lost.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -10,9 +10,8 @@ use rayon::prelude::*;
 
 use crate::backup::Progress;
 use crate::error::Result;
-use crate::format;
 use crate::ids::{ChunkId, IdSet, PackId};
-use crate::repo::{index_key, pack_key, ChunkLoc, Repository, INDEX_PREFIX};
+use crate::repo::{index_key, pack_key, IndexEntry, Repository, INDEX_PREFIX, PACKS_PREFIX};
 
 #[derive(Debug, Default, serde::Serialize)]
 pub struct VerifyReport {
@@ -32,8 +31,10 @@ impl VerifyReport {
     }
 }
 
-/// A pack as its index file describes it: id, length, chunk locations.
-type PackListing = (PackId, u64, Vec<(ChunkId, ChunkLoc)>);
+/// A pack as its index file describes it: id, length, entries.
+type PackListing = (PackId, u64, Vec<IndexEntry>);
+
+const REPAIR_HINT: &str = "run `flr repair index` to rebuild index files from the packs";
 
 pub fn verify(
     repo: &Repository,
@@ -46,37 +47,38 @@ pub fn verify(
     // Index files, one by one, so one bad file does not hide the others.
     let mut entries: Vec<PackListing> = Vec::new();
     let mut indexed = IdSet::default();
+    let mut indexed_packs = HashSet::new();
     for key in store.list(INDEX_PREFIX)? {
         match repo.read_index_file(&key) {
             Ok(file) => {
-                let locs = file
-                    .entries
-                    .iter()
-                    .map(|e| {
-                        indexed.insert(e.id);
-                        (
-                            e.id,
-                            ChunkLoc {
-                                pack: 0,
-                                offset: e.offset,
-                                stored_len: e.stored_len,
-                                raw_len: e.raw_len,
-                                flags: e.flags,
-                                frame_offset: e.frame_offset,
-                                frame_raw_len: e.frame_raw_len,
-                            },
-                        )
-                    })
-                    .collect();
-                entries.push((file.pack, file.pack_len, locs));
+                indexed.extend(file.entries.iter().map(|e| e.id));
+                indexed_packs.insert(file.pack);
+                entries.push((file.pack, file.pack_len, file.entries));
             }
-            Err(e) => report.problems.push(e.to_string()),
+            Err(e) => report.problems.push(format!("{e}; {REPAIR_HINT}")),
+        }
+    }
+    // Packs that no index file lists: their chunks exist but nothing can
+    // find them until the index is rebuilt from the packs themselves.
+    let mut unindexed = 0;
+    for key in store.list(PACKS_PREFIX)? {
+        match pack_id_of_key(&key) {
+            Some(id) if indexed_packs.contains(&id) => {}
+            Some(_) => {
+                unindexed += 1;
+                report.problems.push(format!(
+                    "{key}: no index file lists this pack; {REPAIR_HINT}"
+                ));
+            }
+            None => report
+                .problems
+                .push(format!("{key}: not a pack name (not written by flr)")),
         }
     }
     // A missing or wrongly sized pack damages every chunk it holds, and
     // so the restore points using them, even without reading data.
     let mut bad = IdSet::default();
-    let mut unreadable = std::collections::HashSet::new();
+    let mut unreadable = HashSet::new();
     for (pack, len, locs) in &entries {
         let key = pack_key(pack);
         let problem = match store.size(&key)? {
@@ -88,13 +90,15 @@ pub fn verify(
         };
         if let Some(p) = problem {
             report.problems.push(p);
-            bad.extend(locs.iter().map(|l| l.0));
+            bad.extend(locs.iter().map(|l| l.id));
             unreadable.insert(*pack);
         }
     }
     report.packs = entries.len() as u64;
 
-    // Re-read data: every chunk of every readable pack, on all cores.
+    // Re-read data: every chunk of every readable pack, on all cores. Each
+    // worker holds one pack's bytes at a time (read, not mapped), so memory
+    // and open files stay bounded however many packs there are.
     if read_data {
         let total: u64 = entries.iter().map(|e| e.1).sum();
         progress.total_bytes.store(total, Ordering::Relaxed);
@@ -102,48 +106,9 @@ pub fn verify(
             .par_iter()
             .filter(|(pack, _, _)| !unreadable.contains(pack))
             .map(|(pack, len, locs)| {
-                let key = pack_key(pack);
-                let mut bad = Vec::new();
-                let mut problems = Vec::new();
-                let mut bytes = 0;
-                match store.get_range(&key, 0, *len as usize) {
-                    Err(e) => {
-                        problems.push(e.to_string());
-                        bad.extend(locs.iter().map(|l| l.0));
-                    }
-                    Ok(data) => {
-                        if let Err(e) = format::check_pack_header(&key, &data) {
-                            problems.push(e.to_string());
-                        }
-                        if blake3::hash(&data).as_bytes() != &pack.0 {
-                            problems.push(format!("{key}: contents do not match the pack's hash"));
-                        }
-                        // Chunks of one frame share its offset and are
-                        // listed together: decode each frame once.
-                        for frame in locs.chunk_by(|a, b| a.1.offset == b.1.offset) {
-                            let (first, loc) = &frame[0];
-                            let raw =
-                                &data[loc.offset as usize..(loc.offset + loc.stored_len) as usize];
-                            match repo.decode_frame(first, loc, pack, raw) {
-                                Err(e) => {
-                                    problems.push(e.to_string());
-                                    bad.extend(frame.iter().map(|(id, _)| *id));
-                                }
-                                Ok(plain) => {
-                                    for (id, loc) in frame {
-                                        if let Err(e) = repo.chunk_in_frame(id, loc, pack, &plain) {
-                                            problems.push(e.to_string());
-                                            bad.push(*id);
-                                        }
-                                    }
-                                }
-                            }
-                            bytes += frame.iter().map(|(_, l)| l.raw_len as u64).sum::<u64>();
-                        }
-                    }
-                }
+                let checked = check_pack(repo, pack, locs);
                 progress.read_bytes.fetch_add(*len, Ordering::Relaxed);
-                (bad, problems, locs.len() as u64, bytes)
+                checked
             })
             .collect();
         for (b, p, n, bytes) in results {
@@ -153,7 +118,6 @@ pub fn verify(
             report.bytes_checked += bytes;
         }
     }
-
     // Restore points: each must decode, and every chunk must be indexed
     // and (with read_data) sound.
     for name in repo.list_restore_points(None)? {
@@ -181,7 +145,9 @@ pub fn verify(
                 }
             }
             if missing || corrupt {
-                let why = if missing {
+                let why = if missing && unindexed > 0 {
+                    "missing chunks: they may be in a pack without an index file"
+                } else if missing {
                     "missing chunks"
                 } else {
                     "damaged chunks"
@@ -195,4 +161,74 @@ pub fn verify(
         }
     }
     Ok(report)
+}
+
+/// The pack id a pack's key names, if it is one.
+pub fn pack_id_of_key(key: &str) -> Option<PackId> {
+    let name = key.strip_prefix(PACKS_PREFIX)?.split_once('/')?.1;
+    let id = PackId::from_hex(name.strip_suffix(".pack")?)?;
+    (pack_key(&id) == key).then_some(id)
+}
+
+/// Reads one pack whole and checks it: its hash against its name, its own
+/// entry table against its index file, every frame and chunk. Returns the
+/// damaged chunks, the problems, the chunks checked and their bytes.
+fn check_pack(
+    repo: &Repository,
+    pack: &PackId,
+    locs: &[IndexEntry],
+) -> (Vec<ChunkId>, Vec<String>, u64, u64) {
+    let key = pack_key(pack);
+    let mut bad = Vec::new();
+    let mut problems = Vec::new();
+    let mut bytes = 0;
+    let data = match repo.store().get(&key) {
+        Ok(data) => data,
+        Err(e) => {
+            problems.push(e.to_string());
+            return (locs.iter().map(|l| l.id).collect(), problems, 0, 0);
+        }
+    };
+    if blake3::hash(&data).as_bytes() != &pack.0 {
+        problems.push(format!("{key}: contents do not match the pack's hash"));
+    }
+    match repo.parse_pack(&key, &data) {
+        Ok(own) if own == locs => {}
+        Ok(_) => problems.push(format!(
+            "{}: disagrees with the entry table of {key}; {REPAIR_HINT}",
+            index_key(pack)
+        )),
+        Err(e) => problems.push(e.to_string()),
+    }
+    // Chunks of one frame share its offset and are listed together:
+    // decode each frame once.
+    for frame in locs.chunk_by(|a, b| a.offset == b.offset) {
+        let first = &frame[0];
+        let loc = first.loc(0);
+        let raw = data
+            .get(first.offset as usize..(first.offset as u64 + first.stored_len as u64) as usize);
+        let decoded = match raw {
+            Some(raw) => repo.decode_frame(&first.id, &loc, pack, raw),
+            None => Err(crate::Error::malformed(
+                &key,
+                "a frame lies beyond the end of the pack",
+            )),
+        };
+        match decoded {
+            Err(e) => {
+                problems.push(e.to_string());
+                bad.extend(frame.iter().map(|e| e.id));
+            }
+            Ok(plain) => {
+                for e in frame {
+                    if let Err(err) = repo.chunk_in_frame(&e.id, &e.loc(0), pack, &plain) {
+                        problems.push(err.to_string());
+                        bad.push(e.id);
+                    }
+                }
+            }
+        }
+        bytes += frame.iter().map(|e| e.raw_len as u64).sum::<u64>();
+    }
+    (bad, problems, locs.len() as u64, bytes)
 }

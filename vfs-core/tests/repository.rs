@@ -255,3 +255,156 @@ fn garbled_metadata_is_refused_with_its_name() {
         "{err}"
     );
 }
+
+/// Bytes no compressor shrinks, so every frame is stored raw and a pack is
+/// the header plus the file's bytes whatever the chunker.
+fn pseudo_random(n: usize, mut x: u64) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Backs `data` up twice with two chunkers, reopens the repository from
+/// its store and checks both restore points read back and verify clean.
+fn two_chunkings_both_survive(data: Vec<u8>, first: ChunkerKind, second: ChunkerKind) {
+    let (store, repo) = new_repo(None);
+    let a = backup_bytes(&repo, "a", "f", data.clone(), Some(first));
+    let b = backup_bytes(&repo, "b", "f", data.clone(), Some(second));
+    assert!(a.stats.new_chunks > 0 && b.stats.new_chunks > 0);
+    let packs = store.list("packs/").unwrap();
+    assert_eq!(packs.len(), 2, "the two layouts must make two packs");
+    assert_eq!(store.list("index/").unwrap().len(), 2);
+    drop(repo);
+    let repo = Repository::open(store.clone(), || Ok(Vec::new())).unwrap();
+    assert_eq!(read_back(&repo, &a), data);
+    assert_eq!(read_back(&repo, &b), data);
+    let report = vfs_core::verify::verify(&repo, true, &Default::default()).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    // And through the mount model, where frames are cached by key.
+    let fs = mount_model(repo);
+    for job in ["a", "b"] {
+        let (fh, size) = open_file(&fs, job, "f");
+        assert_eq!(fs.read(fh, 0, size as u32).unwrap(), data, "job {job}");
+        fs.release(fh);
+    }
+}
+
+#[test]
+fn the_same_random_bytes_cut_two_ways_make_two_packs() {
+    two_chunkings_both_survive(
+        pseudo_random(40_000, 0x2545_F491_4F6C_DD1D),
+        ChunkerKind::Cdc {
+            min: 512,
+            avg: 2048,
+            max: 8192,
+        },
+        ChunkerKind::Fixed(4096),
+    );
+}
+
+#[test]
+fn compressible_frames_that_line_up_make_two_packs() {
+    // Pages of 4 and 8 KiB both fill 32 KiB frames at the same places.
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i / 97 % 7) as u8 + b'a').collect();
+    two_chunkings_both_survive(data, ChunkerKind::Fixed(4096), ChunkerKind::Fixed(8192));
+}
+
+#[test]
+fn no_write_replaces_an_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = vfs_core::local_store::LocalStore::open(dir.path()).unwrap();
+    let memory = MemoryStore::new();
+    for store in [&local as &dyn ObjectStore, &memory] {
+        store.put("index/x.idx", b"first").unwrap();
+        match store.put("index/x.idx", b"second") {
+            Err(Error::AlreadyExists(_)) => {}
+            other => panic!("{}: second put gave {other:?}", store.location()),
+        }
+        assert_eq!(store.get("index/x.idx").unwrap(), b"first");
+    }
+    let repo = Repository::open(
+        {
+            let s = Arc::new(MemoryStore::new());
+            Repository::init(s.as_ref(), None).unwrap();
+            s
+        },
+        || Ok(Vec::new()),
+    )
+    .unwrap();
+    repo.put_once("packs/aa/p.pack", b"bytes", |old| old == b"bytes")
+        .unwrap();
+    repo.put_once("packs/aa/p.pack", b"bytes", |old| old == b"bytes")
+        .unwrap();
+    match repo.put_once("packs/aa/p.pack", b"other", |old| old == b"other") {
+        Err(Error::Conflict(key)) => assert!(key.contains("packs/aa/p.pack"), "{key}"),
+        other => panic!("a different object was accepted: {other:?}"),
+    }
+    assert_eq!(repo.store().get("packs/aa/p.pack").unwrap(), b"bytes");
+}
+
+/// Writes `m` as a new restore point of job `job`.
+fn put_manifest(repo: &Repository, job: &str, mut m: Manifest) {
+    m.job = job.into();
+    m.name = "2030-01-01T00-00-00Z".into();
+    let key = format!("restore-points/{job}/{}.rp", m.name);
+    repo.store()
+        .put(
+            &key,
+            &repo.encode_meta(vfs_core::format::MANIFEST_MAGIC, &m),
+        )
+        .unwrap();
+}
+
+#[test]
+fn chunk_lengths_the_index_disagrees_with_are_corruption() {
+    use vfs_core::manifest::Content;
+    let (_, repo) = new_repo(None);
+    let data = pseudo_random(100_000, 7);
+    let cdc = backup_bytes(
+        &repo,
+        "c",
+        "f",
+        data.clone(),
+        Some(ChunkerKind::Cdc {
+            min: 512,
+            avg: 2048,
+            max: 8192,
+        }),
+    );
+    let fixed = backup_bytes(&repo, "d", "f", data, Some(ChunkerKind::Fixed(4096)));
+    // Content-defined: move a byte from the second chunk to the first, so
+    // the total still matches the file's size.
+    let mut shifted = cdc.clone();
+    let Content::Variable { chunks } = &mut shifted.nodes[1].content else {
+        panic!("cdc gives variable chunks")
+    };
+    chunks[0].1 += 1;
+    chunks[1].1 -= 1;
+    put_manifest(&repo, "shifted", shifted);
+    // Fixed: claim 8 KiB chunks, keeping every other 4 KiB chunk id.
+    let mut doubled = fixed.clone();
+    let Content::Fixed { chunk_size, chunks } = &mut doubled.nodes[1].content else {
+        panic!("fixed gives fixed chunks")
+    };
+    *chunk_size = 8192;
+    *chunks = chunks.iter().step_by(2).copied().collect();
+    put_manifest(&repo, "doubled", doubled);
+
+    let fs = mount_model(repo);
+    for job in ["shifted", "doubled"] {
+        let (fh, size) = open_file(&fs, job, "f");
+        // Every read touching the first chunk (the only one wrong in both).
+        for (off, len) in [(0, size as u32), (0, 10), (1, 1), (100, 300)] {
+            match fs.read(fh, off, len) {
+                Err(FsError::Corrupt(why)) => assert!(why.contains("index"), "{why}"),
+                other => panic!("{job} at {off}: expected corruption, got {other:?}"),
+            }
+        }
+        fs.release(fh);
+    }
+}
