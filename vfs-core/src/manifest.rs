@@ -56,7 +56,11 @@ impl Content {
                 .enumerate()
                 .map(|(i, id)| {
                     let off = i as u64 * *chunk_size as u64;
-                    (*id, off, (size - off).min(*chunk_size as u64) as u32)
+                    // Past `size` a chunk covers nothing: `validate` keeps
+                    // that from happening below the root, but the mount
+                    // also asks the root directory, whose content it skips.
+                    let len = size.saturating_sub(off).min(*chunk_size as u64);
+                    (*id, off, len as u32)
                 })
                 .collect(),
             Content::Variable { chunks } => {
@@ -267,6 +271,18 @@ mod tests {
         assert_eq!(timestamp_name(0), "1970-01-01T00-00-00Z");
         assert_eq!(timestamp_name(1_795_318_174), "2026-11-22T03-29-34Z");
         assert_eq!(timestamp_name(951_782_400), "2000-02-29T00-00-00Z");
+    }
+
+    #[test]
+    fn fixed_chunks_past_the_size_cover_nothing() {
+        // A root directory with a chunk list longer than its size: loading
+        // it in a mount used to subtract past zero.
+        let content = Content::Fixed {
+            chunk_size: 4096,
+            chunks: vec![None, None, None],
+        };
+        let lens: Vec<u32> = content.chunks(100).iter().map(|c| c.2).collect();
+        assert_eq!(lens, [100, 0, 0]);
     }
 
     #[test]
