@@ -1,43 +1,47 @@
-//! A pack and the chunks in it as readers get them: the pack header
-//! (`format::check_pack_header`), its entries through the index file
-//! checks (`Repository::read_index_file`), then every entry's frame read
-//! from the pack and decoded (`read_raw_at`, `decode_frame`) and its chunk
-//! taken out (`chunk_in_frame`), under the entry's id and under the id of
-//! the bytes it points at.
+//! A pack as readers take it apart: `Repository::parse_pack` (header,
+//! trailer, the pack's own sealed entry table and every entry's bounds),
+//! then every entry's frame read from the pack and decoded
+//! (`read_raw_at`, `decode_frame`) and its chunk taken out
+//! (`chunk_in_frame`), under the entry's id and under the id of the bytes
+//! it points at.
 //!
-//! Input: an entry count byte (at most [`MAX_ENTRIES`] are used), that many
-//! entries of 21 bytes (offset, stored length, raw length, offset in the
-//! frame, frame length, all u32 little-endian; flags), then the pack.
+//! Input: a mode byte, then by mode bits 0-1:
+//! - 0: a whole pack as is;
+//! - 1: an entry count byte (at most [`MAX_ENTRIES`] are used), that many
+//!   entries of 21 bytes (offset, stored length, raw length, offset in the
+//!   frame, frame length, all u32 little-endian; flags), then the frames:
+//!   the harness writes header, frames, table and trailer as a backup does;
+//! - 2: the frames' length (u16 little-endian), the frames, then the
+//!   table's postcard plaintext, which the harness compresses and wraps.
 
-use vfs_core::format::{self, MAX_CHUNK_SIZE};
+use vfs_core::format::{self, FLAG_ZSTD, MAX_CHUNK_SIZE};
 use vfs_core::ids::{ChunkId, PackId};
-use vfs_core::repo::{index_key, pack_key, IndexEntry, IndexFile};
+use vfs_core::repo::{pack_key, ChunkLoc, IndexEntry, PackTable, Repository};
 use vfs_core::store::ObjectStore;
 
-use crate::{alloc, repos};
+use crate::{alloc, meta, repos};
 
 pub const MAX_ENTRIES: usize = 16;
 pub const ENTRY_LEN: usize = 21;
 
 /// Bound on bytes live while decoding one frame: its plaintext, allocated
-/// at the length the index gives (at most [`MAX_CHUNK_SIZE`]) before
+/// at the length the table gives (at most [`MAX_CHUNK_SIZE`]) before
 /// decompressing, twice (the frame and the chunk copied out of it); the
 /// stored bytes fetched from the pack (at most the input); zstd's context.
-const PER_BYTE: usize = 2;
-const FIXED: usize = 2 * MAX_CHUNK_SIZE as usize + (1 << 20);
+const FRAME_PER_BYTE: usize = 2;
+const FRAME_FIXED: usize = 2 * MAX_CHUNK_SIZE as usize + (1 << 20);
 
 fn u32_at(b: &[u8], i: usize) -> u32 {
     u32::from_le_bytes(b[i..i + 4].try_into().expect("four bytes"))
 }
 
-/// Entries and pack bytes from an input.
-pub fn parse(data: &[u8]) -> Option<(Vec<IndexEntry>, &[u8])> {
+fn entries(data: &[u8]) -> Option<(Vec<IndexEntry>, &[u8])> {
     let (&n, rest) = data.split_first()?;
     let n = (n as usize).min(MAX_ENTRIES);
     if rest.len() < n * ENTRY_LEN {
         return None;
     }
-    let (table, pack) = rest.split_at(n * ENTRY_LEN);
+    let (table, frames) = rest.split_at(n * ENTRY_LEN);
     let entries = table
         .chunks(ENTRY_LEN)
         .enumerate()
@@ -51,12 +55,22 @@ pub fn parse(data: &[u8]) -> Option<(Vec<IndexEntry>, &[u8])> {
             flags: e[20],
         })
         .collect();
-    Some((entries, pack))
+    Some((entries, frames))
 }
 
-/// The input for `entries` and `pack`, for seeds.
-pub fn input(entries: &[IndexEntry], pack: &[u8]) -> Vec<u8> {
-    let mut out = vec![entries.len() as u8];
+/// A pack of `frames` with `table` (an entry table envelope), as written.
+fn assemble(frames: &[u8], table: &[u8]) -> Vec<u8> {
+    let mut pack = format::pack_header().to_vec();
+    pack.extend_from_slice(frames);
+    pack.extend_from_slice(table);
+    pack.extend_from_slice(&format::pack_trailer(table.len() as u64));
+    pack
+}
+
+/// The mode-1 input for `entries` and the frames after the pack header,
+/// for seeds.
+pub fn input(entries: &[IndexEntry], frames: &[u8]) -> Vec<u8> {
+    let mut out = vec![1, entries.len() as u8];
     for e in entries {
         for v in [
             e.offset,
@@ -69,43 +83,83 @@ pub fn input(entries: &[IndexEntry], pack: &[u8]) -> Vec<u8> {
         }
         out.push(e.flags);
     }
-    out.extend_from_slice(pack);
+    out.extend_from_slice(frames);
     out
 }
 
 pub fn check(data: &[u8]) {
-    let Some((entries, pack)) = parse(data) else {
+    let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    if format::check_pack_header("fuzz", pack).is_err() {
-        return;
-    }
     let fixture = repos::plain();
     let (store, repo) = (&fixture.store, &fixture.repo);
-    let pack_id = PackId(*blake3::hash(pack).as_bytes());
-    let index = IndexFile {
-        pack: pack_id,
-        pack_len: pack.len() as u64,
-        entries,
-    };
-    let idx_key = index_key(&pack_id);
-    store
-        .put(&idx_key, &repo.encode_meta(format::INDEX_MAGIC, &index))
-        .expect("memory store");
-    store.put(&pack_key(&pack_id), pack).expect("memory store");
-    // Entries the index file checks refuse are never read.
-    if let Ok(file) = repo.read_index_file(&idx_key) {
-        for e in &file.entries {
-            let (_, peak) = alloc::measure(|| read_entry(repo, &pack_id, e));
-            alloc::assert_within("frame", peak, pack.len(), PER_BYTE, FIXED);
+    let (pack, plain) = match mode & 3 {
+        0 => (rest.to_vec(), 0),
+        1 => {
+            let Some((entries, frames)) = entries(rest) else {
+                return;
+            };
+            let table = repo.encode_meta(format::PACK_TABLE_MAGIC, &PackTable { entries });
+            (assemble(frames, &table), 0)
         }
+        _ => {
+            let Some((len, rest)) = rest.split_first_chunk::<2>() else {
+                return;
+            };
+            let len = (u16::from_le_bytes(*len) as usize).min(rest.len());
+            let (frames, plain) = rest.split_at(len);
+            let Ok(compressed) = zstd::bulk::compress(plain, 1) else {
+                return;
+            };
+            let table = format::seal_envelope(format::PACK_TABLE_MAGIC, FLAG_ZSTD, &compressed);
+            (assemble(frames, &table), plain.len())
+        }
+    };
+    let plain = if mode & 3 == 0 {
+        // A raw pack's table holds what it holds: worked out by decoding.
+        let end = pack.len().saturating_sub(format::PACK_TRAILER_LEN);
+        match format::parse_pack_trailer("fuzz", pack.len() as u64, &pack[end..]) {
+            Ok((start, len)) => {
+                let table = &pack[start as usize..(start + len) as usize];
+                match meta::plain_len(repo, format::PACK_TABLE_MAGIC, table) {
+                    Some(n) => n,
+                    None => return,
+                }
+            }
+            Err(_) => 0,
+        }
+    } else {
+        plain
+    };
+    let (parsed, peak) = alloc::measure(|| repo.parse_pack("fuzz", &pack));
+    alloc::assert_within(
+        "pack",
+        peak,
+        pack.len() + plain,
+        meta::PER_BYTE,
+        meta::FIXED,
+    );
+    let Ok(entries) = parsed else {
+        return;
+    };
+    let pack_id = PackId(*blake3::hash(&pack).as_bytes());
+    let key = pack_key(&pack_id);
+    let _ = store.delete(&key);
+    store.put(&key, &pack).expect("memory store");
+    for e in entries.iter().take(MAX_ENTRIES) {
+        // What readers rely on (decode_frame, chunk_in_frame, get_range).
+        assert!(e.raw_len <= MAX_CHUNK_SIZE && e.frame_raw_len <= MAX_CHUNK_SIZE);
+        assert!(e.frame_offset as u64 + e.raw_len as u64 <= e.frame_raw_len as u64);
+        assert!(e.offset as usize >= format::PACK_HEADER_LEN);
+        assert!(e.offset as u64 + e.stored_len as u64 <= pack.len() as u64);
+        let (_, peak) = alloc::measure(|| read_entry(repo, &pack_id, e));
+        alloc::assert_within("frame", peak, pack.len(), FRAME_PER_BYTE, FRAME_FIXED);
     }
-    store.delete(&idx_key).expect("memory store");
-    store.delete(&pack_key(&pack_id)).expect("memory store");
+    store.delete(&key).expect("memory store");
 }
 
-fn read_entry(repo: &vfs_core::repo::Repository, pack: &PackId, e: &IndexEntry) {
-    let loc = vfs_core::repo::ChunkLoc {
+fn read_entry(repo: &Repository, pack: &PackId, e: &IndexEntry) {
+    let loc = ChunkLoc {
         pack: 0,
         offset: e.offset,
         stored_len: e.stored_len,

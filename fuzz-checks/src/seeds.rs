@@ -104,10 +104,22 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
                 index.push(meta::input(0, &plain));
                 index.push(meta::input(2, &plain));
                 let pack_bytes = get(&vfs_core::repo::pack_key(&idx.pack));
+                let end = pack_bytes.len() - format::PACK_TRAILER_LEN;
+                let (table_at, _) =
+                    format::parse_pack_trailer("seed", pack_bytes.len() as u64, &pack_bytes[end..])
+                        .expect("own pack");
+                let frames = &pack_bytes[format::PACK_HEADER_LEN..table_at as usize];
+                let table = postcard::to_stdvec(&vfs_core::repo::PackTable {
+                    entries: idx.entries.clone(),
+                })
+                .expect("table serializes");
+                packs.push([&[0u8][..], &pack_bytes].concat());
                 packs.push(pack::input(
                     &idx.entries[..idx.entries.len().min(pack::MAX_ENTRIES)],
-                    &pack_bytes,
+                    frames,
                 ));
+                let frames_len = (frames.len() as u16).to_le_bytes();
+                packs.push([&[2u8][..], &frames_len, frames, &table].concat());
             }
         }
         for key in keys(&fx, PACKS_PREFIX) {

@@ -1,5 +1,6 @@
-//! Replays every committed fuzz corpus (`fuzz/corpus/<target>/`) through
-//! its target's checks, with allocations counted as in the fuzzer, so CI
+//! Replays every committed fuzz corpus (`fuzz/corpus/<target>/`) and the
+//! inputs that once crashed (`fuzz/regressions/<target>/`) through its
+//! target's checks, with allocations counted as in the fuzzer, so CI
 //! catches a regression on any input the fuzzer once found interesting.
 
 use std::path::PathBuf;
@@ -12,15 +13,18 @@ static ALLOC: CountingAlloc = CountingAlloc;
 fn replay(target: &str) {
     assert!(alloc::counting(), "the counting allocator is not installed");
     let check = flr_fuzz_checks::target(target).expect("a known target");
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
-        .join(target);
+    let fuzz = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let dir = fuzz.join("corpus").join(target);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.expect("a directory entry").path())
         .collect();
-    files.sort();
     assert!(!files.is_empty(), "{}: empty corpus", dir.display());
+    // Inputs that once crashed, kept whether or not a merge keeps them.
+    if let Ok(found) = std::fs::read_dir(fuzz.join("regressions").join(target)) {
+        files.extend(found.map(|e| e.expect("a directory entry").path()));
+    }
+    files.sort();
     for file in &files {
         let data = std::fs::read(file).expect("a corpus file");
         // A panic names the file, to rerun it alone under the fuzzer.
