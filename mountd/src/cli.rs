@@ -247,9 +247,25 @@ pub fn password(repo: &Path, confirm: bool) -> vfs_core::Result<Vec<u8>> {
 }
 
 pub fn open_repo(path: &Path) -> Result<Repository> {
-    let store = LocalStore::open(path)
-        .with_context(|| format!("cannot open repository {}", path.display()))?;
-    let repo = Repository::open(Arc::new(store), || password(path, false))?;
+    open_repo_as(path, true)
+}
+
+/// Opens a repository that may have damaged index files (verify, repair).
+fn open_repo_for_repair(path: &Path) -> Result<Repository> {
+    open_repo_as(path, false)
+}
+
+fn open_repo_as(path: &Path, strict: bool) -> Result<Repository> {
+    let store = Arc::new(
+        LocalStore::open(path)
+            .with_context(|| format!("cannot open repository {}", path.display()))?,
+    );
+    let password = || password(path, false);
+    let repo = if strict {
+        Repository::open(store, password)?
+    } else {
+        Repository::open_for_repair(store, password)?
+    };
     for problem in &repo.index().read().problems {
         eprintln!("flr: warning: {problem}");
     }
@@ -505,7 +521,7 @@ fn run_restore(
 }
 
 fn run_verify(repo_path: &Path, read_data: bool, json: bool) -> Result<u8> {
-    let repo = open_repo(repo_path)?;
+    let repo = open_repo_for_repair(repo_path)?;
     let progress = Arc::new(Progress::default());
     let display = ProgressDisplay::start(progress.clone(), "verify", !json);
     let report = verify::verify(&repo, read_data, &progress)?;
@@ -552,7 +568,7 @@ fn run_verify(repo_path: &Path, read_data: bool, json: bool) -> Result<u8> {
 }
 
 fn run_repair_index(repo_path: &Path, json: bool) -> Result<u8> {
-    let repo = open_repo(repo_path)?;
+    let repo = open_repo_for_repair(repo_path)?;
     let report = vfs_core::repair::repair_index(&repo)?;
     if json {
         println!("{}", serde_json::to_value(&report)?);

@@ -85,7 +85,7 @@ pub fn open_session(
         CowFs::resume(base, state_dir, id, opts.session)?
     } else {
         let info = SessionInfo {
-            format: session::SESSION_FORMAT,
+            format: vfs_core::format::SESSION_FORMAT,
             id: id.to_string(),
             repository: std::path::absolute(repo_path).unwrap_or_else(|_| repo_path.into()),
             restore_point: rp.to_string(),

@@ -13,6 +13,11 @@ use std::time::{Duration, Instant};
 use mountd::client::{request, request_raw, Response};
 use serde_json::{json, Value};
 
+// The hostile restore points of the end-to-end tests (crate flr-e2e);
+// the file needs only `std` and `vfs_core`, which this crate has.
+#[path = "../../tests/src/hostile.rs"]
+mod hostile;
+
 fn flr() -> PathBuf {
     std::env::var_os("FLR_BIN")
         .map(PathBuf::from)
@@ -121,6 +126,12 @@ struct Daemon {
 
 impl Daemon {
     fn start(extra_settings: &str) -> Daemon {
+        Daemon::start_with_repositories(extra_settings, &[])
+    }
+
+    /// Like [`Daemon::start`], with `repositories` (name, path) configured
+    /// besides `main`, the shared fixture.
+    fn start_with_repositories(extra_settings: &str, repositories: &[(&str, &Path)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("run/mountd.sock");
         let root = dir.path().join("mnt");
@@ -133,7 +144,10 @@ impl Daemon {
             format!(
                 "[settings]\nmount_root = {root:?}\nsocket = {socket:?}\ncache_size = \"64M\"\nrestore_targets = [{restore:?}]\nstate_dir = {state:?}\n{extra_settings}\n\n[repositories.main]\npath = {:?}\n",
                 fixture().repo
-            ),
+            ) + &repositories
+                .iter()
+                .map(|(name, path)| format!("\n[repositories.{name}]\npath = {path:?}\n"))
+                .collect::<String>(),
         )
         .unwrap();
         let mut d = Daemon {
@@ -860,4 +874,88 @@ fn the_api_matches_its_openapi_document() {
         mounts_under(&d.root).len(),
         listed.as_array().unwrap().len()
     );
+}
+
+/// Restore points whose manifests would lead a restore outside its target
+/// are refused by restore jobs (with and without overwrite) and served by
+/// no session's mount; the decoy beside the targets stays empty.
+#[test]
+fn hostile_restore_points_are_refused_by_jobs_and_mounts() {
+    let repo_dir = tempfile::tempdir().unwrap();
+    let repo = repo_dir.path().join("repo");
+    run_ok(Command::new(flr()).arg("init").arg(&repo));
+    let d = Daemon::start_with_repositories("", &[("hostile", &repo)]);
+    // The daemon reads manifests when asked, so they can be written now,
+    // aimed at a sibling of the targets inside the allowed directory.
+    let outside = d.restore.join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let assert_untouched = |after: &str| {
+        let left: Vec<_> = std::fs::read_dir(&outside)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "after {after}: the decoy holds {left:?}");
+    };
+    for case in hostile::hostile_cases(&outside) {
+        let rp = hostile::write_restore_point(&repo, case.job, case.nodes);
+        let target = d.restore.join(format!("target-{}", case.job));
+        for overwrite in [false, true] {
+            let r = d.call(
+                "POST",
+                "/restore-jobs",
+                Some(json!({
+                    "repository": "hostile", "restore_point": rp,
+                    "target": target, "overwrite": overwrite,
+                })),
+            );
+            // Refused up front, or accepted and failed: never done.
+            let error = if r.status == 202 {
+                let j = d.wait_job(r.json()["id"].as_str().unwrap());
+                assert_eq!(j["state"], "failed", "{rp}: {j}");
+                j["error"].as_str().unwrap_or_default().to_string()
+            } else {
+                assert!(r.status >= 400, "{rp}: {}", r.body);
+                r.json()["error"].as_str().unwrap_or_default().to_string()
+            };
+            assert!(
+                error.contains(&format!("restore point {rp}")) && error.contains(&case.refusal),
+                "{rp}: expected {:?} in {error:?}",
+                case.refusal
+            );
+            assert_untouched(&format!("a restore job of {rp}"));
+            assert!(!target.exists(), "{rp}: the job created its target");
+        }
+
+        let r = d.call(
+            "POST",
+            "/sessions",
+            Some(json!({"repository": "hostile", "restore_point": rp})),
+        );
+        if r.status == 201 {
+            let s = r.json();
+            let path = PathBuf::from(s["path"].as_str().unwrap());
+            let listed = std::fs::read_dir(&path).and_then(|rd| rd.collect::<Result<Vec<_>, _>>());
+            match listed {
+                Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{rp}: {e}"),
+                Ok(entries) => panic!("{rp} was served: {entries:?}"),
+            }
+            for name in ["x", "d", "f", "x/f"] {
+                let meta = std::fs::symlink_metadata(path.join(name));
+                assert!(meta.is_err(), "{rp}: {name} was served: {meta:?}");
+            }
+            let end = d.call(
+                "DELETE",
+                &format!("/sessions/{}", s["id"].as_str().unwrap()),
+                None,
+            );
+            assert_eq!(end.status, 200, "{}", end.body);
+        } else {
+            assert!(r.status >= 400, "{rp}: {}", r.body);
+            let error = r.json()["error"].as_str().unwrap_or_default().to_string();
+            assert!(error.contains(&case.refusal), "{rp}: {error:?}");
+        }
+        assert_untouched(&format!("a session of {rp}"));
+    }
+    assert!(mounts_under(&d.root).is_empty());
 }

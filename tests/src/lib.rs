@@ -15,6 +15,9 @@
 //!   panics; [`mount::WritableMount`], the same for a restore point
 //!   mounted writable, whose session it discards;
 //!   [`mount::is_mounted`] reads `/proc/mounts`.
+//! - [`hostile`]: restore points no backup writes (duplicate names,
+//!   `..`, '/', NUL, a symlink then a directory of its name), stored by
+//!   hand, to check that nothing restores or serves them.
 //! - [`tree`]: builds a source tree with every kind of file and compares
 //!   two trees (kind, size, permission bits, mtime to the nanosecond,
 //!   symlink targets, contents byte for byte).
@@ -35,6 +38,7 @@
 pub mod command;
 pub mod flr;
 pub mod fsx;
+pub mod hostile;
 pub mod mount;
 pub mod pjdfstest;
 pub mod postgres;

@@ -152,7 +152,7 @@ fn config_with_unknown_format_version() {
     let raw = fs::read(&config_path).unwrap();
     let payload = &raw[ENVELOPE_HEADER_LEN..raw.len() - CHECKSUM_LEN];
     let mut config: serde_json::Value = serde_json::from_slice(payload).expect("config is JSON");
-    assert_eq!(config["version"], 1, "{config}");
+    assert_eq!(config["version"], 2, "{config}");
     config["version"] = 99.into();
     fs::write(
         &config_path,

@@ -544,15 +544,20 @@ fn writes_land_in_the_session_not_the_repository() {
     let session_dir = mnt.state_dir.join("cow");
     let entry = listed(&mnt.state_dir, "cow").expect("session list shows the mounted session");
     assert_eq!(entry["in_use"], true, "{entry}");
-    let big_ino = fs::metadata(src.join(BIG)).unwrap().ino();
     let (data_files, data_total) = disk_usage(&session_dir.join("data"));
     let (_, session_total) = disk_usage(&session_dir);
-    let big_data = session_dir.join("data").join(format!("{big_ino:x}"));
-    assert!(
-        big_data.is_file(),
-        "no data file {} for {BIG} (inode {big_ino}); the data directory holds {data_files:?}",
-        big_data.display()
-    );
+    // Data files are named by node, not inode: the big file's is the one
+    // holding the patch at the patch's offset.
+    let big_data = data_files
+        .iter()
+        .map(|(name, _)| session_dir.join("data").join(name))
+        .find(|path| {
+            fs::metadata(path).unwrap().len() >= PATCH_AT + PATCH_LEN as u64
+                && read_range(path, PATCH_AT, PATCH_LEN) == patch
+        })
+        .unwrap_or_else(|| {
+            panic!("no data file holds the patch of {BIG}; the data directory holds {data_files:?}")
+        });
     let big_allocated = allocated_bytes(&big_data);
     eprintln!(
         "4 KiB written into a {BIG_LEN}-byte file: its data file takes {big_allocated} bytes \

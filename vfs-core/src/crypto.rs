@@ -11,9 +11,10 @@ use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-
-pub const NONCE_LEN: usize = 24;
-pub const TAG_LEN: usize = 16;
+use crate::format::{
+    DATA_KEY, ID_KEY, KDF_M_COST_KIB, KDF_NAME, KDF_P_COST, KDF_SALT_LEN, KDF_T_COST, KDF_VERSION,
+    KEY_LEN, MASTER_KEY_LEN, NONCE_LEN, TAG_LEN, WRAPPED_KEY_LEN,
+};
 
 /// Key-derivation and wrapped-key record kept in the repository config.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -24,7 +25,7 @@ pub struct EncryptionConfig {
     pub m_cost_kib: u32,
     pub t_cost: u32,
     pub p_cost: u32,
-    /// nonce | ciphertext of the 64-byte master key, hex.
+    /// The master key wrapped as [`crate::format::WRAPPED_KEY_LEN`] says, hex.
     pub wrapped_key: String,
 }
 
@@ -32,7 +33,7 @@ pub struct EncryptionConfig {
 #[derive(Clone)]
 pub struct Keys {
     cipher: XChaCha20Poly1305,
-    pub id_key: [u8; 32],
+    pub id_key: [u8; KEY_LEN],
 }
 
 fn random_bytes<const N: usize>() -> [u8; N] {
@@ -50,11 +51,11 @@ pub struct KdfParams {
 }
 
 impl KdfParams {
-    /// 64 MiB, 3 passes: the OWASP-recommended floor for Argon2id.
+    /// What `flr init --encrypt` uses (see [`crate::format::KDF_M_COST_KIB`]).
     pub const DEFAULT: KdfParams = KdfParams {
-        m_cost_kib: 64 * 1024,
-        t_cost: 3,
-        p_cost: 1,
+        m_cost_kib: KDF_M_COST_KIB,
+        t_cost: KDF_T_COST,
+        p_cost: KDF_P_COST,
     };
     /// Upper bounds a config may ask for. Unlocking allocates `m_cost_kib`
     /// and runs `t_cost` passes over it before the password can be checked,
@@ -70,7 +71,7 @@ impl KdfParams {
 pub struct KeyRecord {
     pub params: KdfParams,
     pub salt: Vec<u8>,
-    /// nonce | ciphertext of the 64-byte master key.
+    /// The master key wrapped as [`WRAPPED_KEY_LEN`] says.
     pub wrapped: Vec<u8>,
 }
 
@@ -80,7 +81,7 @@ impl EncryptionConfig {
     /// key's encoding and length.
     pub fn key_record(&self) -> Result<KeyRecord> {
         let bad = |why: String| Error::malformed("config", why);
-        if self.kdf != "argon2id" {
+        if self.kdf != KDF_NAME {
             return Err(bad(format!("unknown key derivation {:?}", self.kdf)));
         }
         let params = KdfParams {
@@ -105,7 +106,7 @@ impl EncryptionConfig {
         let salt = hex::decode(&self.salt).map_err(|_| bad("salt is not hex".into()))?;
         let wrapped =
             hex::decode(&self.wrapped_key).map_err(|_| bad("wrapped key is not hex".into()))?;
-        if wrapped.len() != NONCE_LEN + 64 + TAG_LEN {
+        if wrapped.len() != WRAPPED_KEY_LEN {
             return Err(bad("wrapped key has the wrong length".into()));
         }
         Ok(KeyRecord {
@@ -116,11 +117,13 @@ impl EncryptionConfig {
     }
 }
 
-fn kek(password: &[u8], salt: &[u8], p: KdfParams) -> Result<[u8; 32]> {
-    let params = Params::new(p.m_cost_kib, p.t_cost, p.p_cost, Some(32))
+fn kek(password: &[u8], salt: &[u8], p: KdfParams) -> Result<[u8; KEY_LEN]> {
+    let params = Params::new(p.m_cost_kib, p.t_cost, p.p_cost, Some(KEY_LEN))
         .map_err(|e| Error::InvalidInput(format!("bad key-derivation parameters: {e}")))?;
-    let mut out = [0u8; 32];
-    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+    let version = Version::try_from(KDF_VERSION)
+        .map_err(|e| Error::InvalidInput(format!("key-derivation version: {e}")))?;
+    let mut out = [0u8; KEY_LEN];
+    Argon2::new(Algorithm::Argon2id, version, params)
         .hash_password_into(password, salt, &mut out)
         .map_err(|e| Error::InvalidInput(format!("key derivation failed: {e}")))?;
     Ok(out)
@@ -135,8 +138,8 @@ impl Keys {
     /// Like [`Self::create`] with other key-derivation costs (tests use
     /// tiny ones: the default takes a good part of a second).
     pub fn create_with(password: &[u8], params: KdfParams) -> Result<(Keys, EncryptionConfig)> {
-        let salt: [u8; 16] = random_bytes();
-        let master: [u8; 64] = random_bytes();
+        let salt: [u8; KDF_SALT_LEN] = random_bytes();
+        let master: [u8; MASTER_KEY_LEN] = random_bytes();
         let wrap = XChaCha20Poly1305::new(&kek(password, &salt, params)?.into());
         let nonce: [u8; NONCE_LEN] = random_bytes();
         let sealed = wrap
@@ -145,7 +148,7 @@ impl Keys {
         let mut wrapped = nonce.to_vec();
         wrapped.extend_from_slice(&sealed);
         let config = EncryptionConfig {
-            kdf: "argon2id".into(),
+            kdf: KDF_NAME.into(),
             salt: hex::encode(salt),
             m_cost_kib: params.m_cost_kib,
             t_cost: params.t_cost,
@@ -169,15 +172,17 @@ impl Keys {
                 &record.wrapped[NONCE_LEN..],
             )
             .map_err(|_| Error::WrongPassword(repo.to_path_buf()))?;
-        let master: [u8; 64] = master
+        let master: [u8; MASTER_KEY_LEN] = master
             .try_into()
             .map_err(|_| Error::malformed("config", "master key length"))?;
         Ok(Keys::from_master(&master))
     }
 
-    fn from_master(master: &[u8; 64]) -> Keys {
-        let data_key: [u8; 32] = master[..32].try_into().unwrap();
-        let id_key: [u8; 32] = master[32..].try_into().unwrap();
+    fn from_master(master: &[u8; MASTER_KEY_LEN]) -> Keys {
+        let mut data_key = [0u8; KEY_LEN];
+        data_key.copy_from_slice(&master[DATA_KEY]);
+        let mut id_key = [0u8; KEY_LEN];
+        id_key.copy_from_slice(&master[ID_KEY]);
         Keys {
             cipher: XChaCha20Poly1305::new(&data_key.into()),
             id_key,

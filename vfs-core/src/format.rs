@@ -223,6 +223,203 @@ pub fn open_envelope<'a>(what: &str, magic: [u8; 8], bytes: &'a [u8]) -> Result<
     Ok((flags, &bytes[ENVELOPE_HEADER_LEN..body_end]))
 }
 
+// ---------------------------------------------------------------------
+// Keys of an encrypted repository (used by `crypto`).
+//
+// The config holds `EncryptionConfig`: the KDF name and parameters, a
+// salt, and the master key wrapped (sealed) under the key the KDF derives
+// from the password. The master key is one random secret split in two, so
+// chunk ids are never keyed with the key that encrypts.
+// ---------------------------------------------------------------------
+
+/// XChaCha20-Poly1305 nonce, stored in front of every sealed object. 192
+/// random bits: nonces are drawn at random (no counter survives a crash or
+/// two writers), and at this length collisions stay negligible.
+pub const NONCE_LEN: usize = 24;
+
+/// Poly1305 tag, stored after the ciphertext.
+pub const TAG_LEN: usize = 16;
+
+/// Every symmetric key: XChaCha20 and keyed BLAKE3 both take 32 bytes, and
+/// the KDF derives the key-encryption key at this length.
+pub const KEY_LEN: usize = 32;
+
+/// The master key: data key | id key.
+pub const MASTER_KEY_LEN: usize = 2 * KEY_LEN;
+
+/// Bytes of the master key that seal chunks and metadata.
+pub const DATA_KEY: std::ops::Range<usize> = 0..KEY_LEN;
+
+/// Bytes of the master key that key the BLAKE3 chunk ids.
+pub const ID_KEY: std::ops::Range<usize> = KEY_LEN..MASTER_KEY_LEN;
+
+/// The wrapped master key as stored (hex) in the config: nonce | sealed
+/// master key | tag.
+pub const WRAPPED_KEY_LEN: usize = NONCE_LEN + MASTER_KEY_LEN + TAG_LEN;
+const _: () = assert!(WRAPPED_KEY_LEN == 24 + 64 + 16);
+const _: () = assert!(DATA_KEY.end == ID_KEY.start && ID_KEY.end == MASTER_KEY_LEN);
+
+/// The one key derivation understood; the config names it so another can
+/// be added without guessing.
+pub const KDF_NAME: &str = "argon2id";
+
+/// Argon2 version 1.3 (0x13), the version RFC 9106 defines.
+pub const KDF_VERSION: u32 = 0x13;
+
+/// Random salt per repository: 128 bits, as RFC 9106 recommends.
+pub const KDF_SALT_LEN: usize = 16;
+
+/// Parameters new repositories get: 64 MiB and 3 passes, one lane, the
+/// OWASP-recommended floor for Argon2id. Stored in the config, so raising
+/// them later leaves existing repositories readable.
+pub const KDF_M_COST_KIB: u32 = 64 * 1024;
+pub const KDF_T_COST: u32 = 3;
+pub const KDF_P_COST: u32 = 1;
+
+// ---------------------------------------------------------------------
+// Writable sessions (used by `session`).
+//
+// A session directory under the state directory:
+//
+// ```text
+// session.json   JSON SessionInfo: format, id, repository, restore point
+// lock           held (flock) by the process serving the session; empty
+// state          Envelope(STATE): postcard checkpoint of the overlay
+// journal        JOURNAL_HEADER, then records appended since the checkpoint
+// data/<name>    sparse file: the bytes written to one file, at their offsets
+// ```
+//
+// Nothing stored names a node by inode number: a mount hands those out as
+// restore points load, so they differ between runs. A restore point node
+// is named by its index in the restore point's manifest (immutable), a
+// node made in the session by its session id ([`FIRST_SESSION_NODE`] up).
+// ---------------------------------------------------------------------
+
+/// Version of everything in a session directory (`session.json`, `state`,
+/// `journal`, data file names). Sessions are short-lived: a session of
+/// another version is refused, never migrated.
+/// 2: nodes named by manifest index or session id instead of inode number.
+pub const SESSION_FORMAT: u32 = 2;
+
+pub const SESSION_INFO_FILE: &str = "session.json";
+pub const SESSION_LOCK_FILE: &str = "lock";
+pub const SESSION_STATE_FILE: &str = "state";
+pub const SESSION_JOURNAL_FILE: &str = "journal";
+pub const SESSION_DATA_DIR: &str = "data";
+
+/// Magic of the checkpoint's envelope.
+pub const STATE_MAGIC: [u8; 8] = *b"FLRSTAT\0";
+
+/// Magic of a journal.
+pub const JOURNAL_MAGIC: [u8; 8] = *b"FLRJRNL\0";
+
+/// Journal header: magic (8) | SESSION_FORMAT u32 | flags u32 (none yet,
+/// must be 0) | checkpoint generation u64. Little-endian. The generation
+/// ties the journal to the checkpoint it follows, so a checkpoint that
+/// crashed midway never has its journal replayed twice.
+pub const JOURNAL_HEADER_LEN: usize = 24;
+const _: () = assert!(JOURNAL_HEADER_LEN == 8 + 4 + 4 + 8);
+
+/// Journal record: payload length u32 | first RECORD_CHECKSUM_LEN bytes of
+/// blake3(payload) | payload (postcard). The checksum finds the record a
+/// crash tore at the tail; four bytes suffice for that. A record that is
+/// whole but wrong is caught by decoding and by the checks of replay.
+pub const RECORD_CHECKSUM_LEN: usize = 4;
+pub const RECORD_HEADER_LEN: usize = 4 + RECORD_CHECKSUM_LEN;
+const _: () = assert!(RECORD_HEADER_LEN == 8);
+
+/// Ids of nodes made in a session start here, and double as their inode
+/// numbers: a mount's restore point inodes stay far below (2^48 nodes).
+pub const FIRST_SESSION_NODE: u64 = 1 << 48;
+
+/// Prefix of the data file of a restore point node (`r` and its manifest
+/// index in hex); a session-made node's data file is its id in hex, which
+/// never starts with `r`.
+pub const DATA_FILE_RESTORE_POINT_PREFIX: &str = "r";
+
+/// How a session's files name a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum NodeRef {
+    /// Node `i` of the restore point's manifest (0 is its root).
+    RestorePoint(u32),
+    /// A node made in the session, by its id (at least
+    /// [`FIRST_SESSION_NODE`]).
+    Session(u64),
+}
+
+impl NodeRef {
+    /// Name of the node's data file in `data/`.
+    pub fn data_file_name(self) -> String {
+        match self {
+            NodeRef::RestorePoint(i) => format!("{DATA_FILE_RESTORE_POINT_PREFIX}{i:x}"),
+            NodeRef::Session(id) => format!("{id:x}"),
+        }
+    }
+}
+
+/// A journal's header for a journal following checkpoint `generation`.
+pub fn journal_header(generation: u64) -> [u8; JOURNAL_HEADER_LEN] {
+    let mut h = [0u8; JOURNAL_HEADER_LEN];
+    h[..8].copy_from_slice(&JOURNAL_MAGIC);
+    h[8..12].copy_from_slice(&SESSION_FORMAT.to_le_bytes());
+    h[16..24].copy_from_slice(&generation.to_le_bytes());
+    h
+}
+
+fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    let b = bytes.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes(b.try_into().ok()?))
+}
+
+fn le_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    let b = bytes.get(at..at.checked_add(8)?)?;
+    Some(u64::from_le_bytes(b.try_into().ok()?))
+}
+
+/// Checks a journal's header (`bytes` is the whole journal, `what` names
+/// it); returns the generation.
+pub fn check_journal_header(what: &str, bytes: &[u8]) -> Result<u64> {
+    if bytes.len() < JOURNAL_HEADER_LEN || bytes[..8] != JOURNAL_MAGIC {
+        return Err(Error::malformed(what, "not a session journal (bad magic)"));
+    }
+    let version = le_u32(bytes, 8).unwrap_or_default();
+    if version != SESSION_FORMAT {
+        return Err(Error::UnsupportedVersion {
+            what: what.to_string(),
+            found: version,
+            supported: SESSION_FORMAT,
+        });
+    }
+    let flags = le_u32(bytes, 12).unwrap_or_default();
+    if flags != 0 {
+        return Err(Error::malformed(what, format!("unknown flags {flags:#x}")));
+    }
+    le_u64(bytes, 16).ok_or_else(|| Error::malformed(what, "truncated header"))
+}
+
+/// Frames one record's payload.
+pub fn journal_record(payload: &[u8]) -> Result<Vec<u8>> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| Error::InvalidInput(format!("journal record of {} bytes", payload.len())))?;
+    let mut record = Vec::with_capacity(RECORD_HEADER_LEN + payload.len());
+    record.extend_from_slice(&len.to_le_bytes());
+    record.extend_from_slice(&blake3::hash(payload).as_bytes()[..RECORD_CHECKSUM_LEN]);
+    record.extend_from_slice(payload);
+    Ok(record)
+}
+
+/// The payload of the record at `pos` of a journal and where the next one
+/// starts; `None` at the end and at a record a crash tore (cut short, or
+/// its checksum does not match).
+pub fn next_journal_record(bytes: &[u8], pos: usize) -> Option<(&[u8], usize)> {
+    let len = le_u32(bytes, pos)? as usize;
+    let sum = bytes.get(pos.checked_add(4)?..pos.checked_add(RECORD_HEADER_LEN)?)?;
+    let start = pos + RECORD_HEADER_LEN;
+    let end = start.checked_add(len)?;
+    let payload = bytes.get(start..end)?;
+    (blake3::hash(payload).as_bytes()[..RECORD_CHECKSUM_LEN] == *sum).then_some((payload, end))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

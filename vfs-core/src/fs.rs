@@ -1228,6 +1228,48 @@ fn log_error(msg: &str) {
     eprintln!("flr: {msg}");
 }
 
+/// Stable names of restore point nodes. Inode numbers are handed out as
+/// restore points load, so the same node can get another number in another
+/// mount; its index in the (immutable) manifest never changes. Writable
+/// sessions store these indices, never inode numbers.
+impl RepoFs {
+    /// The manifest index of `ino` in the restore point whose directory
+    /// inode is `dir`.
+    pub fn node_index(&self, dir: u64, ino: u64) -> FsResult<u32> {
+        match self.resolve_loaded(ino)? {
+            Resolved::Node(rp, i) if rp.dir_ino == dir => {
+                u32::try_from(i).map_err(|_| FsError::NotFound)
+            }
+            _ => Err(FsError::NotFound),
+        }
+    }
+
+    /// The inode of node `index` of the restore point whose directory
+    /// inode is `dir`, loading it if needed.
+    pub fn node_ino(&self, dir: u64, index: u32) -> FsResult<u64> {
+        let Resolved::Node(rp, 0) = self.resolve_loaded(dir)? else {
+            return Err(FsError::NotADirectory);
+        };
+        let i = index as usize;
+        if i >= rp.manifest.nodes.len() {
+            return Err(FsError::NotFound);
+        }
+        Ok(if i == 0 {
+            rp.dir_ino
+        } else {
+            rp.base + i as u64
+        })
+    }
+
+    /// Moves the inode numbers restore points loaded from now on get by
+    /// `n`, as loading other restore points first would. For tests that
+    /// check nothing stored depends on inode numbers.
+    #[doc(hidden)]
+    pub fn skip_inodes(&self, n: u64) {
+        self.tree.write().next_ino += n;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,8 @@
 //! - [`store::ObjectStore`]: immutable named objects, written create-only.
 //!   [`local_store`] (directory, `pread`) and [`store::MemoryStore`] (tests)
 //!   implement it here; S3 lives in `backends`.
-//! - [`format`]: magic numbers, versions, headers, the checksummed envelope.
+//! - [`format`](mod@format): magic numbers, versions, headers, the checksummed envelope,
+//!   the key layout, and the layout of a writable session's files.
 //! - [`repo::Repository`]: config and keys ([`crypto`]), the in-memory chunk
 //!   index, chunk reads in two steps (`read_raw`, then `decode_chunk`:
 //!   open, decompress, verify), restore point manifests ([`manifest`]).

@@ -149,7 +149,10 @@ impl Manifest {
     }
 
     /// Checks the invariants a reader relies on, so a garbled but
-    /// well-checksummed manifest still cannot crash or mislead a mount.
+    /// well-checksummed manifest still cannot crash or mislead a mount, nor
+    /// steer a restore outside its target: every name is one plain path
+    /// component and no directory holds two entries of the same name.
+    /// Linear in nodes apart from one sort for the duplicate check.
     pub fn validate(&self, what: &str) -> Result<()> {
         let bad = |why: String| Err(Error::malformed(what, why));
         let Some(root) = self.nodes.first() else {
@@ -163,22 +166,31 @@ impl Manifest {
             if p >= i || self.nodes[p].kind != NodeKind::Dir {
                 return bad(format!("node {i} has an invalid parent {p}"));
             }
-            if n.name.is_empty() || n.name.contains(&b'/') || n.name == b"." || n.name == b".." {
-                return bad(format!("node {i} has an invalid name"));
+            // The parent is checked, so the path below is well defined.
+            let at = || format!("{:?} (node {i})", self.child_path(p, &n.name));
+            if let Some(why) = name_problem(&n.name) {
+                return bad(format!("{}: the name {why}", at()));
             }
             if !n.kind.is_stored() {
-                return bad(format!("node {i} is a {:?}, which is never stored", n.kind));
+                return bad(format!("{} is a {:?}, which is never stored", at(), n.kind));
+            }
+            if n.mtime_nsec >= 1_000_000_000 {
+                return bad(format!("{}: mtime has {} nanoseconds", at(), n.mtime_nsec));
+            }
+            if n.kind == NodeKind::Symlink && (n.target.is_empty() || n.target.contains(&0)) {
+                return bad(format!("{}: symlink target is empty or holds NUL", at()));
             }
             let expected: u64 = match &n.content {
                 Content::Empty => 0,
                 Content::Fixed { chunk_size, chunks } => {
                     if *chunk_size == 0 || *chunk_size > crate::format::MAX_CHUNK_SIZE {
-                        return bad(format!("node {i} has chunk size {chunk_size}"));
+                        return bad(format!("{} has chunk size {chunk_size}", at()));
                     }
                     let full = n.size.div_ceil(*chunk_size as u64);
                     if full != chunks.len() as u64 {
                         return bad(format!(
-                            "node {i}: {} chunks for {} bytes",
+                            "{}: {} chunks for {} bytes",
+                            at(),
                             chunks.len(),
                             n.size
                         ));
@@ -189,12 +201,38 @@ impl Manifest {
             };
             if n.kind == NodeKind::File && expected != n.size {
                 return bad(format!(
-                    "node {i}: chunks cover {expected} bytes, size is {}",
+                    "{}: chunks cover {expected} bytes, size is {}",
+                    at(),
                     n.size
                 ));
             }
         }
+        // Siblings are not adjacent in depth-first order, so sort node
+        // indices by (parent, name): duplicates end up side by side.
+        let mut order: Vec<u32> = (1..self.nodes.len() as u32).collect();
+        let key = |i: &u32| {
+            let n = &self.nodes[*i as usize];
+            (n.parent, n.name.as_slice())
+        };
+        order.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
+        if let Some(pair) = order.windows(2).find(|w| key(&w[0]) == key(&w[1])) {
+            let (first, second) = (pair[0].min(pair[1]), pair[0].max(pair[1]));
+            return bad(format!(
+                "{:?} appears twice in one directory (nodes {first} and {second})",
+                self.path_of(second as usize)
+            ));
+        }
         Ok(())
+    }
+
+    /// The path an entry `name` of directory node `parent` would have,
+    /// for messages about names that may not be valid.
+    fn child_path(&self, parent: usize, name: &[u8]) -> String {
+        let name = String::from_utf8_lossy(name);
+        match parent {
+            0 => name.into_owned(),
+            p => format!("{}/{name}", self.path_of(p)),
+        }
     }
 
     /// The path of node `i` relative to the restore point root.
@@ -206,6 +244,23 @@ impl Manifest {
         }
         parts.reverse();
         parts.join("/")
+    }
+}
+
+/// Why `name` cannot be one entry of a directory, if it cannot: a
+/// restore creates it inside its parent, so it must be a single path
+/// component on every OS it might be restored to.
+fn name_problem(name: &[u8]) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("is empty")
+    } else if name == b"." || name == b".." {
+        Some("is '.' or '..'")
+    } else if name.contains(&b'/') {
+        Some("contains '/'")
+    } else if name.contains(&0) {
+        Some("contains NUL")
+    } else {
+        None
     }
 }
 
@@ -271,6 +326,118 @@ mod tests {
         assert_eq!(timestamp_name(0), "1970-01-01T00-00-00Z");
         assert_eq!(timestamp_name(1_795_318_174), "2026-11-22T03-29-34Z");
         assert_eq!(timestamp_name(951_782_400), "2000-02-29T00-00-00Z");
+    }
+
+    fn entry(parent: u32, name: &[u8], kind: NodeKind) -> Node {
+        Node {
+            parent,
+            name: name.to_vec(),
+            kind,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime_sec: 0,
+            mtime_nsec: 0,
+            size: 0,
+            target: if kind == NodeKind::Symlink {
+                b"/etc".to_vec()
+            } else {
+                Vec::new()
+            },
+            content: Content::Empty,
+        }
+    }
+
+    /// The validation error for a tree of `nodes` below a root directory.
+    fn refusal(nodes: Vec<Node>) -> String {
+        let mut all = vec![entry(0, b"", NodeKind::Dir)];
+        all.extend(nodes);
+        let m = Manifest {
+            job: "j".into(),
+            name: "n".into(),
+            time: 0,
+            hostname: "h".into(),
+            stats: BackupStats::default(),
+            nodes: all,
+        };
+        match m.validate("restore point j/n") {
+            Ok(()) => panic!("accepted {:?}", m.nodes),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn names_that_are_not_one_plain_component_are_refused() {
+        for (name, why) in [
+            (&b""[..], "is empty"),
+            (b".", "'.' or '..'"),
+            (b"..", "'.' or '..'"),
+            (b"a/b", "contains '/'"),
+            (b"/", "contains '/'"),
+            (b"a\0b", "contains NUL"),
+        ] {
+            let msg = refusal(vec![
+                entry(0, b"d", NodeKind::Dir),
+                entry(1, name, NodeKind::File),
+            ]);
+            assert!(msg.contains("restore point j/n"), "{msg}");
+            assert!(msg.contains(why) && msg.contains("\"d/"), "{name:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn two_entries_of_one_name_in_a_directory_are_refused() {
+        // The symlink-then-directory trick: `x -> /etc`, then `x/`, then
+        // `x/passwd`; siblings need not be adjacent.
+        let msg = refusal(vec![
+            entry(0, b"x", NodeKind::Symlink),
+            entry(0, b"d", NodeKind::Dir),
+            entry(2, b"inner", NodeKind::File),
+            entry(0, b"x", NodeKind::Dir),
+            entry(4, b"passwd", NodeKind::File),
+        ]);
+        assert!(
+            msg.contains("\"x\" appears twice") && msg.contains("nodes 1 and 4"),
+            "{msg}"
+        );
+        let msg = refusal(vec![
+            entry(0, b"d", NodeKind::Dir),
+            entry(1, b"f", NodeKind::File),
+            entry(1, b"f", NodeKind::File),
+        ]);
+        assert!(msg.contains("\"d/f\" appears twice"), "{msg}");
+        // The same name in different directories is fine.
+        let mut all = vec![entry(0, b"", NodeKind::Dir)];
+        all.extend([
+            entry(0, b"a", NodeKind::Dir),
+            entry(1, b"f", NodeKind::File),
+            entry(0, b"b", NodeKind::Dir),
+            entry(3, b"f", NodeKind::File),
+        ]);
+        let m = Manifest {
+            job: "j".into(),
+            name: "n".into(),
+            time: 0,
+            hostname: "h".into(),
+            stats: BackupStats::default(),
+            nodes: all,
+        };
+        m.validate("restore point j/n").unwrap();
+    }
+
+    #[test]
+    fn a_symlink_is_never_a_parent_and_its_target_is_checked() {
+        let msg = refusal(vec![
+            entry(0, b"x", NodeKind::Symlink),
+            entry(1, b"f", NodeKind::File),
+        ]);
+        assert!(msg.contains("node 2 has an invalid parent 1"), "{msg}");
+        let mut link = entry(0, b"l", NodeKind::Symlink);
+        link.target = b"a\0b".to_vec();
+        assert!(refusal(vec![link]).contains("NUL"));
+        let mut link = entry(0, b"l", NodeKind::Symlink);
+        link.target.clear();
+        assert!(refusal(vec![link]).contains("empty"));
     }
 
     #[test]

@@ -212,6 +212,8 @@ pub struct Repository {
     /// Distinguishes this open repository from every other in this
     /// process, so per-thread state never carries a frame across them.
     instance: u64,
+    /// Whether an unreadable index file fails [`Self::reload_index`].
+    strict: bool,
     pack_target: AtomicUsize,
 }
 
@@ -294,9 +296,29 @@ impl Repository {
     }
 
     /// Opens a repository; `password` is asked only if it is encrypted.
+    /// An index file that cannot be read fails the open: nothing is
+    /// backed up or served over an index that may be missing entries.
     pub fn open(
         store: Arc<dyn ObjectStore>,
         password: impl FnOnce() -> Result<Vec<u8>>,
+    ) -> Result<Repository> {
+        Self::open_inner(store, password, true)
+    }
+
+    /// Opens a repository whose index files may be damaged, for `verify`
+    /// and `repair`: unreadable index files are left out and listed in
+    /// [`Index::problems`] instead of failing the open.
+    pub fn open_for_repair(
+        store: Arc<dyn ObjectStore>,
+        password: impl FnOnce() -> Result<Vec<u8>>,
+    ) -> Result<Repository> {
+        Self::open_inner(store, password, false)
+    }
+
+    fn open_inner(
+        store: Arc<dyn ObjectStore>,
+        password: impl FnOnce() -> Result<Vec<u8>>,
+        strict: bool,
     ) -> Result<Repository> {
         let location = PathBuf::from(store.location());
         let raw = match store.get(CONFIG_KEY) {
@@ -335,6 +357,7 @@ impl Repository {
             index: RwLock::new(Index::default()),
             location,
             instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
+            strict,
             pack_target: AtomicUsize::new(format::PACK_TARGET_SIZE),
         };
         repo.reload_index()?;
@@ -474,7 +497,16 @@ impl Repository {
         };
         let mut index = Index::default();
         for f in files {
-            let (file, size) = f?;
+            let (file, size) = match f {
+                Ok(found) => found,
+                Err(e) if !self.strict && e.is_corruption() => {
+                    index.problems.push(format!(
+                        "{e}; its pack's chunks are treated as missing until `flr repair index` rebuilds it"
+                    ));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             match size {
                 Some(n) if n == file.pack_len => index.add_pack(&file),
                 Some(n) => index.problems.push(format!(

@@ -4,9 +4,21 @@
 //! Each file is written under a temporary name beside its target and
 //! renamed only when complete, so an interrupted restore never leaves a
 //! half-written file under a final name.
+//!
+//! A restore never writes outside its target, whatever the manifest says
+//! and whatever already lies in the target. The manifest is checked on
+//! load ([`Manifest::validate`]: one plain component per name, no two
+//! entries of one name in a directory), and every entry is then created
+//! relative to a directory handle this module opened itself, never by a
+//! path that the kernel resolves again (`DirHandle`): a symlink found
+//! where the restore point has a directory is refused, not followed, and
+//! an existing file or symlink is replaced by rename, never written
+//! through. The directory the caller names as the target is the one path
+//! that is followed as given.
 
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,8 +27,17 @@ use rayon::prelude::*;
 
 use crate::backup::Progress;
 use crate::error::{Error, Result};
-use crate::manifest::{Manifest, Node, NodeKind};
+use crate::manifest::{Manifest, NodeKind};
 use crate::repo::Repository;
+
+#[cfg(unix)]
+#[path = "restore/fd_dir.rs"]
+mod dir_handle;
+#[cfg(not(unix))]
+#[path = "restore/path_dir.rs"]
+mod dir_handle;
+
+use dir_handle::{DirHandle, Existing};
 
 /// Chunks decoded in parallel before being written in order.
 const RESTORE_BATCH: usize = 256;
@@ -37,17 +58,6 @@ pub struct RestoreStats {
     pub dirs: u64,
     pub symlinks: u64,
     pub bytes: u64,
-}
-
-#[cfg(unix)]
-fn os_path(bytes: &[u8]) -> PathBuf {
-    use std::os::unix::ffi::OsStrExt;
-    PathBuf::from(std::ffi::OsStr::from_bytes(bytes))
-}
-
-#[cfg(not(unix))]
-fn os_path(bytes: &[u8]) -> PathBuf {
-    PathBuf::from(String::from_utf8_lossy(bytes).into_owned())
 }
 
 /// Marks which nodes to restore: the selected ones, everything below
@@ -92,6 +102,92 @@ fn select(manifest: &Manifest, paths: &[String]) -> Result<Vec<bool>> {
     Ok(chosen)
 }
 
+/// Where node `i` lands under `target`, for messages and progress only:
+/// nothing is opened by this path.
+fn shown_path(target: &Path, manifest: &Manifest, i: usize) -> PathBuf {
+    target.join(manifest.path_of(i))
+}
+
+/// The temporary name a file or symlink is created under before it is
+/// renamed to `name`.
+fn partial_name(name: &[u8]) -> Vec<u8> {
+    [b".", name, b".flr-partial"].concat()
+}
+
+fn symlink_in_the_way(path: &Path) -> Error {
+    Error::InvalidInput(format!(
+        "{}: is a symbolic link where the restore point has a directory; \
+         a restore never follows links inside its target (move it away and retry)",
+        path.display()
+    ))
+}
+
+fn not_a_directory(path: &Path) -> Error {
+    Error::InvalidInput(format!(
+        "{}: exists and is not a directory, but the restore point has a directory there",
+        path.display()
+    ))
+}
+
+/// The open directory handles from the target down to the directory last
+/// asked for. Nodes come in depth-first order, so walking them opens each
+/// directory about once and holds no more handles than the tree is deep.
+struct DirPath<'a> {
+    manifest: &'a Manifest,
+    target: &'a Path,
+    /// Depth of each node below the root (the root is 0).
+    depth: Vec<u32>,
+    /// `open[d]` is (node, handle) of the directory at depth `d`.
+    open: Vec<(usize, DirHandle)>,
+}
+
+impl<'a> DirPath<'a> {
+    fn new(manifest: &'a Manifest, target: &'a Path, root: DirHandle) -> Self {
+        let mut depth = vec![0u32; manifest.nodes.len()];
+        // Parents come before their children (checked on load).
+        for i in 1..depth.len() {
+            depth[i] = depth[manifest.nodes[i].parent as usize] + 1;
+        }
+        DirPath {
+            manifest,
+            target,
+            depth,
+            open: vec![(0, root)],
+        }
+    }
+
+    fn holds(&self, i: usize) -> bool {
+        let d = self.depth[i] as usize;
+        d < self.open.len() && self.open[d].0 == i
+    }
+
+    /// The handle of directory node `i`, opening whatever lies between it
+    /// and the nearest handle already open, without following a link.
+    fn get(&mut self, i: usize) -> Result<&DirHandle> {
+        let mut missing = Vec::new();
+        let mut up = i;
+        while !self.holds(up) {
+            missing.push(up);
+            up = self.manifest.nodes[up].parent as usize;
+        }
+        self.open.truncate(self.depth[up] as usize + 1);
+        for &m in missing.iter().rev() {
+            let (_, parent) = self.open.last().expect("the root stays open");
+            let name = &self.manifest.nodes[m].name;
+            let dir = parent.open_dir(name).map_err(|e| {
+                let path = shown_path(self.target, self.manifest, m);
+                match parent.entry(name) {
+                    Ok(Some(Existing::Symlink)) => symlink_in_the_way(&path),
+                    Ok(Some(Existing::Other)) => not_a_directory(&path),
+                    _ => Error::io(path, e),
+                }
+            })?;
+            self.open.push((m, dir));
+        }
+        Ok(&self.open.last().expect("the root stays open").1)
+    }
+}
+
 pub fn restore(
     repo: &Repository,
     manifest: &Manifest,
@@ -100,30 +196,20 @@ pub fn restore(
 ) -> Result<RestoreStats> {
     let chosen = select(manifest, &opts.paths)?;
     let nodes = &manifest.nodes;
-    let mut paths: Vec<PathBuf> = vec![target.to_path_buf(); nodes.len()];
-    for i in 1..nodes.len() {
-        paths[i] = paths[nodes[i].parent as usize].join(os_path(&nodes[i].name));
-    }
     // Check everything first: refuse before writing anything.
-    if !opts.overwrite {
-        for i in 1..nodes.len() {
-            if chosen[i]
-                && nodes[i].kind != NodeKind::Dir
-                && fs::symlink_metadata(&paths[i]).is_ok()
-            {
-                return Err(Error::AlreadyExists(format!(
-                    "{} (pass --overwrite to replace existing files)",
-                    paths[i].display()
-                )));
-            }
-        }
+    let existing = DirHandle::open_target(target, false).map_err(|e| Error::io(target, e))?;
+    if let Some(root) = existing {
+        check_existing(manifest, &chosen, target, root, opts.overwrite)?;
     }
     let total: u64 = (0..nodes.len())
         .filter(|&i| chosen[i] && nodes[i].kind == NodeKind::File)
         .map(|i| nodes[i].size)
         .sum();
     opts.progress.total_bytes.store(total, Ordering::Relaxed);
-    fs::create_dir_all(target).map_err(|e| Error::io(target, e))?;
+    let root = DirHandle::open_target(target, true)
+        .map_err(|e| Error::io(target, e))?
+        .ok_or_else(|| Error::NotFound(target.display().to_string()))?;
+    let mut dirs = DirPath::new(manifest, target, root);
 
     let mut stats = RestoreStats::default();
     for i in 1..nodes.len() {
@@ -134,29 +220,19 @@ pub fn restore(
             return Err(Error::InvalidInput("restore cancelled".into()));
         }
         let node = &nodes[i];
-        let path = &paths[i];
         *opts.progress.current.lock() = manifest.path_of(i);
+        let parent = dirs.get(node.parent as usize)?;
         match node.kind {
             NodeKind::Dir => {
-                match fs::create_dir(path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {}
-                    Err(e) => return Err(Error::io(path, e)),
-                }
+                make_dir(parent, &node.name, || shown_path(target, manifest, i))?;
                 stats.dirs += 1;
             }
             NodeKind::Symlink => {
-                if opts.overwrite {
-                    let _ = fs::remove_file(path);
-                }
-                make_symlink(&node.target, path)?;
-                set_owner(path, node, true);
-                let t = filetime::FileTime::from_unix_time(node.mtime_sec, node.mtime_nsec);
-                let _ = filetime::set_symlink_file_times(path, t, t);
+                restore_symlink(parent, manifest, i, target)?;
                 stats.symlinks += 1;
             }
             NodeKind::File => {
-                restore_file(repo, manifest, i, path, opts)?;
+                restore_file(repo, manifest, i, parent, target, opts)?;
                 stats.files += 1;
                 stats.bytes += node.size;
                 opts.progress.files_done.fetch_add(1, Ordering::Relaxed);
@@ -172,35 +248,132 @@ pub fn restore(
         }
     }
     // Directory metadata last, deepest first, so adding entries does not
-    // bump the restored mtimes.
+    // bump the restored mtimes. Every ancestor of a node has a smaller
+    // index, so the directories walked through still have the owner-only
+    // mode they were created with.
     for i in (1..nodes.len()).rev() {
         if chosen[i] && nodes[i].kind == NodeKind::Dir {
-            set_metadata(&paths[i], &nodes[i])?;
+            dirs.get(i)?
+                .set_own_metadata(&nodes[i])
+                .map_err(|e| Error::io(shown_path(target, manifest, i), e))?;
         }
     }
     Ok(stats)
+}
+
+/// Looks at what already exists in the target, without following links
+/// and without changing anything: a non-directory in the way of a
+/// directory, or a directory in the way of a file or symlink, is an
+/// error; so is any existing file or symlink unless `overwrite`.
+fn check_existing(
+    manifest: &Manifest,
+    chosen: &[bool],
+    target: &Path,
+    root: DirHandle,
+    overwrite: bool,
+) -> Result<()> {
+    let nodes = &manifest.nodes;
+    // Whether node i exists as a real directory; nothing exists below
+    // a directory that does not.
+    let mut present = vec![false; nodes.len()];
+    present[0] = true;
+    let mut dirs = DirPath::new(manifest, target, root);
+    for i in 1..nodes.len() {
+        let node = &nodes[i];
+        if !chosen[i] || !present[node.parent as usize] {
+            continue;
+        }
+        let path = || shown_path(target, manifest, i);
+        let found = dirs
+            .get(node.parent as usize)?
+            .entry(&node.name)
+            .map_err(|e| Error::io(path(), e))?;
+        match (node.kind, found) {
+            (_, None) => {}
+            (NodeKind::Dir, Some(Existing::Dir)) => present[i] = true,
+            (NodeKind::Dir, Some(Existing::Symlink)) => return Err(symlink_in_the_way(&path())),
+            (NodeKind::Dir, Some(Existing::Other)) => return Err(not_a_directory(&path())),
+            (kind, Some(Existing::Dir)) => {
+                return Err(Error::InvalidInput(format!(
+                    "{}: is a directory where the restore point has a {kind:?}; \
+                     a restore does not replace directories",
+                    path().display()
+                )))
+            }
+            (_, Some(_)) if !overwrite => {
+                return Err(Error::AlreadyExists(format!(
+                    "{} (pass --overwrite to replace existing files)",
+                    path().display()
+                )))
+            }
+            // Replaced by rename once the new one is complete.
+            (_, Some(_)) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Creates a directory, or accepts one that is already there; anything
+/// else under that name is refused, a symlink above all.
+fn make_dir(parent: &DirHandle, name: &[u8], path: impl Fn() -> PathBuf) -> Result<()> {
+    match parent.make_dir(name) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => match parent.entry(name) {
+            Ok(Some(Existing::Dir)) => Ok(()),
+            Ok(Some(Existing::Symlink)) => Err(symlink_in_the_way(&path())),
+            Ok(Some(Existing::Other)) => Err(not_a_directory(&path())),
+            Ok(None) => Err(Error::io(path(), e)),
+            Err(e) => Err(Error::io(path(), e)),
+        },
+        Err(e) => Err(Error::io(path(), e)),
+    }
+}
+
+/// Removes what an earlier, interrupted restore left under a temporary
+/// name (a file or symlink; never followed, never a directory).
+fn remove_stale(parent: &DirHandle, name: &[u8], path: &Path) -> Result<()> {
+    match parent.remove(name) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+fn restore_symlink(parent: &DirHandle, manifest: &Manifest, i: usize, target: &Path) -> Result<()> {
+    let node = &manifest.nodes[i];
+    let path = shown_path(target, manifest, i);
+    let partial = partial_name(&node.name);
+    let partial_path = path.with_file_name(String::from_utf8_lossy(&partial).as_ref());
+    remove_stale(parent, &partial, &partial_path)?;
+    parent
+        .make_symlink(&node.target, &partial)
+        .map_err(|e| Error::io(&partial_path, e))?;
+    parent.set_symlink_metadata(&partial, node);
+    parent.rename(&partial, &node.name).map_err(|e| {
+        let _ = parent.remove(&partial);
+        Error::io(&path, e)
+    })
 }
 
 fn restore_file(
     repo: &Repository,
     manifest: &Manifest,
     i: usize,
-    path: &Path,
+    parent: &DirHandle,
+    target: &Path,
     opts: &RestoreOptions,
 ) -> Result<()> {
     let node = &manifest.nodes[i];
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let partial = path.with_file_name(format!(".{name}.flr-partial"));
-    let result = (|| -> Result<()> {
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&partial)
-            .map_err(|e| Error::io(&partial, e))?;
+    let path = shown_path(target, manifest, i);
+    let partial = partial_name(&node.name);
+    let partial_path = path.with_file_name(String::from_utf8_lossy(&partial).as_ref());
+    remove_stale(parent, &partial, &partial_path)?;
+    let file = parent
+        .create_file(&partial)
+        .map_err(|e| Error::io(&partial_path, e))?;
+    // The file is closed before the rename: Windows may refuse to rename
+    // an open file.
+    let result = (|file: File| -> Result<()> {
         let chunks = node.content.chunks(node.size);
         for batch in chunks.chunks(RESTORE_BATCH) {
             if opts.cancel.load(Ordering::Relaxed) {
@@ -210,10 +383,23 @@ fn restore_file(
                 .par_iter()
                 .map(|(id, _, _)| id.map(|id| repo.read_chunk(&id)).transpose())
                 .collect();
-            for ((_, offset, len), data) in batch.iter().zip(decoded) {
+            for ((id, offset, len), data) in batch.iter().zip(decoded) {
                 let data = data.map_err(|e| with_file(e, manifest, i, *offset))?;
-                if let Some(data) = data {
-                    write_at(&file, &data, *offset).map_err(|e| Error::io(&partial, e))?;
+                if let (Some(id), Some(data)) = (id, data) {
+                    // The chunk matches its id, so the manifest is what
+                    // is wrong; writing it would shift the rest of the file.
+                    if data.len() != *len as usize {
+                        return Err(Error::malformed(
+                            format!("restore point {}", manifest.full_name()),
+                            format!(
+                                "file {}, offset {offset}: chunk {id} holds {} bytes, \
+                                 the manifest gives its slot {len}",
+                                manifest.path_of(i),
+                                data.len()
+                            ),
+                        ));
+                    }
+                    write_at(&file, &data, *offset).map_err(|e| Error::io(&partial_path, e))?;
                 }
                 opts.progress
                     .read_bytes
@@ -222,14 +408,16 @@ fn restore_file(
         }
         // Holes at the end are made by the length, not by writing zeros.
         file.set_len(node.size)
-            .map_err(|e| Error::io(&partial, e))?;
-        file.sync_all().map_err(|e| Error::io(&partial, e))?;
+            .map_err(|e| Error::io(&partial_path, e))?;
+        file.sync_all().map_err(|e| Error::io(&partial_path, e))?;
+        dir_handle::set_file_metadata(&file, node).map_err(|e| Error::io(&partial_path, e))?;
         drop(file);
-        set_metadata(&partial, node)?;
-        fs::rename(&partial, path).map_err(|e| Error::io(path, e))
-    })();
+        parent
+            .rename(&partial, &node.name)
+            .map_err(|e| Error::io(&path, e))
+    })(file);
     if result.is_err() {
-        let _ = fs::remove_file(&partial);
+        let _ = parent.remove(&partial);
     }
     result
 }
@@ -274,43 +462,230 @@ pub(crate) fn write_at(file: &File, mut data: &[u8], mut offset: u64) -> std::io
     Ok(())
 }
 
-#[cfg(unix)]
-fn make_symlink(target: &[u8], path: &Path) -> Result<()> {
-    std::os::unix::fs::symlink(os_path(target), path).map_err(|e| Error::io(path, e))
-}
+#[cfg(all(test, unix))]
+mod tests {
+    use std::os::unix::fs::symlink;
 
-#[cfg(not(unix))]
-fn make_symlink(target: &[u8], path: &Path) -> Result<()> {
-    let _ = target;
-    Err(Error::InvalidInput(format!(
-        "{}: symlinks are not restored on this OS",
-        path.display()
-    )))
-}
+    use super::*;
+    use crate::backup::{backup, BackupOptions, Source, StdinSource};
+    use crate::manifest::{BackupStats, Content, Node};
+    use crate::store::MemoryStore;
 
-/// Sets owner (best effort: only root may give files away), mode, mtime.
-fn set_metadata(path: &Path, node: &Node) -> Result<()> {
-    set_owner(path, node, false);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(path, fs::Permissions::from_mode(node.mode))
-            .map_err(|e| Error::io(path, e))?;
+    const DATA: &[u8] = b"restored bytes\n";
+
+    /// A repository holding one file of `DATA`, and that file's content.
+    fn repo_with_data() -> (Repository, Content) {
+        let store = Arc::new(MemoryStore::new());
+        Repository::init(store.as_ref(), None).unwrap();
+        let repo = Repository::open(store, || Ok(Vec::new())).unwrap();
+        let source = Source::Stream(StdinSource {
+            name: "data".into(),
+            reader: Box::new(std::io::Cursor::new(DATA.to_vec())),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        });
+        let opts = BackupOptions {
+            job: "t".into(),
+            chunker: None,
+            hostname: "test".into(),
+            progress: Default::default(),
+        };
+        let m = backup(&repo, source, &opts).unwrap();
+        let content = m.nodes[1].content.clone();
+        (repo, content)
     }
-    let t = filetime::FileTime::from_unix_time(node.mtime_sec, node.mtime_nsec);
-    filetime::set_file_times(path, t, t).map_err(|e| Error::io(path, e))
-}
 
-#[cfg(unix)]
-fn set_owner(path: &Path, node: &Node, symlink: bool) {
-    let r = if symlink {
-        std::os::unix::fs::lchown(path, Some(node.uid), Some(node.gid))
-    } else {
-        std::os::unix::fs::chown(path, Some(node.uid), Some(node.gid))
-    };
-    // EPERM for non-root users is expected: files then belong to them.
-    let _ = r;
-}
+    fn node(parent: u32, name: &str, kind: NodeKind) -> Node {
+        Node {
+            parent,
+            name: name.as_bytes().to_vec(),
+            kind,
+            mode: if kind == NodeKind::Dir { 0o755 } else { 0o644 },
+            uid: 0,
+            gid: 0,
+            mtime_sec: 1_000_000_000,
+            mtime_nsec: 0,
+            size: 0,
+            target: Vec::new(),
+            content: Content::Empty,
+        }
+    }
 
-#[cfg(not(unix))]
-fn set_owner(_path: &Path, _node: &Node, _symlink: bool) {}
+    fn file(parent: u32, name: &str, content: &Content) -> Node {
+        Node {
+            size: DATA.len() as u64,
+            content: content.clone(),
+            ..node(parent, name, NodeKind::File)
+        }
+    }
+
+    fn manifest(nodes: Vec<Node>) -> Manifest {
+        let mut all = vec![node(0, "", NodeKind::Dir)];
+        all.extend(nodes);
+        let m = Manifest {
+            job: "t".into(),
+            name: "2001-01-01T00-00-00Z".into(),
+            time: 0,
+            hostname: "test".into(),
+            stats: BackupStats::default(),
+            nodes: all,
+        };
+        m.validate("test manifest").unwrap();
+        m
+    }
+
+    fn options(overwrite: bool) -> RestoreOptions {
+        RestoreOptions {
+            paths: Vec::new(),
+            overwrite,
+            progress: Default::default(),
+            cancel: Default::default(),
+        }
+    }
+
+    /// A target directory and a decoy beside it that must stay empty.
+    fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("target");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        (tmp, target, outside)
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_symlink_where_a_directory_belongs_is_refused_even_with_overwrite() {
+        let (repo, content) = repo_with_data();
+        let (_tmp, target, outside) = dirs();
+        symlink(&outside, target.join("x")).unwrap();
+        let m = manifest(vec![node(0, "x", NodeKind::Dir), file(1, "f", &content)]);
+        for overwrite in [false, true] {
+            let err = restore(&repo, &m, &target, &options(overwrite)).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains("symbolic link") && msg.contains("target/x"),
+                "{msg}"
+            );
+            assert!(entries(&outside).is_empty(), "wrote through the link");
+        }
+        assert_eq!(entries(&target), ["x"]);
+    }
+
+    /// The pre-check aside: the walk and the directory creation refuse a
+    /// link on their own (as they must when one appears after the check).
+    #[test]
+    fn the_walk_itself_never_follows_a_link() {
+        let (_tmp, target, outside) = dirs();
+        symlink(&outside, target.join("x")).unwrap();
+        std::fs::create_dir(outside.join("y")).unwrap();
+        let m = manifest(vec![
+            node(0, "x", NodeKind::Dir),
+            node(1, "y", NodeKind::Dir),
+        ]);
+        let root = DirHandle::open_target(&target, false).unwrap().unwrap();
+        let mut walk = DirPath::new(&m, &target, root);
+        let err = walk.get(2).err().expect("descended through a link");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        let root = walk.get(0).unwrap();
+        let err = make_dir(root, b"x", || target.join("x")).unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert_eq!(entries(&outside), ["y"]);
+    }
+
+    #[test]
+    fn overwrite_replaces_a_symlink_instead_of_writing_through_it() {
+        let (repo, content) = repo_with_data();
+        let (_tmp, target, outside) = dirs();
+        let victim = outside.join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        symlink(&victim, target.join("f")).unwrap();
+        let m = manifest(vec![file(0, "f", &content)]);
+
+        let err = restore(&repo, &m, &target, &options(false)).unwrap_err();
+        assert!(matches!(err, Error::AlreadyExists(_)), "{err}");
+        restore(&repo, &m, &target, &options(true)).unwrap();
+        let meta = std::fs::symlink_metadata(target.join("f")).unwrap();
+        assert!(meta.is_file(), "{meta:?}");
+        assert_eq!(std::fs::read(target.join("f")).unwrap(), DATA);
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert_eq!(entries(&target), ["f"]);
+    }
+
+    #[test]
+    fn a_stale_partial_link_is_removed_not_written_through() {
+        let (repo, content) = repo_with_data();
+        let (_tmp, target, outside) = dirs();
+        let victim = outside.join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        symlink(&victim, target.join(".f.flr-partial")).unwrap();
+        symlink(&victim, target.join(".l.flr-partial")).unwrap();
+        let mut link = node(0, "l", NodeKind::Symlink);
+        link.target = b"f".to_vec();
+        let m = manifest(vec![file(0, "f", &content), link]);
+        restore(&repo, &m, &target, &options(false)).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert_eq!(std::fs::read(target.join("f")).unwrap(), DATA);
+        assert_eq!(
+            std::fs::read_link(target.join("l")).unwrap(),
+            Path::new("f")
+        );
+        assert_eq!(entries(&target), ["f", "l"]);
+    }
+
+    #[test]
+    fn a_chunk_longer_than_its_slot_is_an_error_naming_the_file() {
+        let (repo, content) = repo_with_data();
+        let (_tmp, target, _outside) = dirs();
+        let Content::Variable { chunks } = &content else {
+            panic!("a small stream is chunked by content: {content:?}");
+        };
+        // Claim one byte less than the chunk holds.
+        let short = Content::Variable {
+            chunks: vec![(chunks[0].0, DATA.len() as u32 - 1)],
+        };
+        let mut f = file(0, "f", &short);
+        f.size -= 1;
+        let m = manifest(vec![node(0, "d", NodeKind::Dir), f]);
+        let err = restore(&repo, &m, &target, &options(false)).unwrap_err();
+        assert!(matches!(err, Error::Malformed { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("file f, offset 0") && msg.contains("t/2001"),
+            "{msg}"
+        );
+        assert_eq!(entries(&target), ["d"], "a partial file was left");
+    }
+
+    #[test]
+    fn metadata_is_set_through_the_handles() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let (repo, content) = repo_with_data();
+        let (_tmp, target, _outside) = dirs();
+        let mut d = node(0, "d", NodeKind::Dir);
+        d.mode = 0o750;
+        d.mtime_sec = 1_200_000_000;
+        d.mtime_nsec = 5;
+        let mut f = file(1, "f", &content);
+        f.mode = 0o600;
+        f.mtime_sec = 1_300_000_000;
+        let m = manifest(vec![d, f]);
+        let stats = restore(&repo, &m, &target, &options(false)).unwrap();
+        assert_eq!((stats.dirs, stats.files), (1, 1));
+        let dm = std::fs::metadata(target.join("d")).unwrap();
+        assert_eq!(dm.permissions().mode() & 0o7777, 0o750);
+        assert_eq!((dm.mtime(), dm.mtime_nsec()), (1_200_000_000, 5));
+        let fm = std::fs::metadata(target.join("d/f")).unwrap();
+        assert_eq!(fm.permissions().mode() & 0o7777, 0o600);
+        assert_eq!(fm.mtime(), 1_300_000_000);
+    }
+}

@@ -6,7 +6,8 @@
 //! [`RepoFs`] it wraps. Nothing is copied up front or on a file's first
 //! write: a file that was written keeps
 //! - `extents`: the byte ranges written in this session, whose bytes live at
-//!   the same offsets in a sparse data file `data/<inode>`;
+//!   the same offsets in a sparse data file in `data/` named by the node
+//!   ([`format::NodeRef::data_file_name`]);
 //! - `base_len`: below it, bytes not written come from the restore point;
 //!   a shrinking truncate lowers it, so what lies past a truncate reads as
 //!   zeros afterwards, never as old data;
@@ -17,6 +18,13 @@
 //! from the restore point directly, under its own inode number. New nodes
 //! get numbers from [`FIRST_NEW_INO`] up, so numbers never collide.
 //!
+//! In memory everything is keyed by inode number; the session's files
+//! never are (see [`format::NodeRef`]): a record or checkpoint names a
+//! restore point node by its manifest index and converts at the boundary,
+//! so a session replays correctly whatever numbers the next mount hands
+//! out. Replay trusts nothing it reads: a record that does not fit the
+//! state is refused with an error naming the file, never a panic.
+//!
 //! Durability: every change is a record appended to `journal` (a write
 //! record after its bytes are in the data file; anything that discards
 //! data, before). A process crash keeps everything the kernel accepted;
@@ -25,11 +33,10 @@
 //! journal restarts after each checkpoint, tagged with the checkpoint's
 //! generation so a checkpoint interrupted midway never replays twice.
 //!
-//! The session directory, under a state directory:
-//! `session.json` (which repository and restore point), `lock` (held by the
-//! process serving the session), `state`, `journal`, `data/`.
+//! The session directory's layout and its files' formats are described
+//! in [`crate::format`], in the section on writable sessions.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -42,25 +49,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::backup::Source;
 use crate::error::{Error, Result};
-use crate::format;
+use crate::format::{
+    self, NodeRef, FIRST_SESSION_NODE, JOURNAL_HEADER_LEN, SESSION_DATA_DIR, SESSION_FORMAT,
+    SESSION_INFO_FILE, SESSION_JOURNAL_FILE, SESSION_LOCK_FILE, SESSION_STATE_FILE, STATE_MAGIC,
+};
 use crate::fs::{
     Attr, Caller, DirEntry, FsError, FsModel, FsResult, RenameMode, RepoFs, SetAttr, SetTime,
     StatFs, ROOT_INO,
 };
 use crate::manifest::{Content, Node as ManifestNode, NodeKind};
 
-/// Inode numbers of nodes made in a session start here; restore point
-/// inodes stay below.
-pub const FIRST_NEW_INO: u64 = 1 << 48;
+/// Inode numbers of nodes made in a session start here (they are the
+/// nodes' session ids); restore point inodes stay below.
+pub const FIRST_NEW_INO: u64 = FIRST_SESSION_NODE;
 
 /// Longest file name, as on Linux filesystems.
 pub const NAME_MAX: usize = 255;
 
-const STATE_MAGIC: [u8; 8] = *b"FLRSTAT\0";
-const JOURNAL_MAGIC: [u8; 8] = *b"FLRJRNL\0";
-const JOURNAL_HEADER_LEN: u64 = 16;
-/// Version of `session.json`, `state` and `journal`.
-pub const SESSION_FORMAT: u32 = 1;
 /// A journal this long is folded into a checkpoint at the next fsync.
 const JOURNAL_COMPACT_BYTES: u64 = 64 << 20;
 /// Free space is looked up again after this many bytes written.
@@ -78,9 +83,26 @@ fn now() -> Time {
 }
 
 /// Byte ranges `[start, end)`, kept disjoint and merged when they touch.
+/// Decoding checks that, so a damaged checkpoint cannot make lookups loop.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "BTreeMap<u64, u64>")]
 pub struct RangeSet {
     ranges: BTreeMap<u64, u64>,
+}
+
+impl TryFrom<BTreeMap<u64, u64>> for RangeSet {
+    type Error = String;
+
+    fn try_from(ranges: BTreeMap<u64, u64>) -> std::result::Result<Self, String> {
+        let mut last_end = None;
+        for (&a, &b) in &ranges {
+            if a >= b || last_end.is_some_and(|e| a <= e) {
+                return Err(format!("byte range {a}..{b} is empty or overlaps another"));
+            }
+            last_end = Some(b);
+        }
+        Ok(RangeSet { ranges })
+    }
 }
 
 impl RangeSet {
@@ -150,9 +172,11 @@ pub enum Piece {
 }
 
 /// A file's copy-on-write state; see the module comment.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileState {
-    pub base: Option<u64>,
+    /// The file is the restore point's (the node's own inode there), not
+    /// made in the session.
+    pub from_restore_point: bool,
     pub base_len: u64,
     pub size: u64,
     pub extents: RangeSet,
@@ -171,7 +195,7 @@ impl FileState {
             let (inside, bound) = self.extents.at(pos);
             let (next, piece) = if inside {
                 (bound.min(end), Piece::Session)
-            } else if pos < self.base_len && self.base.is_some() {
+            } else if pos < self.base_len && self.from_restore_point {
                 (bound.min(end).min(self.base_len), Piece::Base)
             } else {
                 (bound.min(end), Piece::Zero)
@@ -197,24 +221,26 @@ impl FileState {
             // Scaled when a truncate cut the restore point's part.
             (self.base_blocks as u128 * self.base_len as u128 / self.base_size as u128) as u64
         };
-        base + self.extents.total().div_ceil(512)
+        base.saturating_add(self.extents.total().div_ceil(512))
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-enum Body {
+/// `N` names other nodes: an inode number in memory, a [`NodeRef`] in the
+/// checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Body<N = u64> {
     File(FileState),
     Dir {
-        parent: u64,
-        children: BTreeMap<Vec<u8>, u64>,
+        parent: N,
+        children: BTreeMap<Vec<u8>, N>,
     },
     Symlink(Vec<u8>),
     /// Pipes, sockets, device nodes.
     Special,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Node {
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Node<N = u64> {
     kind: NodeKind,
     mode: u32,
     uid: u32,
@@ -224,7 +250,7 @@ struct Node {
     atime: Time,
     mtime: Time,
     ctime: Time,
-    body: Body,
+    body: Body<N>,
     /// Open handles; an unlinked node lives on until the last closes.
     #[serde(skip)]
     open: u32,
@@ -270,10 +296,10 @@ impl Node {
         }
     }
 
-    fn children_mut(&mut self) -> &mut BTreeMap<Vec<u8>, u64> {
+    fn children_mut(&mut self) -> FsResult<&mut BTreeMap<Vec<u8>, u64>> {
         match &mut self.body {
-            Body::Dir { children, .. } => children,
-            _ => unreachable!("checked to be a directory"),
+            Body::Dir { children, .. } => Ok(children),
+            _ => Err(FsError::NotADirectory),
         }
     }
 
@@ -284,13 +310,14 @@ impl Node {
 }
 
 /// One journal record: a change, with the times it set, so replaying
-/// gives the same attributes.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-enum Op {
+/// gives the same attributes. `N` names nodes: an inode number in memory, a
+/// [`NodeRef`] in the journal. The variants' order is the wire format.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+enum Op<N = u64> {
     Make {
-        parent: u64,
+        parent: N,
         name: Vec<u8>,
-        ino: u64,
+        ino: N,
         kind: NodeKind,
         mode: u32,
         uid: u32,
@@ -300,28 +327,28 @@ enum Op {
         time: Time,
     },
     Link {
-        ino: u64,
-        parent: u64,
+        ino: N,
+        parent: N,
         name: Vec<u8>,
         time: Time,
     },
     Remove {
-        parent: u64,
+        parent: N,
         name: Vec<u8>,
         dir: bool,
         time: Time,
     },
     Rename {
-        parent: u64,
+        parent: N,
         name: Vec<u8>,
-        new_parent: u64,
+        new_parent: N,
         new_name: Vec<u8>,
         exchange: bool,
         no_replace: bool,
         time: Time,
     },
     SetAttr {
-        ino: u64,
+        ino: N,
         mode: Option<u32>,
         uid: Option<u32>,
         gid: Option<u32>,
@@ -331,19 +358,181 @@ enum Op {
         time: Time,
     },
     Write {
-        ino: u64,
+        ino: N,
         offset: u64,
         len: u64,
         time: Time,
     },
 }
 
-/// A checkpoint of the overlay.
-#[derive(Serialize, Deserialize)]
+impl<N> Op<N> {
+    /// The same change with nodes named by `f`.
+    fn map<M, E>(
+        &self,
+        mut f: impl FnMut(&N) -> std::result::Result<M, E>,
+    ) -> std::result::Result<Op<M>, E> {
+        Ok(match self {
+            Op::Make {
+                parent,
+                name,
+                ino,
+                kind,
+                mode,
+                uid,
+                gid,
+                rdev,
+                target,
+                time,
+            } => Op::Make {
+                parent: f(parent)?,
+                name: name.clone(),
+                ino: f(ino)?,
+                kind: *kind,
+                mode: *mode,
+                uid: *uid,
+                gid: *gid,
+                rdev: *rdev,
+                target: target.clone(),
+                time: *time,
+            },
+            Op::Link {
+                ino,
+                parent,
+                name,
+                time,
+            } => Op::Link {
+                ino: f(ino)?,
+                parent: f(parent)?,
+                name: name.clone(),
+                time: *time,
+            },
+            Op::Remove {
+                parent,
+                name,
+                dir,
+                time,
+            } => Op::Remove {
+                parent: f(parent)?,
+                name: name.clone(),
+                dir: *dir,
+                time: *time,
+            },
+            Op::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                exchange,
+                no_replace,
+                time,
+            } => Op::Rename {
+                parent: f(parent)?,
+                name: name.clone(),
+                new_parent: f(new_parent)?,
+                new_name: new_name.clone(),
+                exchange: *exchange,
+                no_replace: *no_replace,
+                time: *time,
+            },
+            Op::SetAttr {
+                ino,
+                mode,
+                uid,
+                gid,
+                size,
+                atime,
+                mtime,
+                time,
+            } => Op::SetAttr {
+                ino: f(ino)?,
+                mode: *mode,
+                uid: *uid,
+                gid: *gid,
+                size: *size,
+                atime: *atime,
+                mtime: *mtime,
+                time: *time,
+            },
+            Op::Write {
+                ino,
+                offset,
+                len,
+                time,
+            } => Op::Write {
+                ino: f(ino)?,
+                offset: *offset,
+                len: *len,
+                time: *time,
+            },
+        })
+    }
+}
+
+impl<N> Node<N> {
+    /// The same node with the nodes it names renamed by `f`.
+    fn map<M, E>(
+        &self,
+        mut f: impl FnMut(&N) -> std::result::Result<M, E>,
+    ) -> std::result::Result<Node<M>, E> {
+        let body = match &self.body {
+            Body::File(file) => Body::File(file.clone()),
+            Body::Dir { parent, children } => Body::Dir {
+                parent: f(parent)?,
+                children: children
+                    .iter()
+                    .map(|(name, c)| Ok((name.clone(), f(c)?)))
+                    .collect::<std::result::Result<_, E>>()?,
+            },
+            Body::Symlink(target) => Body::Symlink(target.clone()),
+            Body::Special => Body::Special,
+        };
+        Ok(Node {
+            kind: self.kind,
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            nlink: self.nlink,
+            rdev: self.rdev,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            body,
+            open: self.open,
+        })
+    }
+}
+
+/// A checkpoint of the overlay, as stored in `state`.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Snapshot {
+    /// [`SESSION_FORMAT`], so the file says what it is on its own.
+    format: u32,
     generation: u64,
-    next_ino: u64,
-    nodes: Vec<(u64, Node)>,
+    /// The id the next node made in the session gets.
+    next_id: u64,
+    nodes: Vec<(NodeRef, Node<NodeRef>)>,
+}
+
+/// The stored name of the node with inode `ino`.
+fn node_ref(base: &RepoFs, ino: u64) -> FsResult<NodeRef> {
+    if ino >= FIRST_NEW_INO {
+        return Ok(NodeRef::Session(ino));
+    }
+    base.node_index(ROOT_INO, ino)
+        .map(NodeRef::RestorePoint)
+        .map_err(|_| FsError::Corrupt(format!("inode {ino} is not a node of the restore point")))
+}
+
+/// The inode of a stored node name. Fails for a restore point node the
+/// manifest does not have, or a session id out of the session's range.
+fn node_ino(base: &RepoFs, r: NodeRef) -> std::result::Result<u64, String> {
+    match r {
+        NodeRef::Session(id) if id >= FIRST_NEW_INO => Ok(id),
+        NodeRef::Session(id) => Err(format!("session node id {id} is below the session range")),
+        NodeRef::RestorePoint(i) => base
+            .node_ino(ROOT_INO, i)
+            .map_err(|e| format!("restore point node {i}: {e}")),
+    }
 }
 
 /// The append-only change log.
@@ -358,16 +547,13 @@ struct Journal {
 impl Journal {
     fn create(path: &Path, generation: u64) -> Result<Journal> {
         let tmp = path.with_extension("tmp");
-        let mut header = Vec::with_capacity(JOURNAL_HEADER_LEN as usize);
-        header.extend_from_slice(&JOURNAL_MAGIC);
-        header.extend_from_slice(&generation.to_le_bytes());
-        std::fs::write(&tmp, &header).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::write(&tmp, format::journal_header(generation)).map_err(|e| Error::io(&tmp, e))?;
         File::open(&tmp)
             .and_then(|f| f.sync_all())
             .map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
         sync_dir(path.parent().unwrap_or(Path::new(".")))?;
-        Self::open_at(path, generation, JOURNAL_HEADER_LEN)
+        Self::open_at(path, generation, JOURNAL_HEADER_LEN as u64)
     }
 
     fn open_at(path: &Path, generation: u64, len: u64) -> Result<Journal> {
@@ -386,45 +572,13 @@ impl Journal {
 
     /// Reads a journal: its generation, its records, and the length of the
     /// intact part (a record torn by a crash ends it).
-    fn load(path: &Path) -> Result<(u64, Vec<Op>, u64)> {
+    fn load(path: &Path) -> Result<(u64, Vec<Op<NodeRef>>, u64)> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let what = path.display().to_string();
-        if bytes.len() < JOURNAL_HEADER_LEN as usize || bytes[..8] != JOURNAL_MAGIC {
-            return Err(Error::malformed(what, "not a session journal"));
-        }
-        let generation = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
-        let mut ops = Vec::new();
-        let mut pos = JOURNAL_HEADER_LEN as usize;
-        while pos + 8 <= bytes.len() {
-            let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().expect("4 bytes")) as usize;
-            let Some(payload) = bytes.get(pos + 8..pos + 8 + len) else {
-                break;
-            };
-            if blake3::hash(payload).as_bytes()[..4] != bytes[pos + 4..pos + 8] {
-                break;
-            }
-            match postcard::from_bytes::<Op>(payload) {
-                Ok(op) => ops.push(op),
-                Err(e) => {
-                    return Err(Error::malformed(
-                        what,
-                        format!(
-                            "record at byte {pos} passed its checksum but does not decode: {e}"
-                        ),
-                    ))
-                }
-            }
-            pos += 8 + len;
-        }
-        Ok((generation, ops, pos as u64))
+        decode_journal(&path.display().to_string(), &bytes)
     }
 
-    fn append(&mut self, op: &Op) -> FsResult<()> {
-        let payload = postcard::to_allocvec(op).map_err(|e| FsError::SessionIo(e.to_string()))?;
-        let mut record = Vec::with_capacity(payload.len() + 8);
-        record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        record.extend_from_slice(&blake3::hash(&payload).as_bytes()[..4]);
-        record.extend_from_slice(&payload);
+    fn append(&mut self, op: &Op<NodeRef>) -> FsResult<()> {
+        let record = encode_record(op).map_err(|e| FsError::SessionIo(e.to_string()))?;
         crate::restore::write_at(&self.file, &record, self.len)
             .map_err(|e| FsError::session_io("session journal", &e))?;
         self.len += record.len() as u64;
@@ -441,6 +595,64 @@ impl Journal {
         }
         Ok(())
     }
+}
+
+/// One journal record, framed.
+fn encode_record(op: &Op<NodeRef>) -> Result<Vec<u8>> {
+    let payload = postcard::to_allocvec(op)
+        .map_err(|e| Error::InvalidInput(format!("journal record does not encode: {e}")))?;
+    format::journal_record(&payload)
+}
+
+/// A journal's generation, records, and the length of its intact part.
+/// `what` names the file in errors.
+fn decode_journal(what: &str, bytes: &[u8]) -> Result<(u64, Vec<Op<NodeRef>>, u64)> {
+    let generation = format::check_journal_header(what, bytes)?;
+    let mut ops = Vec::new();
+    let mut pos = JOURNAL_HEADER_LEN;
+    while let Some((payload, next)) = format::next_journal_record(bytes, pos) {
+        let bad = |why: String| {
+            Error::malformed(
+                what,
+                format!("record at byte {pos} passed its checksum but does not decode: {why}"),
+            )
+        };
+        let (op, rest) = postcard::take_from_bytes(payload).map_err(|e| bad(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(bad(format!("{} bytes left over", rest.len())));
+        }
+        ops.push(op);
+        pos = next;
+    }
+    Ok((generation, ops, pos as u64))
+}
+
+/// A checkpoint as stored in `state`.
+fn encode_state(snap: &Snapshot) -> Result<Vec<u8>> {
+    let payload = postcard::to_allocvec(snap)
+        .map_err(|e| Error::InvalidInput(format!("checkpoint does not encode: {e}")))?;
+    Ok(format::seal_envelope(STATE_MAGIC, 0, &payload))
+}
+
+/// A checkpoint read back (not yet checked against the restore point, see
+/// [`Overlay::from_snapshot`]). `what` names the file in errors.
+fn decode_state(what: &str, bytes: &[u8]) -> Result<Snapshot> {
+    let (flags, payload) = format::open_envelope(what, STATE_MAGIC, bytes)?;
+    if flags != 0 {
+        return Err(Error::malformed(
+            what,
+            format!("unexpected flags {flags:#x}"),
+        ));
+    }
+    let (snap, rest) = postcard::take_from_bytes::<Snapshot>(payload)
+        .map_err(|e| Error::malformed(what, format!("undecodable: {e}")))?;
+    if !rest.is_empty() {
+        return Err(Error::malformed(
+            what,
+            format!("{} bytes after the checkpoint", rest.len()),
+        ));
+    }
+    Ok(snap)
 }
 
 /// The in-memory overlay: nodes copied from the restore point or made in
@@ -461,15 +673,21 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn record(&mut self, op: &Op) -> FsResult<()> {
-        match &mut self.journal {
-            Some(j) => j.append(op),
-            None => Ok(()),
-        }
+        let Some(journal) = &mut self.journal else {
+            return Ok(());
+        };
+        journal.append(&op.map(|&ino| node_ref(self.base, ino))?)
     }
 
     fn live(&self) -> bool {
         self.journal.is_some()
     }
+}
+
+/// The overlay contradicts itself: only a damaged or forged checkpoint or
+/// journal gets here.
+fn inconsistent(why: String) -> FsError {
+    FsError::Corrupt(format!("session state is inconsistent: {why}"))
 }
 
 fn check_name(name: &[u8]) -> FsResult<()> {
@@ -482,8 +700,9 @@ fn check_name(name: &[u8]) -> FsResult<()> {
     Ok(())
 }
 
-fn data_path(data_dir: &Path, ino: u64) -> PathBuf {
-    data_dir.join(format!("{ino:x}"))
+/// Where the bytes written to `ino` in the session live.
+fn data_path(base: &RepoFs, data_dir: &Path, ino: u64) -> FsResult<PathBuf> {
+    Ok(data_dir.join(node_ref(base, ino)?.data_file_name()))
 }
 
 impl Overlay {
@@ -506,7 +725,7 @@ impl Overlay {
                     .collect(),
             },
             NodeKind::File => Body::File(FileState {
-                base: Some(ino),
+                from_restore_point: true,
                 base_len: a.size,
                 size: a.size,
                 extents: RangeSet::default(),
@@ -540,7 +759,14 @@ impl Overlay {
 
     fn node(&mut self, base: &RepoFs, ino: u64) -> FsResult<&mut Node> {
         self.materialize(base, ino)?;
-        Ok(self.nodes.get_mut(&ino).expect("materialized"))
+        self.nodes.get_mut(&ino).ok_or(FsError::NotFound)
+    }
+
+    /// A node already in the overlay (checked, or copied in, before).
+    fn get(&mut self, ino: u64) -> FsResult<&mut Node> {
+        self.nodes
+            .get_mut(&ino)
+            .ok_or_else(|| inconsistent(format!("node {ino} went missing")))
     }
 
     /// A live directory's child, copying the directory into the overlay.
@@ -561,6 +787,7 @@ impl Overlay {
 
     /// Whether directory `dir` is `ancestor` or lies under it.
     fn is_within(&self, base: &RepoFs, mut dir: u64, ancestor: u64) -> FsResult<bool> {
+        let mut seen = HashSet::new();
         loop {
             if dir == ancestor {
                 return Ok(true);
@@ -568,13 +795,36 @@ impl Overlay {
             if dir == ROOT_INO {
                 return Ok(false);
             }
+            if !seen.insert(dir) {
+                return Err(inconsistent(format!("directory {dir} lies under itself")));
+            }
             dir = self.dir_parent(base, dir)?;
         }
     }
 
+    /// The link count directory `dir` is left with when a subdirectory
+    /// leaves it: one fewer, never below the two of an empty directory.
+    fn links_without_subdir(&self, dir: u64) -> FsResult<u32> {
+        let links = self.nodes.get(&dir).map_or(0, |n| n.nlink);
+        if links < 3 {
+            return Err(inconsistent(format!(
+                "directory {dir} holds a directory but has {links} links"
+            )));
+        }
+        Ok(links - 1)
+    }
+
+    /// The link count directory `dir` gets when a subdirectory joins it.
+    fn links_with_subdir(&self, dir: u64) -> FsResult<u32> {
+        let links = self.nodes.get(&dir).map_or(0, |n| n.nlink);
+        links
+            .checked_add(1)
+            .ok_or_else(|| inconsistent(format!("directory {dir} has too many links")))
+    }
+
     /// Drops a node no name and no handle refers to, with its data.
-    fn reap(&mut self, data_dir: &Path, ino: u64) {
-        let Some(node) = self.nodes.get(&ino) else {
+    fn reap(&mut self, base: &RepoFs, data_dir: &Path, ino: u64) {
+        let Some(node) = self.nodes.get_mut(&ino) else {
             return;
         };
         if node.nlink > 0 || node.open > 0 {
@@ -586,16 +836,19 @@ impl Overlay {
         } else {
             // A restore point node stays as a tombstone, so its inode is
             // not served from the restore point again.
-            let node = self.nodes.get_mut(&ino).expect("present");
             node.body = Body::Special;
         }
         if was_file {
-            let _ = std::fs::remove_file(data_path(data_dir, ino));
+            if let Ok(path) = data_path(base, data_dir, ino) {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
 
     /// Applies one change: checks it, records it (when serving), then
     /// makes it. Replaying applies the same records in the same order.
+    /// Everything a change needs is checked before it is recorded; what is
+    /// checked again after only fails on a damaged session.
     fn apply(&mut self, cx: &mut Ctx, op: &Op) -> FsResult<Option<u64>> {
         let base = cx.base;
         match op {
@@ -615,8 +868,22 @@ impl Overlay {
                 if self.child(base, *parent, name)?.is_some() {
                     return Err(FsError::Exists);
                 }
+                // Ids are handed out in order and never reused: anything
+                // else would overwrite a node.
+                if *ino < self.next_ino.max(FIRST_NEW_INO)
+                    || *ino == u64::MAX
+                    || self.nodes.contains_key(ino)
+                {
+                    return Err(inconsistent(format!("{ino} is not a new node id")));
+                }
+                let is_dir = *kind == NodeKind::Dir;
+                let parent_links = if is_dir {
+                    self.links_with_subdir(*parent)?
+                } else {
+                    self.get(*parent)?.nlink
+                };
                 cx.record(op)?;
-                self.next_ino = self.next_ino.max(ino + 1);
+                self.next_ino = ino + 1;
                 let body = match kind {
                     NodeKind::Dir => Body::Dir {
                         parent: *parent,
@@ -626,7 +893,6 @@ impl Overlay {
                     NodeKind::Symlink => Body::Symlink(target.clone()),
                     _ => Body::Special,
                 };
-                let is_dir = *kind == NodeKind::Dir;
                 self.nodes.insert(
                     *ino,
                     Node {
@@ -643,12 +909,10 @@ impl Overlay {
                         open: 0,
                     },
                 );
-                let p = self.nodes.get_mut(parent).expect("checked");
-                p.children_mut().insert(name.clone(), *ino);
+                let p = self.get(*parent)?;
+                p.children_mut()?.insert(name.clone(), *ino);
                 p.touch(*time);
-                if is_dir {
-                    p.nlink += 1;
-                }
+                p.nlink = parent_links;
                 Ok(Some(*ino))
             }
             Op::Link {
@@ -665,15 +929,19 @@ impl Overlay {
                 if node.nlink == 0 {
                     return Err(FsError::NotFound);
                 }
+                let links = node
+                    .nlink
+                    .checked_add(1)
+                    .ok_or_else(|| inconsistent(format!("node {ino} has too many links")))?;
                 if self.child(base, *parent, name)?.is_some() {
                     return Err(FsError::Exists);
                 }
                 cx.record(op)?;
-                let node = self.nodes.get_mut(ino).expect("materialized");
-                node.nlink += 1;
+                let node = self.get(*ino)?;
+                node.nlink = links;
                 node.ctime = *time;
-                let p = self.nodes.get_mut(parent).expect("checked");
-                p.children_mut().insert(name.clone(), *ino);
+                let p = self.get(*parent)?;
+                p.children_mut()?.insert(name.clone(), *ino);
                 p.touch(*time);
                 Ok(Some(*ino))
             }
@@ -690,13 +958,14 @@ impl Overlay {
                         if !children.is_empty() {
                             return Err(FsError::NotEmpty);
                         }
+                        self.links_without_subdir(*parent)?;
                     }
                     (Body::Dir { .. }, false) => return Err(FsError::IsADirectory),
                     (_, true) => return Err(FsError::NotADirectory),
                     (_, false) => {}
                 }
                 cx.record(op)?;
-                self.detach(cx.data_dir, *parent, name, ino, *time);
+                self.detach(base, cx.data_dir, *parent, name, ino, *time)?;
                 Ok(None)
             }
             Op::Rename {
@@ -711,36 +980,39 @@ impl Overlay {
                 check_name(new_name)?;
                 let src = self.child(base, *parent, name)?.ok_or(FsError::NotFound)?;
                 let dst = self.child(base, *new_parent, new_name)?;
-                let src_dir = self.node(base, src)?.kind == NodeKind::Dir;
-                if src_dir && *new_parent != *parent && self.is_within(base, *new_parent, src)? {
+                let src_dir = matches!(self.node(base, src)?.body, Body::Dir { .. });
+                let moves = parent != new_parent;
+                if src_dir && moves && self.is_within(base, *new_parent, src)? {
                     return Err(FsError::InvalidArgument);
+                }
+                if src_dir && moves {
+                    self.links_without_subdir(*parent)?;
+                    self.links_with_subdir(*new_parent)?;
                 }
                 if *exchange {
                     let dst = dst.ok_or(FsError::NotFound)?;
-                    let dst_dir = self.node(base, dst)?.kind == NodeKind::Dir;
-                    if dst_dir && *new_parent != *parent && self.is_within(base, *parent, dst)? {
+                    let dst_dir = matches!(self.node(base, dst)?.body, Body::Dir { .. });
+                    if dst_dir && moves && self.is_within(base, *parent, dst)? {
                         return Err(FsError::InvalidArgument);
                     }
+                    if dst_dir && moves {
+                        self.links_without_subdir(*new_parent)?;
+                        self.links_with_subdir(*parent)?;
+                    }
                     cx.record(op)?;
-                    self.nodes
-                        .get_mut(parent)
-                        .expect("checked")
-                        .children_mut()
-                        .insert(name.clone(), dst);
-                    self.nodes
-                        .get_mut(new_parent)
-                        .expect("checked")
-                        .children_mut()
+                    self.get(*parent)?.children_mut()?.insert(name.clone(), dst);
+                    self.get(*new_parent)?
+                        .children_mut()?
                         .insert(new_name.clone(), src);
-                    if parent != new_parent {
-                        self.reparent(src, *parent, *new_parent);
-                        self.reparent(dst, *new_parent, *parent);
+                    if moves {
+                        self.reparent(src, *parent, *new_parent)?;
+                        self.reparent(dst, *new_parent, *parent)?;
                     }
                     for n in [src, dst] {
-                        self.nodes.get_mut(&n).expect("materialized").ctime = *time;
+                        self.get(n)?.ctime = *time;
                     }
                     for p in [parent, new_parent] {
-                        self.nodes.get_mut(p).expect("checked").touch(*time);
+                        self.get(*p)?.touch(*time);
                     }
                     return Ok(None);
                 }
@@ -758,6 +1030,7 @@ impl Overlay {
                             if !children.is_empty() {
                                 return Err(FsError::NotEmpty);
                             }
+                            self.links_without_subdir(*new_parent)?;
                         }
                         (Body::Dir { .. }, false) => return Err(FsError::IsADirectory),
                         (_, true) => return Err(FsError::NotADirectory),
@@ -766,24 +1039,18 @@ impl Overlay {
                 }
                 cx.record(op)?;
                 if let Some(dst) = dst {
-                    self.detach(cx.data_dir, *new_parent, new_name, dst, *time);
+                    self.detach(base, cx.data_dir, *new_parent, new_name, dst, *time)?;
                 }
-                self.nodes
-                    .get_mut(parent)
-                    .expect("checked")
-                    .children_mut()
-                    .remove(name.as_slice());
-                self.nodes
-                    .get_mut(new_parent)
-                    .expect("checked")
-                    .children_mut()
+                self.get(*parent)?.children_mut()?.remove(name.as_slice());
+                self.get(*new_parent)?
+                    .children_mut()?
                     .insert(new_name.clone(), src);
-                if parent != new_parent {
-                    self.reparent(src, *parent, *new_parent);
+                if moves {
+                    self.reparent(src, *parent, *new_parent)?;
                 }
-                self.nodes.get_mut(&src).expect("materialized").ctime = *time;
+                self.get(src)?.ctime = *time;
                 for p in [parent, new_parent] {
-                    self.nodes.get_mut(p).expect("checked").touch(*time);
+                    self.get(*p)?.touch(*time);
                 }
                 Ok(None)
             }
@@ -811,7 +1078,7 @@ impl Overlay {
                 if node.nlink > 0 {
                     cx.record(op)?;
                 }
-                let node = self.nodes.get_mut(ino).expect("materialized");
+                let node = self.get(*ino)?;
                 if let Some(m) = mode {
                     node.mode = m & 0o7777;
                 }
@@ -836,7 +1103,7 @@ impl Overlay {
                         node.mtime = *time;
                     }
                     if shrink && cx.live() {
-                        shrink_data_file(&data_path(cx.data_dir, *ino), *size)?;
+                        shrink_data_file(&data_path(base, cx.data_dir, *ino)?, *size)?;
                     }
                 }
                 Ok(None)
@@ -855,8 +1122,12 @@ impl Overlay {
                     return Ok(None);
                 };
                 let Ok(f) = node.file() else { return Ok(None) };
-                f.extents.insert(*offset, offset + len);
-                f.size = f.size.max(offset + len);
+                let end = offset
+                    .checked_add(*len)
+                    .filter(|&e| e <= i64::MAX as u64)
+                    .ok_or_else(|| inconsistent(format!("write of {len} bytes at {offset}")))?;
+                f.extents.insert(*offset, end);
+                f.size = f.size.max(end);
                 node.touch(*time);
                 Ok(None)
             }
@@ -864,29 +1135,130 @@ impl Overlay {
     }
 
     /// Removes the name `name` of `ino` from `parent` (checked to exist).
-    fn detach(&mut self, data_dir: &Path, parent: u64, name: &[u8], ino: u64, time: Time) {
-        let p = self.nodes.get_mut(&parent).expect("checked");
-        p.children_mut().remove(name);
-        p.touch(time);
-        let node = self.nodes.get_mut(&ino).expect("materialized");
-        node.ctime = time;
-        if node.kind == NodeKind::Dir {
-            node.nlink = 0;
-            self.nodes.get_mut(&parent).expect("checked").nlink -= 1;
+    fn detach(
+        &mut self,
+        base: &RepoFs,
+        data_dir: &Path,
+        parent: u64,
+        name: &[u8],
+        ino: u64,
+        time: Time,
+    ) -> FsResult<()> {
+        let is_dir = matches!(self.get(ino)?.body, Body::Dir { .. });
+        let parent_links = if is_dir {
+            self.links_without_subdir(parent)?
         } else {
-            node.nlink = node.nlink.saturating_sub(1);
-        }
-        self.reap(data_dir, ino);
+            self.get(parent)?.nlink
+        };
+        let p = self.get(parent)?;
+        p.children_mut()?.remove(name);
+        p.touch(time);
+        p.nlink = parent_links;
+        let node = self.get(ino)?;
+        node.ctime = time;
+        node.nlink = if is_dir {
+            0
+        } else {
+            node.nlink.saturating_sub(1)
+        };
+        self.reap(base, data_dir, ino);
+        Ok(())
     }
 
     /// Moves directory `ino` (a no-op for other kinds) between parents.
-    fn reparent(&mut self, ino: u64, from: u64, to: u64) {
-        let node = self.nodes.get_mut(&ino).expect("materialized");
-        if let Body::Dir { parent, .. } = &mut node.body {
-            *parent = to;
-            self.nodes.get_mut(&from).expect("checked").nlink -= 1;
-            self.nodes.get_mut(&to).expect("checked").nlink += 1;
+    fn reparent(&mut self, ino: u64, from: u64, to: u64) -> FsResult<()> {
+        if !matches!(self.get(ino)?.body, Body::Dir { .. }) {
+            return Ok(());
         }
+        let from_links = self.links_without_subdir(from)?;
+        let to_links = self.links_with_subdir(to)?;
+        if let Body::Dir { parent, .. } = &mut self.get(ino)?.body {
+            *parent = to;
+        }
+        self.get(from)?.nlink = from_links;
+        self.get(to)?.nlink = to_links;
+        Ok(())
+    }
+
+    /// The overlay a checkpoint holds, checked: every node it names exists
+    /// in the restore point or in the session's range, and each node is
+    /// what it claims to be. `what` names the file in errors.
+    fn from_snapshot(base: &RepoFs, what: &str, snap: Snapshot) -> Result<Overlay> {
+        let bad = |why: String| Error::malformed(what, why);
+        if snap.format != SESSION_FORMAT {
+            return Err(Error::UnsupportedVersion {
+                what: what.to_string(),
+                found: snap.format,
+                supported: SESSION_FORMAT,
+            });
+        }
+        if snap.next_id < FIRST_NEW_INO {
+            return Err(bad(format!(
+                "next node id {} is below the session range",
+                snap.next_id
+            )));
+        }
+        let ino_of = |r: &NodeRef| match r {
+            NodeRef::Session(id) if *id >= snap.next_id => Err(format!(
+                "session node {id} is past the next id {}",
+                snap.next_id
+            )),
+            _ => node_ino(base, *r),
+        };
+        let mut nodes = HashMap::with_capacity(snap.nodes.len());
+        for (r, stored) in &snap.nodes {
+            let ino = ino_of(r).map_err(&bad)?;
+            let node = stored.map(ino_of).map_err(&bad)?;
+            let is_dir_body = matches!(node.body, Body::Dir { .. });
+            let tombstone = matches!(node.body, Body::Special) && node.nlink == 0;
+            if is_dir_body != (node.kind == NodeKind::Dir) && !tombstone {
+                return Err(bad(format!(
+                    "{r:?} is a {:?} with another kind's body",
+                    node.kind
+                )));
+            }
+            match &node.body {
+                Body::Dir { children, .. } => {
+                    if let Some(name) = children.keys().find(|n| check_name(n).is_err()) {
+                        return Err(bad(format!("{r:?} holds an invalid name {name:?}")));
+                    }
+                }
+                Body::File(f) if f.from_restore_point != matches!(r, NodeRef::RestorePoint(_)) => {
+                    return Err(bad(format!("{r:?} claims the wrong origin")));
+                }
+                _ => {}
+            }
+            if nodes.insert(ino, node).is_some() {
+                return Err(bad(format!("{r:?} is listed twice")));
+            }
+        }
+        if let Some(root) = nodes.get(&ROOT_INO) {
+            if !matches!(root.body, Body::Dir { .. }) || root.nlink == 0 {
+                return Err(bad("the root is not a live directory".into()));
+            }
+        }
+        Ok(Overlay {
+            nodes,
+            next_ino: snap.next_id,
+        })
+    }
+
+    /// The checkpoint of this overlay, nodes named as stored.
+    fn to_snapshot(&self, base: &RepoFs, generation: u64) -> FsResult<Snapshot> {
+        let mut nodes = Vec::with_capacity(self.nodes.len());
+        for (&ino, node) in &self.nodes {
+            // A file no name reaches is gone after a restart.
+            if node.nlink == 0 && matches!(node.body, Body::File(_)) {
+                continue;
+            }
+            nodes.push((node_ref(base, ino)?, node.map(|&c| node_ref(base, c))?));
+        }
+        Ok(Snapshot {
+            format: SESSION_FORMAT,
+            generation,
+            next_id: self.next_ino,
+            nodes,
+        })
     }
 }
 
@@ -959,10 +1331,12 @@ pub fn session_dir(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join(id)
 }
 
-/// Reads a session's `session.json`.
+/// Reads a session's `session.json`, of any format version, so a session
+/// of another version can still be listed and discarded; opening it checks
+/// the version.
 pub fn read_info(state_dir: &Path, id: &str) -> Result<SessionInfo> {
     validate_session_id(id)?;
-    let path = session_dir(state_dir, id).join("session.json");
+    let path = session_dir(state_dir, id).join(SESSION_INFO_FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -973,21 +1347,30 @@ pub fn read_info(state_dir: &Path, id: &str) -> Result<SessionInfo> {
         }
         Err(e) => return Err(Error::io(&path, e)),
     };
-    let info: SessionInfo = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::malformed(path.display().to_string(), e.to_string()))?;
-    if info.format != SESSION_FORMAT {
-        return Err(Error::UnsupportedVersion {
-            what: path.display().to_string(),
-            found: info.format,
-            supported: SESSION_FORMAT,
-        });
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::malformed(path.display().to_string(), e.to_string()))
+}
+
+/// Refuses a session of another format version. Sessions are short-lived,
+/// so there is no migration: the flr that made it commits or discards it.
+fn check_format(dir: &Path, info: &SessionInfo) -> Result<()> {
+    if info.format == SESSION_FORMAT {
+        return Ok(());
     }
-    Ok(info)
+    Err(Error::UnsupportedVersion {
+        what: format!(
+            "session {} ({})",
+            info.id,
+            dir.join(SESSION_INFO_FILE).display()
+        ),
+        found: info.format,
+        supported: SESSION_FORMAT,
+    })
 }
 
 /// Takes a session's lock: the one process serving or changing it.
 fn lock_session(dir: &Path, id: &str) -> Result<File> {
-    let path = dir.join("lock");
+    let path = dir.join(SESSION_LOCK_FILE);
     let file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -1018,11 +1401,11 @@ pub fn list_sessions(state_dir: &Path) -> Result<Vec<SessionStatus>> {
             continue;
         }
         let dir = entry.path();
-        if !dir.join("session.json").exists() {
+        if !dir.join(SESSION_INFO_FILE).exists() {
             continue;
         }
         let info = read_info(state_dir, &name)?;
-        let in_use = File::open(dir.join("lock"))
+        let in_use = File::open(dir.join(SESSION_LOCK_FILE))
             .map(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
             .unwrap_or(false);
         out.push(SessionStatus {
@@ -1137,6 +1520,12 @@ impl CowFs {
         options: SessionOptions,
     ) -> Result<Arc<CowFs>> {
         validate_session_id(&info.id)?;
+        if info.format != SESSION_FORMAT {
+            return Err(Error::InvalidInput(format!(
+                "session {}: this build makes sessions of format {SESSION_FORMAT}, not {}",
+                info.id, info.format
+            )));
+        }
         std::fs::create_dir_all(state_dir).map_err(|e| Error::io(state_dir, e))?;
         if let Some(free) = free_space(state_dir) {
             if free < options.min_free_bytes {
@@ -1160,16 +1549,16 @@ impl CowFs {
         // either has its session.json or does not exist.
         let tmp = state_dir.join(format!(".new-{}-{}", info.id, std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(tmp.join("data")).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::create_dir_all(tmp.join(SESSION_DATA_DIR)).map_err(|e| Error::io(&tmp, e))?;
         // The session holds database contents: its owner only.
         set_private(&tmp)?;
         let json = serde_json::to_vec_pretty(&info).expect("session info serializes");
-        let info_path = tmp.join("session.json");
+        let info_path = tmp.join(SESSION_INFO_FILE);
         std::fs::write(&info_path, json).map_err(|e| Error::io(&info_path, e))?;
         File::open(&info_path)
             .and_then(|f| f.sync_all())
             .map_err(|e| Error::io(&info_path, e))?;
-        Journal::create(&tmp.join("journal"), 0)?;
+        Journal::create(&tmp.join(SESSION_JOURNAL_FILE), 0)?;
         std::fs::rename(&tmp, &dir).map_err(|e| Error::io(&dir, e))?;
         sync_dir(state_dir)?;
         Self::open(base, &dir, info, options)
@@ -1193,10 +1582,14 @@ impl CowFs {
         info: SessionInfo,
         options: SessionOptions,
     ) -> Result<Arc<CowFs>> {
+        check_format(dir, &info)?;
         let lock = lock_session(dir, &info.id)?;
-        let data_dir = dir.join("data");
+        let data_dir = dir.join(SESSION_DATA_DIR);
         std::fs::create_dir_all(&data_dir).map_err(|e| Error::io(&data_dir, e))?;
-        let state_path = dir.join("state");
+        // Loads the restore point's manifest: its nodes have inodes from
+        // here, so stored names can be turned into them.
+        base.readdir(ROOT_INO).map_err(fs_to_error)?;
+        let state_path = dir.join(SESSION_STATE_FILE);
         let mut overlay = Overlay {
             nodes: HashMap::new(),
             next_ino: FIRST_NEW_INO,
@@ -1205,17 +1598,14 @@ impl CowFs {
         match std::fs::read(&state_path) {
             Ok(bytes) => {
                 let what = state_path.display().to_string();
-                let (_, payload) = format::open_envelope(&what, STATE_MAGIC, &bytes)?;
-                let snap: Snapshot = postcard::from_bytes(payload)
-                    .map_err(|e| Error::malformed(&what, e.to_string()))?;
+                let snap = decode_state(&what, &bytes)?;
                 generation = snap.generation;
-                overlay.next_ino = snap.next_ino;
-                overlay.nodes = snap.nodes.into_iter().collect();
+                overlay = Overlay::from_snapshot(&base, &what, snap)?;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(&state_path, e)),
         }
-        let journal_path = dir.join("journal");
+        let journal_path = dir.join(SESSION_JOURNAL_FILE);
         let (jgen, ops, intact) = Journal::load(&journal_path)?;
         let replay = jgen == generation;
         if jgen > generation {
@@ -1224,8 +1614,6 @@ impl CowFs {
                 format!("generation {jgen} is newer than the checkpoint's {generation}"),
             ));
         }
-        // Loads the restore point's manifest: its inodes exist from here.
-        base.readdir(ROOT_INO).map_err(fs_to_error)?;
         if !overlay.nodes.contains_key(&ROOT_INO) {
             overlay.materialize(&base, ROOT_INO).map_err(fs_to_error)?;
         }
@@ -1235,14 +1623,18 @@ impl CowFs {
                 journal: None,
                 data_dir: &data_dir,
             };
-            for (n, op) in ops.iter().enumerate() {
+            for (n, stored) in ops.iter().enumerate() {
                 // A change that failed when it was made was never recorded,
                 // so a replayed one fails only if the restore point changed
-                // under the session.
-                if let Err(e) = overlay.apply(&mut cx, op) {
+                // under the session, or the journal is damaged.
+                let applied = stored
+                    .map(|r| node_ino(&base, *r))
+                    .map_err(FsError::Corrupt)
+                    .and_then(|op| overlay.apply(&mut cx, &op));
+                if let Err(e) = applied {
                     return Err(Error::malformed(
                         journal_path.display().to_string(),
-                        format!("record {n} ({op:?}) does not apply: {e}"),
+                        format!("record {n} ({stored:?}) does not apply: {e}"),
                     ));
                 }
             }
@@ -1302,27 +1694,22 @@ impl CowFs {
         }
         sync_dir(&self.data_dir)?;
         let generation = journal.generation + 1;
-        let snap = Snapshot {
-            generation,
-            next_ino: ov.next_ino,
-            nodes: ov
-                .nodes
-                .iter()
-                .filter(|(_, n)| n.nlink > 0 || !matches!(n.body, Body::File(_)))
-                .map(|(&i, n)| (i, n.clone()))
-                .collect(),
-        };
-        let payload = postcard::to_allocvec(&snap).expect("snapshot serializes");
-        let path = self.dir.join("state");
-        let tmp = self.dir.join("state.tmp");
-        std::fs::write(&tmp, format::seal_envelope(STATE_MAGIC, 0, &payload))
-            .map_err(|e| Error::io(&tmp, e))?;
+        let path = self.dir.join(SESSION_STATE_FILE);
+        let snap = ov.to_snapshot(&self.base, generation).map_err(|e| {
+            Error::InvalidInput(format!(
+                "{}: cannot write a checkpoint: {e}",
+                path.display()
+            ))
+        })?;
+        let bytes = encode_state(&snap)?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
         File::open(&tmp)
             .and_then(|f| f.sync_all())
             .map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
         sync_dir(&self.dir)?;
-        *journal = Journal::create(&self.dir.join("journal"), generation)?;
+        *journal = Journal::create(&self.dir.join(SESSION_JOURNAL_FILE), generation)?;
         Ok(())
     }
 
@@ -1383,7 +1770,7 @@ impl CowFs {
         if let Some(f) = self.data_files.lock().get(&ino) {
             return Ok(f.clone());
         }
-        let path = data_path(&self.data_dir, ino);
+        let path = data_path(&self.base, &self.data_dir, ino)?;
         let existed = path.exists();
         let file = Arc::new(
             OpenOptions::new()
@@ -1442,7 +1829,7 @@ impl CowFs {
     /// Reads `[offset, offset + size)` of file `ino`, merging session data
     /// over the restore point.
     pub fn read_ino(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let (pieces, base, data) = {
+        let (pieces, data) = {
             let ov = self.overlay.read();
             match ov.nodes.get(&ino) {
                 None => {
@@ -1456,16 +1843,16 @@ impl CowFs {
                     };
                     (
                         f.pieces(offset, offset.saturating_add(size as u64)),
-                        f.base,
                         self.data_files.lock().get(&ino).cloned(),
                     )
                 }
             }
         };
         // A range the session never wrote: the restore point's bytes as
-        // they come, without merging into a second buffer.
-        if let ([(start, end, Piece::Base)], Some(base_ino)) = (pieces.as_slice(), base) {
-            let fh = self.base_handle(base_ino)?;
+        // they come, without merging into a second buffer. (Only a restore
+        // point file has base pieces: its own inode there.)
+        if let [(start, end, Piece::Base)] = pieces.as_slice() {
+            let fh = self.base_handle(ino)?;
             return self.base.read(fh, *start, (end - start) as u32);
         }
         let total = pieces.last().map_or(0, |(_, end, _)| *end - offset);
@@ -1483,10 +1870,10 @@ impl CowFs {
                         .map_err(|e| FsError::session_io("session data", &e))?;
                 }
                 Piece::Base => {
-                    let base_ino = base.expect("base pieces have a base");
-                    let fh = self.base_handle(base_ino)?;
+                    let fh = self.base_handle(ino)?;
                     let got = self.base.read(fh, start, buf.len() as u32)?;
-                    buf[..got.len()].copy_from_slice(&got);
+                    let n = got.len().min(buf.len());
+                    buf[..n].copy_from_slice(&got[..n]);
                 }
             }
         }
@@ -1759,7 +2146,7 @@ impl FsModel for CowFs {
         if let Some(n) = ov.nodes.get_mut(&ino) {
             n.open = n.open.saturating_sub(1);
         }
-        ov.reap(&self.data_dir, ino);
+        ov.reap(&self.base, &self.data_dir, ino);
         self.forget_reaped(&ov);
     }
 
@@ -1777,7 +2164,7 @@ impl FsModel for CowFs {
         StatFs {
             total_bytes: logical + used + free,
             free_bytes: free,
-            files: self.overlay.read().next_ino - FIRST_NEW_INO + logical / 4096,
+            files: self.overlay.read().next_ino.saturating_sub(FIRST_NEW_INO) + logical / 4096,
             free_files: free / 4096,
         }
     }
@@ -1897,7 +2284,7 @@ impl FsModel for CowFs {
         // after a restart.
         if node.nlink > 0 {
             self.journal.lock().append(&Op::Write {
-                ino,
+                ino: node_ref(&self.base, ino)?,
                 offset,
                 len: data.len() as u64,
                 time,
@@ -2063,3 +2450,9 @@ pub fn free_space(path: &Path) -> Option<u64> {
 pub fn free_space(_path: &Path) -> Option<u64> {
     None
 }
+
+#[cfg(test)]
+mod format_tests;
+
+#[cfg(test)]
+mod replay_tests;

@@ -3,7 +3,10 @@
 //! a real restore point (in a memory store), checked step by step against
 //! a plain in-memory tree. Restarts in the middle (clean, or a crash that
 //! leaves only the journal) must give back the same tree, and the restore
-//! point itself must never change.
+//! point itself must never change. A restart may also move the inode
+//! numbers the mount gives the restore point's nodes (as when another
+//! restore point loads first): nothing the session stored may depend on
+//! them.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -94,6 +97,8 @@ enum Op {
     },
     Restart {
         crash: bool,
+        /// The next mount numbers the restore point's inodes differently.
+        shift: bool,
     },
 }
 
@@ -110,7 +115,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..n, 0..n).prop_map(|(from, to)| Op::Rename { from, to }),
         5 => (0..n, 0u64..400_000, 1u32..300_000)
             .prop_map(|(path, offset, len)| Op::Read { path, offset, len }),
-        1 => any::<bool>().prop_map(|crash| Op::Restart { crash }),
+        1 => (any::<bool>(), any::<bool>()).prop_map(|(crash, shift)| Op::Restart { crash, shift }),
     ]
 }
 
@@ -148,6 +153,9 @@ struct Harness {
     rp: RestorePointName,
     state: tempfile::TempDir,
     fs: Option<Arc<CowFs>>,
+    /// How far the restore point's inode numbers are moved in the mount
+    /// the session runs on now.
+    shift: u64,
 }
 
 impl Harness {
@@ -193,13 +201,14 @@ impl Harness {
             rp,
             state: tempfile::tempdir().unwrap(),
             fs: None,
+            shift: 0,
         };
         h.open(false);
         (h, model)
     }
 
     fn base(&self) -> Arc<RepoFs> {
-        RepoFs::new(
+        let fs = RepoFs::new(
             self.repo.clone(),
             FsOptions {
                 cache_bytes: 1 << 20,
@@ -213,7 +222,9 @@ impl Harness {
                 },
             },
         )
-        .unwrap()
+        .unwrap();
+        fs.skip_inodes(self.shift);
+        fs
     }
 
     fn open(&mut self, resume: bool) {
@@ -225,7 +236,7 @@ impl Harness {
             CowFs::resume(self.base(), self.state.path(), "s", options).unwrap()
         } else {
             let info = SessionInfo {
-                format: 1,
+                format: vfs_core::format::SESSION_FORMAT,
                 id: "s".into(),
                 repository: "mem".into(),
                 restore_point: self.rp.to_string(),
@@ -463,7 +474,10 @@ fn fs_apply(h: &mut Harness, all: &[String], op: &Op) -> bool {
             h.fs().rename(d1, &n1, d2, &n2, RenameMode::Replace).is_ok()
         }
         Op::Read { .. } => true,
-        Op::Restart { crash } => {
+        Op::Restart { crash, shift } => {
+            if *shift {
+                h.shift += 1000;
+            }
             h.restart(*crash);
             true
         }
@@ -525,7 +539,9 @@ fn writes_store_only_changed_ranges() {
     let fh = h.fs().open(ino, true, false).unwrap();
     h.fs().write(fh, 100_000, &[9u8; 4096]).unwrap();
     h.fs().release(fh);
-    let data = h.state.path().join("s/data").join(format!("{ino:x}"));
+    // `a/b` is node 2 of the restore point's manifest.
+    let name = vfs_core::format::NodeRef::RestorePoint(2).data_file_name();
+    let data = h.state.path().join("s/data").join(name);
     let meta = std::fs::metadata(&data).unwrap();
     use std::os::unix::fs::MetadataExt;
     assert!(
@@ -591,4 +607,68 @@ fn an_unlinked_open_file_works_until_closed_and_survives_restarts() {
         assert!(h.fs().lookup(dir, &name).is_err());
         h.restart(false);
     }
+}
+
+/// Changes to restore point files and directories, and to nodes made in
+/// the session, survive restarts whose mounts number the restore point's
+/// inodes differently: once replayed from the journal after a crash, once
+/// read back from a checkpoint.
+#[test]
+fn a_session_survives_inode_numbers_that_move() {
+    let all = paths();
+    let at = |p: &str| all.iter().position(|x| x == p).unwrap();
+    let (mut h, mut model) = Harness::new();
+    let ops = [
+        Op::Write {
+            path: at("a/b"),
+            offset: 1000,
+            len: 5000,
+            seed: 1,
+        },
+        Op::Truncate {
+            path: at("b"),
+            size: 50_000,
+        },
+        Op::Mkdir { path: at("c/a") },
+        Op::Rename {
+            from: at("a/b"),
+            to: at("c/b"),
+        },
+        Op::Create { path: at("a/c") },
+        Op::Write {
+            path: at("a/c"),
+            offset: 10,
+            len: 100,
+            seed: 2,
+        },
+        Op::Rmdir { path: at("c/a") },
+        Op::Restart {
+            crash: true,
+            shift: true,
+        },
+        Op::Write {
+            path: at("c/b"),
+            offset: 0,
+            len: 10,
+            seed: 3,
+        },
+        Op::Unlink { path: at("b") },
+        Op::Restart {
+            crash: false,
+            shift: true,
+        },
+        Op::Restart {
+            crash: true,
+            shift: true,
+        },
+    ];
+    for op in &ops {
+        let expect = model_apply(&mut model, &all, op);
+        assert_eq!(fs_apply(&mut h, &all, op), expect, "{op:?}");
+        assert!(
+            h.snapshot() == model,
+            "tree differs from the model after {op:?}"
+        );
+    }
+    assert_eq!(h.shift, 3000);
 }
