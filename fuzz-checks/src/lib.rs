@@ -26,6 +26,7 @@ pub mod meta;
 pub mod pack;
 pub mod repos;
 pub mod seeds;
+pub mod session;
 
 /// Every target by name (its corpus is `fuzz/corpus/<name>/`) and its check.
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
@@ -35,6 +36,8 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("manifest", manifest::check),
     ("config", config::check),
     ("daemon_json", daemon::check),
+    ("checkpoint", session::check_checkpoint),
+    ("journal", session::check_journal),
 ];
 
 /// The check of the target called `name`.

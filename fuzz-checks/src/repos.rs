@@ -50,6 +50,11 @@ fn make(encryption: Option<EncryptionConfig>) -> Fixture {
     }
 }
 
+/// A new plain repository, for a target that writes into its own.
+pub fn fresh() -> Fixture {
+    make(None)
+}
+
 pub fn plain() -> &'static Fixture {
     static PLAIN: OnceLock<Fixture> = OnceLock::new();
     PLAIN.get_or_init(|| make(None))

@@ -13,8 +13,15 @@ use vfs_core::manifest::Manifest;
 use vfs_core::repo::{IndexFile, RepoConfig, INDEX_PREFIX, PACKS_PREFIX};
 use vfs_core::store::ObjectStore;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vfs_core::fs::{Caller, FsModel, RenameMode, SetAttr, ROOT_INO};
+use vfs_core::manifest::NodeKind;
+use vfs_core::repo::Repository;
+use vfs_core::session::{session_dir, CowFs};
+
 use crate::repos::{self, Fixture};
-use crate::{meta, pack};
+use crate::{meta, pack, session};
 
 fn write_tree(root: &Path) -> std::io::Result<()> {
     use std::io::{Seek, SeekFrom, Write};
@@ -41,17 +48,17 @@ fn write_tree(root: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn backed_up(encrypted: bool) -> (&'static Fixture, Manifest) {
-    let dir =
-        std::env::temp_dir().join(format!("flr-fuzz-seeds-{}-{encrypted}", std::process::id()));
+/// Backs the seeds' tree up into `repo` (the same tree every time, so
+/// its manifest's node order is too).
+pub fn back_up_tree(repo: &Repository) -> Manifest {
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "flr-fuzz-tree-{}-{}",
+        std::process::id(),
+        CALLS.fetch_add(1, Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     write_tree(&dir).expect("a temporary tree");
-    // The targets' own repositories, so a whole sealed file opens there.
-    let fixture = if encrypted {
-        repos::encrypted()
-    } else {
-        repos::plain()
-    };
     let opts = BackupOptions {
         job: "app".into(),
         chunker: None,
@@ -59,13 +66,78 @@ fn backed_up(encrypted: bool) -> (&'static Fixture, Manifest) {
         progress: Default::default(),
     };
     let manifest = backup(
-        &fixture.repo,
+        repo,
         Source::Paths(vec![dir.join("app.db"), dir.join("etc")]),
         &opts,
     )
     .expect("a backup into memory");
     std::fs::remove_dir_all(&dir).expect("a temporary tree");
+    manifest
+}
+
+fn backed_up(encrypted: bool) -> (&'static Fixture, Manifest) {
+    // The targets' own repositories, so a whole sealed file opens there.
+    let fixture = if encrypted {
+        repos::encrypted()
+    } else {
+        repos::plain()
+    };
+    let manifest = back_up_tree(&fixture.repo);
     (fixture, manifest)
+}
+
+/// A session with every kind of change, over the targets' session base:
+/// its journal, then its checkpoint.
+fn session_files() -> (Vec<u8>, Vec<u8>) {
+    let sb = session::base();
+    let id = "seed";
+    let _ = std::fs::remove_dir_all(session_dir(&sb.state_dir, id));
+    let fs = CowFs::create(
+        sb.base.clone(),
+        &sb.state_dir,
+        session::info(id, &sb.restore_point),
+        session::options(),
+    )
+    .expect("a new session");
+    let me = Caller { uid: 0, gid: 0 };
+    let dir = fs.mkdir(ROOT_INO, b"new", 0o755, me).expect("mkdir");
+    let file = fs
+        .mknod(dir.ino, b"f", NodeKind::File, 0o644, 0, me)
+        .expect("mknod");
+    let fh = fs.open(file.ino, true, false).expect("open");
+    fs.write(fh, 0, b"hello").expect("write");
+    fs.write(fh, 10_000, b"later").expect("write");
+    fs.release(fh);
+    fs.symlink(dir.ino, b"l", b"f", me).expect("symlink");
+    fs.link(file.ino, ROOT_INO, b"f2").expect("link");
+    fs.rename(dir.ino, b"f", ROOT_INO, b"f3", RenameMode::Replace)
+        .expect("rename");
+    let db = fs
+        .lookup(ROOT_INO, b"app.db")
+        .expect("the restore point's file");
+    let fh = fs.open(db.ino, true, false).expect("open");
+    fs.write(fh, 8192, &[9u8; 100]).expect("write");
+    fs.release(fh);
+    fs.setattr(
+        db.ino,
+        &SetAttr {
+            size: Some(20_000),
+            mode: Some(0o600),
+            ..SetAttr::default()
+        },
+    )
+    .expect("setattr");
+    fs.unlink(ROOT_INO, b"f2").expect("unlink");
+    fs.mknod(ROOT_INO, b"fifo", NodeKind::Fifo, 0o644, 0, me)
+        .expect("mknod fifo");
+    fs.fsync(db.ino).expect("fsync");
+    let dir_path = fs.dir().to_path_buf();
+    let journal = std::fs::read(dir_path.join(format::SESSION_JOURNAL_FILE)).expect("journal");
+    fs.checkpoint().expect("checkpoint");
+    let state = std::fs::read(dir_path.join(format::SESSION_STATE_FILE)).expect("state");
+    drop(fs);
+    let _ = std::fs::remove_dir_all(&dir_path);
+    (journal, state)
 }
 
 fn keys(fixture: &Fixture, prefix: &str) -> Vec<String> {
@@ -167,7 +239,24 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         [&[4u8][..], br#"{"repository":"r","job":"app"}"#].concat(),
     ])
     .collect();
+    let (journal_file, state_file) = session_files();
+    let (_, state_plain) =
+        format::open_envelope("seed", format::STATE_MAGIC, &state_file).expect("own state");
+    let checkpoint = vec![
+        [&[0u8][..], &state_file].concat(),
+        [&[1u8][..], state_plain].concat(),
+    ];
+    let mut records = vec![1u8];
+    let mut pos = format::JOURNAL_HEADER_LEN;
+    while let Some((payload, next)) = format::next_journal_record(&journal_file, pos) {
+        records.extend_from_slice(&(payload.len() as u16).to_le_bytes());
+        records.extend_from_slice(payload);
+        pos = next;
+    }
+    let journal = vec![[&[0u8][..], &journal_file].concat(), records];
     vec![
+        ("checkpoint", checkpoint),
+        ("journal", journal),
         ("envelope", envelope),
         ("pack", packs),
         ("index", index),

@@ -74,3 +74,13 @@ fn every_target_is_replayed() {
         );
     }
 }
+
+#[test]
+fn checkpoint_corpus() {
+    replay("checkpoint");
+}
+
+#[test]
+fn journal_corpus() {
+    replay("journal");
+}
