@@ -28,8 +28,11 @@ pub mod repos;
 pub mod seeds;
 pub mod session;
 
+/// A target's check: panics when a property fails.
+pub type Check = fn(&[u8]);
+
 /// Every target by name (its corpus is `fuzz/corpus/<name>/`) and its check.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Check)] = &[
     ("envelope", envelope::check),
     ("pack", pack::check),
     ("index", index::check),
@@ -41,6 +44,6 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
 ];
 
 /// The check of the target called `name`.
-pub fn target(name: &str) -> Option<fn(&[u8])> {
+pub fn target(name: &str) -> Option<Check> {
     TARGETS.iter().find(|(n, _)| *n == name).map(|(_, f)| *f)
 }

@@ -162,7 +162,7 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         }
         manifest.push([&[3 | crypt][..], &rp_file].concat());
         envelope.push([&[2u8][..], &rp_file].concat());
-        for key in keys(&fx, INDEX_PREFIX) {
+        for key in keys(fx, INDEX_PREFIX) {
             let file = get(&key);
             let idx: IndexFile = fx
                 .repo
@@ -194,7 +194,7 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
                 packs.push([&[2u8][..], &frames_len, frames, &table].concat());
             }
         }
-        for key in keys(&fx, PACKS_PREFIX) {
+        for key in keys(fx, PACKS_PREFIX) {
             envelope.push([&[3u8][..], &get(&key)[..64]].concat());
         }
         envelope.push([&[0u8][..], &get(vfs_core::repo::CONFIG_KEY)].concat());
