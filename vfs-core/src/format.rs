@@ -123,6 +123,9 @@ pub fn check_pack_header(what: &str, bytes: &[u8]) -> Result<()> {
             supported: PACK_VERSION,
         });
     }
+    if bytes[12..16] != [0; 4] {
+        return Err(Error::malformed(what, "unknown pack header flags"));
+    }
     Ok(())
 }
 

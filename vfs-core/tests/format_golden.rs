@@ -44,7 +44,7 @@ fn magics() {
 
 fn sample_config() -> RepoConfig {
     RepoConfig {
-        version: 1,
+        version: 2,
         id: "00112233445566778899aabbccddeeff".into(),
         compression_level: 3,
         page_compression_level: 1,
@@ -55,7 +55,7 @@ fn sample_config() -> RepoConfig {
 /// The config as `Repository::init` writes it: pretty JSON and a newline,
 /// in an envelope with no flags.
 const CONFIG_JSON: &str = r#"{
-  "version": 1,
+  "version": 2,
   "id": "00112233445566778899aabbccddeeff",
   "compression_level": 3,
   "page_compression_level": 1,
@@ -66,21 +66,21 @@ const CONFIG_ENVELOPE: &str = concat!(
     // FLRCONF\0, envelope version 1, no flags, 142 bytes.
     "464c52434f4e460001000000000000008e00000000000000",
     // CONFIG_JSON
-    "7b0a20202276657273696f6e223a20312c0a2020226964223a20223030313132",
+    "7b0a20202276657273696f6e223a20322c0a2020226964223a20223030313132",
     "323333343435353636373738383939616162626363646465656666222c0a2020",
     "22636f6d7072657373696f6e5f6c6576656c223a20332c0a202022706167655f",
     "636f6d7072657373696f6e5f6c6576656c223a20312c0a202022656e63727970",
     "74696f6e223a206e756c6c0a7d0a",
     // blake3 of the above
-    "9c73a441e9fbcd25572d7392782b3cddec3dca9d23f1dc173a4e721ea1e11dfe",
+    "cde41beee2000afa3a7ee964e1d360773d86e81e66d5fc85af3aa2f29ad618f0",
 );
 
 #[test]
 fn config_bytes() {
     assert_eq!(
         format::REPO_VERSION,
-        1,
-        "the config below is of repository version 1: a new version needs new golden bytes"
+        2,
+        "the config below is of repository version 2: a new version needs new golden bytes"
     );
     let json = serde_json::to_string_pretty(&sample_config()).unwrap() + "\n";
     assert_eq!(json, CONFIG_JSON);
@@ -89,7 +89,7 @@ fn config_bytes() {
     // A repository opens with exactly these bytes as its config.
     let store = Arc::new(MemoryStore::new());
     store
-        .put_new(CONFIG_KEY, &hex::decode(CONFIG_ENVELOPE).unwrap())
+        .put(CONFIG_KEY, &hex::decode(CONFIG_ENVELOPE).unwrap())
         .unwrap();
     let repo = Repository::open(store, || Ok(Vec::new())).unwrap();
     assert_eq!(
@@ -360,4 +360,144 @@ fn node_ref_tags_are_pinned() {
         postcard::to_allocvec(&NodeRef::Session(format::FIRST_SESSION_NODE)).unwrap(),
         [1, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x40]
     );
+}
+
+#[test]
+fn pack_header_and_trailer_bytes() {
+    assert_eq!(&format::PACK_MAGIC, b"FLRPACK\0");
+    assert_eq!(&format::PACK_TABLE_MAGIC, b"FLRPTAB\0");
+    assert_eq!(&format::PACK_TRAILER_MAGIC, b"FLRPEND\0");
+    assert_eq!(&format::INDEX_MAGIC, b"FLRINDX\0");
+    assert_eq!(
+        hex::encode(format::pack_header()),
+        concat!("464c525041434b00", "02000000", "00000000")
+    );
+    assert_eq!(
+        hex::encode(format::pack_trailer(0x0102)),
+        concat!("0201000000000000", "464c5250454e4400")
+    );
+}
+
+fn sample_entries() -> Vec<vfs_core::repo::IndexEntry> {
+    let mut id = [0u8; 32];
+    id.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+    vec![
+        vfs_core::repo::IndexEntry {
+            id: vfs_core::ids::ChunkId(id),
+            offset: 16,
+            stored_len: 300,
+            raw_len: 4096,
+            flags: format::CHUNK_ZSTD,
+            frame_offset: 0,
+            frame_raw_len: 8192,
+        },
+        vfs_core::repo::IndexEntry {
+            id: vfs_core::ids::ChunkId([0xff; 32]),
+            offset: 16,
+            stored_len: 300,
+            raw_len: 4096,
+            flags: format::CHUNK_ZSTD,
+            frame_offset: 4096,
+            frame_raw_len: 8192,
+        },
+    ]
+}
+
+/// One entry as postcard writes it: the id's 32 bytes, then varints.
+const ENTRY_TAIL_0: &str = "10ac02802001008040";
+const ENTRY_TAIL_1: &str = "10ac0280200180208040";
+
+#[test]
+fn pack_table_and_index_file_bytes() {
+    use vfs_core::repo::{IndexFile, PackTable};
+    let ids: Vec<String> = sample_entries().iter().map(|e| e.id.to_hex()).collect();
+    let table = PackTable {
+        entries: sample_entries(),
+    };
+    let golden_table = format!("02{}{ENTRY_TAIL_0}{}{ENTRY_TAIL_1}", ids[0], ids[1]);
+    assert_eq!(
+        hex::encode(postcard::to_stdvec(&table).unwrap()),
+        golden_table
+    );
+    let back: PackTable = postcard::from_bytes(&hex::decode(&golden_table).unwrap()).unwrap();
+    assert_eq!(back, table);
+
+    let file = IndexFile {
+        pack: vfs_core::ids::PackId([0xab; 32]),
+        pack_len: 1000,
+        entries: sample_entries(),
+    };
+    let golden_index = format!("{}e807{golden_table}", "ab".repeat(32));
+    assert_eq!(
+        hex::encode(postcard::to_stdvec(&file).unwrap()),
+        golden_index
+    );
+    let back: IndexFile = postcard::from_bytes(&hex::decode(&golden_index).unwrap()).unwrap();
+    assert_eq!(back, file);
+}
+
+/// A whole pack as a backup of `PACKED` wrote it (stored raw: too short
+/// to compress), committed so that readers of later builds still parse it.
+const PACKED: &[u8] = b"golden pack content\n";
+
+fn pack_of_packed() -> Vec<u8> {
+    use vfs_core::backup::{backup, BackupOptions, Source, StdinSource};
+    let store = Arc::new(MemoryStore::new());
+    Repository::init(store.as_ref(), None).unwrap();
+    let repo = Repository::open(store.clone(), || Ok(Vec::new())).unwrap();
+    let source = Source::Stream(StdinSource {
+        name: "f".into(),
+        reader: Box::new(std::io::Cursor::new(PACKED.to_vec())),
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+    });
+    let opts = BackupOptions {
+        job: "g".into(),
+        chunker: None,
+        hostname: "h".into(),
+        progress: Default::default(),
+    };
+    backup(&repo, source, &opts).unwrap();
+    let key = store.list("packs/").unwrap().pop().unwrap();
+    store.get(&key).unwrap()
+}
+
+const PACK_BYTES: &str = concat!(
+    "464c525041434b000200000000000000", // header: FLRPACK\0, version 2
+    "676f6c64656e207061636b20636f6e74656e740a", // the one frame, raw
+    // the entry table: an envelope (FLRPTAB\0, version 1, zstd, 48 bytes),
+    "464c52505441420001000000010000003000000000000000",
+    "28b52ffd202739010001a19f1faab04515c27a1bff100bf4f38bae378afa717f97742a055acb13d869a3101414000014", // its zstd payload
+    "eb6a9714c429e7942c208893df4327c2c9e0ca6be5afab2d81f2db044cbe456d", // its checksum
+    "6800000000000000464c5250454e4400", // trailer: table length, FLRPEND\0
+);
+
+#[test]
+fn a_committed_pack_parses_to_its_entries() {
+    let bytes = hex::decode(PACK_BYTES).unwrap();
+    let store = Arc::new(MemoryStore::new());
+    Repository::init(store.as_ref(), None).unwrap();
+    let repo = Repository::open(store, || Ok(Vec::new())).unwrap();
+    let entries = repo.parse_pack("golden pack", &bytes).unwrap();
+    assert_eq!(entries.len(), 1);
+    let e = &entries[0];
+    assert_eq!(e.id, vfs_core::ids::ChunkHasher::plain().id(PACKED));
+    assert_eq!((e.offset, e.stored_len, e.raw_len), (16, 20, 20));
+    assert_eq!((e.flags, e.frame_offset, e.frame_raw_len), (0, 0, 20));
+    // The same bytes are what a backup writes today, up to zstd's own
+    // output for the table, which a newer zstd may choose differently.
+    let today = pack_of_packed();
+    assert_eq!(today[..36], bytes[..36]);
+    assert_eq!(repo.parse_pack("today", &today).unwrap(), entries);
+    // Any damage is refused, never misread.
+    for i in (0..bytes.len()).step_by(7) {
+        let mut bad = bytes.clone();
+        bad[i] ^= 0x10;
+        if let Ok(got) = repo.parse_pack("damaged", &bad) {
+            // Only the frame's own bytes are not covered by the table.
+            assert!((16..36).contains(&i), "byte {i} damaged, still parsed");
+            assert_eq!(got, entries);
+        }
+    }
 }
