@@ -12,6 +12,9 @@ thread_local! {
     // allocator at any point of a thread's life, without allocating.
     static LIVE: Cell<isize> = const { Cell::new(0) };
     static PEAK: Cell<isize> = const { Cell::new(0) };
+    // The peak [`assert_within`] saw closest to its bound on this thread,
+    // and that bound: what the replay test reports.
+    static WORST: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
 }
 
 fn add(delta: isize) {
@@ -91,8 +94,20 @@ pub fn counting() -> bool {
 #[track_caller]
 pub fn assert_within(what: &str, peak: usize, len: usize, per_byte: usize, fixed: usize) {
     let bound = per_byte.saturating_mul(len).saturating_add(fixed);
+    WORST.with(|w| {
+        let (p, b) = w.get();
+        if b == 0 || peak as u128 * b as u128 > p as u128 * bound as u128 {
+            w.set((peak, bound));
+        }
+    });
     assert!(
         peak <= bound,
         "{what}: {peak} bytes live at once for {len} bytes decoded (bound {per_byte} * {len} + {fixed} = {bound})"
     );
+}
+
+/// The peak checked on this thread since the last call that came closest
+/// to its bound, and that bound; resets it.
+pub fn take_worst() -> (usize, usize) {
+    WORST.with(|w| w.replace((0, 0)))
 }

@@ -31,6 +31,11 @@ fn replay(target: &str) {
         eprintln!("{target}: {}", file.display());
         check(&data);
     }
+    let (peak, bound) = alloc::take_worst();
+    println!(
+        "{target}: {} inputs; closest to its allocation bound: {peak} of {bound} bytes",
+        files.len()
+    );
 }
 
 #[test]
