@@ -89,3 +89,23 @@ fn checkpoint_corpus() {
 fn journal_corpus() {
     replay("journal");
 }
+
+#[test]
+fn the_bound_catches_a_decoder_that_trusts_a_length_field() {
+    // What a decoder does that reserves what a garbled length field says:
+    // 16 MiB for 16 bytes of input.
+    let (reserved, peak) = alloc::measure(|| Vec::<u8>::with_capacity(16 << 20));
+    drop(reserved);
+    assert!(peak >= 16 << 20);
+    let caught = std::panic::catch_unwind(|| {
+        alloc::assert_within(
+            "test",
+            peak,
+            16,
+            flr_fuzz_checks::meta::PER_BYTE,
+            flr_fuzz_checks::meta::FIXED,
+        )
+    });
+    assert!(caught.is_err());
+    alloc::take_worst();
+}
