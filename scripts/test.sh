@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit and property tests of every crate and the
 # end-to-end tests that drive the real binary through a real FUSE mount.
-# Builds once (release) and every test reuses that build.
+# Builds once (release) and every test reuses that build; checks
+# formatting and clippy's lints; replays the fuzz corpora (fuzz-checks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export FLR_BIN="$PWD/target/release/flr"
 status=0
+# Lints, as CI gates on them; a failure fails the run but the tests still
+# run. Clippy uses the release profile setup.sh built with, so build
+# scripts and their outputs (zstd's C library) are not redone.
+cargo fmt --all --check || status=$?
+cargo clippy --release --workspace --all-targets -- -D warnings || status=$?
 cargo test --release --workspace --no-fail-fast -- --test-threads=2 || status=$?
 
 # vfs-core must stay portable (a WinFsp/Dokan adapter sits on it): check

@@ -42,8 +42,83 @@ fn random_bytes<const N: usize>() -> [u8; N] {
     b
 }
 
-fn kek(password: &[u8], salt: &[u8], m: u32, t: u32, p: u32) -> Result<[u8; KEY_LEN]> {
-    let params = Params::new(m, t, p, Some(KEY_LEN))
+/// Argon2id cost parameters, as kept in [`EncryptionConfig`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KdfParams {
+    pub m_cost_kib: u32,
+    pub t_cost: u32,
+    pub p_cost: u32,
+}
+
+impl KdfParams {
+    /// What `flr init --encrypt` uses (see [`crate::format::KDF_M_COST_KIB`]).
+    pub const DEFAULT: KdfParams = KdfParams {
+        m_cost_kib: KDF_M_COST_KIB,
+        t_cost: KDF_T_COST,
+        p_cost: KDF_P_COST,
+    };
+    /// Upper bounds a config may ask for. Unlocking allocates `m_cost_kib`
+    /// and runs `t_cost` passes over it before the password can be checked,
+    /// so a damaged or hostile config must not name terabytes or hours:
+    /// 1 GiB and 16 passes are 16 and 5 times the default.
+    pub const MAX_M_COST_KIB: u32 = 1 << 20;
+    pub const MAX_T_COST: u32 = 16;
+    pub const MAX_P_COST: u32 = 16;
+}
+
+/// What unlocking needs from an [`EncryptionConfig`], checked.
+#[derive(Clone, Debug)]
+pub struct KeyRecord {
+    pub params: KdfParams,
+    pub salt: Vec<u8>,
+    /// The master key wrapped as [`WRAPPED_KEY_LEN`] says.
+    pub wrapped: Vec<u8>,
+}
+
+impl EncryptionConfig {
+    /// Checks the record without deriving anything: the key derivation,
+    /// its costs (within [`KdfParams`]' bounds), the salt and the wrapped
+    /// key's encoding and length.
+    pub fn key_record(&self) -> Result<KeyRecord> {
+        let bad = |why: String| Error::malformed("config", why);
+        if self.kdf != KDF_NAME {
+            return Err(bad(format!("unknown key derivation {:?}", self.kdf)));
+        }
+        let params = KdfParams {
+            m_cost_kib: self.m_cost_kib,
+            t_cost: self.t_cost,
+            p_cost: self.p_cost,
+        };
+        if params.m_cost_kib > KdfParams::MAX_M_COST_KIB
+            || params.t_cost > KdfParams::MAX_T_COST
+            || params.p_cost > KdfParams::MAX_P_COST
+        {
+            return Err(bad(format!(
+                "key-derivation costs {}/{}/{} (KiB/passes/lanes) exceed {}/{}/{}",
+                params.m_cost_kib,
+                params.t_cost,
+                params.p_cost,
+                KdfParams::MAX_M_COST_KIB,
+                KdfParams::MAX_T_COST,
+                KdfParams::MAX_P_COST
+            )));
+        }
+        let salt = hex::decode(&self.salt).map_err(|_| bad("salt is not hex".into()))?;
+        let wrapped =
+            hex::decode(&self.wrapped_key).map_err(|_| bad("wrapped key is not hex".into()))?;
+        if wrapped.len() != WRAPPED_KEY_LEN {
+            return Err(bad("wrapped key has the wrong length".into()));
+        }
+        Ok(KeyRecord {
+            params,
+            salt,
+            wrapped,
+        })
+    }
+}
+
+fn kek(password: &[u8], salt: &[u8], p: KdfParams) -> Result<[u8; KEY_LEN]> {
+    let params = Params::new(p.m_cost_kib, p.t_cost, p.p_cost, Some(KEY_LEN))
         .map_err(|e| Error::InvalidInput(format!("bad key-derivation parameters: {e}")))?;
     let version = Version::try_from(KDF_VERSION)
         .map_err(|e| Error::InvalidInput(format!("key-derivation version: {e}")))?;
@@ -57,10 +132,15 @@ fn kek(password: &[u8], salt: &[u8], m: u32, t: u32, p: u32) -> Result<[u8; KEY_
 impl Keys {
     /// Makes new random keys and the config record that wraps them.
     pub fn create(password: &[u8]) -> Result<(Keys, EncryptionConfig)> {
-        let (m, t, p) = (KDF_M_COST_KIB, KDF_T_COST, KDF_P_COST);
+        Self::create_with(password, KdfParams::DEFAULT)
+    }
+
+    /// Like [`Self::create`] with other key-derivation costs (tests use
+    /// tiny ones: the default takes a good part of a second).
+    pub fn create_with(password: &[u8], params: KdfParams) -> Result<(Keys, EncryptionConfig)> {
         let salt: [u8; KDF_SALT_LEN] = random_bytes();
         let master: [u8; MASTER_KEY_LEN] = random_bytes();
-        let wrap = XChaCha20Poly1305::new(&kek(password, &salt, m, t, p)?.into());
+        let wrap = XChaCha20Poly1305::new(&kek(password, &salt, params)?.into());
         let nonce: [u8; NONCE_LEN] = random_bytes();
         let sealed = wrap
             .encrypt(XNonce::from_slice(&nonce), master.as_slice())
@@ -70,9 +150,9 @@ impl Keys {
         let config = EncryptionConfig {
             kdf: KDF_NAME.into(),
             salt: hex::encode(salt),
-            m_cost_kib: m,
-            t_cost: t,
-            p_cost: p,
+            m_cost_kib: params.m_cost_kib,
+            t_cost: params.t_cost,
+            p_cost: params.p_cost,
             wrapped_key: hex::encode(wrapped),
         };
         Ok((Keys::from_master(&master), config))
@@ -84,37 +164,17 @@ impl Keys {
         password: &[u8],
         repo: &std::path::Path,
     ) -> Result<Keys> {
-        if config.kdf != KDF_NAME {
-            return Err(Error::malformed(
-                "config",
-                format!("unknown key derivation {:?}", config.kdf),
-            ));
-        }
-        let bad = |why: &str| Error::malformed("config", why.to_string());
-        let salt = hex::decode(&config.salt).map_err(|_| bad("salt is not hex"))?;
-        let wrapped =
-            hex::decode(&config.wrapped_key).map_err(|_| bad("wrapped key is not hex"))?;
-        if wrapped.len() != WRAPPED_KEY_LEN {
-            return Err(bad("wrapped key has the wrong length"));
-        }
-        let wrap = XChaCha20Poly1305::new(
-            &kek(
-                password,
-                &salt,
-                config.m_cost_kib,
-                config.t_cost,
-                config.p_cost,
-            )?
-            .into(),
-        );
+        let record = config.key_record()?;
+        let wrap = XChaCha20Poly1305::new(&kek(password, &record.salt, record.params)?.into());
         let master = wrap
             .decrypt(
-                XNonce::from_slice(&wrapped[..NONCE_LEN]),
-                &wrapped[NONCE_LEN..],
+                XNonce::from_slice(&record.wrapped[..NONCE_LEN]),
+                &record.wrapped[NONCE_LEN..],
             )
             .map_err(|_| Error::WrongPassword(repo.to_path_buf()))?;
-        let master: [u8; MASTER_KEY_LEN] =
-            master.try_into().map_err(|_| bad("master key length"))?;
+        let master: [u8; MASTER_KEY_LEN] = master
+            .try_into()
+            .map_err(|_| Error::malformed("config", "master key length"))?;
         Ok(Keys::from_master(&master))
     }
 
@@ -158,4 +218,41 @@ impl Keys {
 pub fn random_hex(n: usize) -> String {
     let b: [u8; 16] = random_bytes();
     hex::encode(&b[..n.min(16)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TINY: KdfParams = KdfParams {
+        m_cost_kib: 8,
+        t_cost: 1,
+        p_cost: 1,
+    };
+
+    #[test]
+    fn unlock_takes_the_password_and_refuses_others() {
+        let (keys, config) = Keys::create_with(b"pw", TINY).unwrap();
+        let again = Keys::unlock(&config, b"pw", "r".as_ref()).unwrap();
+        assert_eq!(again.id_key, keys.id_key);
+        assert!(matches!(
+            Keys::unlock(&config, b"other", "r".as_ref()),
+            Err(Error::WrongPassword(_))
+        ));
+    }
+
+    #[test]
+    fn huge_key_derivation_costs_are_refused_before_deriving() {
+        // A config naming 4 TiB of Argon2 memory used to reach the
+        // allocator (and abort the process) before the password was tried.
+        let (_, good) = Keys::create_with(b"pw", TINY).unwrap();
+        for (m, t, p) in [(u32::MAX, 1, 1), (8, u32::MAX, 1), (8, 1, 0xFF_FFFF)] {
+            let mut config = good.clone();
+            (config.m_cost_kib, config.t_cost, config.p_cost) = (m, t, p);
+            let started = std::time::Instant::now();
+            let err = Keys::unlock(&config, b"pw", "r".as_ref()).err().unwrap();
+            assert!(matches!(err, Error::Malformed { .. }), "{err}");
+            assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        }
+    }
 }

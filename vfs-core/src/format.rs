@@ -44,6 +44,20 @@ pub const FLAG_ZSTD: u32 = 1;
 /// Envelope flag: payload is sealed (nonce prefix + ciphertext + tag).
 pub const FLAG_SEALED: u32 = 2;
 
+/// Largest plaintext an envelope's zstd payload may decode to. Metadata is
+/// held in memory whole, so this is a bound on what one file can make a
+/// reader allocate, far above any real file: the index of one pack or the
+/// manifest of a multi-terabyte restore point (about 33 bytes per stored
+/// chunk). A payload whose zstd header declares more is refused before
+/// anything is decompressed.
+pub const MAX_META_PLAIN: u64 = 16 << 30;
+
+/// Largest zstd window a metadata payload may use (log2 bytes). Writers
+/// compress at level 19 at most, which uses 2^23; a decoder allocates its
+/// window before reading any data, so a few garbled bytes must not be able
+/// to ask for zstd's own limit of 2^31.
+pub const META_WINDOW_LOG_MAX: u32 = 23;
+
 /// Length of the trailing checksum of an envelope.
 pub const CHECKSUM_LEN: usize = 32;
 
@@ -185,8 +199,11 @@ pub fn open_envelope<'a>(what: &str, magic: [u8; 8], bytes: &'a [u8]) -> Result<
     }
     let flags = u32::from_le_bytes(bytes[12..16].try_into().unwrap());
     let len = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
-    let expected = ENVELOPE_HEADER_LEN as u64 + len + CHECKSUM_LEN as u64;
-    if expected != bytes.len() as u64 {
+    // Compared as the payload's length: the whole file's length, 56 bytes
+    // more, overflows u64 for a garbled field (a panic with overflow checks).
+    let payload_len = (bytes.len() - ENVELOPE_HEADER_LEN - CHECKSUM_LEN) as u64;
+    if len != payload_len {
+        let expected = (ENVELOPE_HEADER_LEN + CHECKSUM_LEN) as u128 + len as u128;
         return Err(Error::malformed(
             what,
             format!(
@@ -423,6 +440,18 @@ mod tests {
         }
         assert!(open_envelope("x", INDEX_MAGIC, &sealed[..sealed.len() - 1]).is_err());
         assert!(open_envelope("x", MANIFEST_MAGIC, &sealed).is_err());
+    }
+
+    #[test]
+    fn a_length_field_near_u64_max_is_a_mismatch_not_an_overflow() {
+        let mut sealed = seal_envelope(INDEX_MAGIC, 0, b"hello");
+        for len in [u64::MAX, u64::MAX - 55, u64::MAX - 56] {
+            sealed[16..24].copy_from_slice(&len.to_le_bytes());
+            let err = open_envelope("x", INDEX_MAGIC, &sealed).unwrap_err();
+            // The sum, not what it wraps to (nor a panic under overflow checks).
+            let says = format!("header says {} bytes", len as u128 + 56);
+            assert!(err.to_string().contains(&says), "{err}");
+        }
     }
 
     #[test]

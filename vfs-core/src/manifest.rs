@@ -56,7 +56,11 @@ impl Content {
                 .enumerate()
                 .map(|(i, id)| {
                     let off = i as u64 * *chunk_size as u64;
-                    (*id, off, (size - off).min(*chunk_size as u64) as u32)
+                    // Past `size` a chunk covers nothing: `validate` keeps
+                    // that from happening below the root, but the mount
+                    // also asks the root directory, whose content it skips.
+                    let len = size.saturating_sub(off).min(*chunk_size as u64);
+                    (*id, off, len as u32)
                 })
                 .collect(),
             Content::Variable { chunks } => {
@@ -434,6 +438,18 @@ mod tests {
         let mut link = entry(0, b"l", NodeKind::Symlink);
         link.target.clear();
         assert!(refusal(vec![link]).contains("empty"));
+    }
+
+    #[test]
+    fn fixed_chunks_past_the_size_cover_nothing() {
+        // A root directory with a chunk list longer than its size: loading
+        // it in a mount used to subtract past zero.
+        let content = Content::Fixed {
+            chunk_size: 4096,
+            chunks: vec![None, None, None],
+        };
+        let lens: Vec<u32> = content.chunks(100).iter().map(|c| c.2).collect();
+        assert_eq!(lens, [100, 0, 0]);
     }
 
     #[test]

@@ -590,8 +590,7 @@ impl Repository {
         }
         let decompressed;
         if flags & FLAG_ZSTD != 0 {
-            decompressed = zstd::stream::decode_all(payload)
-                .map_err(|e| Error::malformed(what, format!("bad compression: {e}")))?;
+            decompressed = decompress_meta(what, payload)?;
             payload = &decompressed;
         }
         postcard::from_bytes(payload)
@@ -783,5 +782,121 @@ impl Repository {
 
 fn parse_config(what: &str, payload: &[u8]) -> Result<RepoConfig> {
     let text = std::str::from_utf8(payload).map_err(|_| Error::malformed(what, "not UTF-8"))?;
-    serde_json::from_str(text).map_err(|e| Error::malformed(what, e.to_string()))
+    let config: RepoConfig =
+        serde_json::from_str(text).map_err(|e| Error::malformed(what, e.to_string()))?;
+    // The levels `init` accepts: a higher one would write metadata with a
+    // zstd window larger than readers accept.
+    for l in [config.compression_level, config.page_compression_level] {
+        if !(-7..=19).contains(&l) {
+            return Err(Error::malformed(
+                what,
+                format!("compression level {l} is outside -7..=19"),
+            ));
+        }
+    }
+    Ok(config)
+}
+
+/// Decompresses a metadata payload: one zstd frame that declares its
+/// plaintext size (every writer's frames do), at most
+/// [`format::MAX_META_PLAIN`]. The output grows with what the frame really
+/// holds, so a header claiming gigabytes costs nothing until the data is
+/// there, and a frame holding more or less than it declared is refused.
+fn decompress_meta(what: &str, payload: &[u8]) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let bad = |why: String| Error::malformed(what, format!("bad compression: {why}"));
+    let declared = match zstd::zstd_safe::get_frame_content_size(payload) {
+        Ok(Some(n)) => n,
+        Ok(None) => return Err(bad("the frame does not declare its size".into())),
+        Err(_) => return Err(bad("not a zstd frame".into())),
+    };
+    if declared > format::MAX_META_PLAIN {
+        return Err(bad(format!(
+            "declares {declared} bytes, more than the {} a metadata file may hold",
+            format::MAX_META_PLAIN
+        )));
+    }
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(payload)
+        .map_err(|e| bad(e.to_string()))?
+        .single_frame();
+    decoder
+        .window_log_max(format::META_WINDOW_LOG_MAX)
+        .map_err(|e| bad(e.to_string()))?;
+    let mut out = Vec::new();
+    decoder
+        .take(declared.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(|e| bad(e.to_string()))?;
+    if out.len() as u64 != declared {
+        return Err(bad(format!(
+            "holds {} bytes, its header says {declared}",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    fn repo() -> Repository {
+        let store = Arc::new(MemoryStore::new());
+        Repository::init(store.as_ref(), None).unwrap();
+        Repository::open(store, || Ok(Vec::new())).unwrap()
+    }
+
+    fn zstd_envelope(payload: &[u8]) -> Vec<u8> {
+        format::seal_envelope(format::INDEX_MAGIC, FLAG_ZSTD, payload)
+    }
+
+    #[test]
+    fn metadata_that_compresses_a_thousandfold_still_decodes() {
+        let repo = repo();
+        let sparse = vec![0u8; 8 << 20];
+        let raw = repo.encode_meta(format::INDEX_MAGIC, &sparse);
+        assert!(raw.len() < sparse.len() / 1000, "{}", raw.len());
+        let back: Vec<u8> = repo.decode_meta("x", format::INDEX_MAGIC, &raw).unwrap();
+        assert_eq!(back, sparse);
+    }
+
+    #[test]
+    fn a_zstd_header_claiming_more_than_the_limit_is_refused_unread() {
+        // A frame header alone: magic, single-segment with an 8-byte size.
+        let mut frame = vec![0x28, 0xb5, 0x2f, 0xfd, 0xe0];
+        frame.extend_from_slice(&(format::MAX_META_PLAIN + 1).to_le_bytes());
+        let err = repo()
+            .decode_meta::<Vec<u8>>("x", format::INDEX_MAGIC, &zstd_envelope(&frame))
+            .unwrap_err();
+        assert!(err.to_string().contains("more than"), "{err}");
+    }
+
+    #[test]
+    fn a_frame_without_its_size_or_with_a_wrong_one_is_refused() {
+        let repo = repo();
+        let plain = postcard::to_stdvec(&vec![7u8; 1000]).unwrap();
+        let without_size = zstd::stream::encode_all(&plain[..], 3).unwrap();
+        let err = repo
+            .decode_meta::<Vec<u8>>("x", format::INDEX_MAGIC, &zstd_envelope(&without_size))
+            .unwrap_err();
+        assert!(err.to_string().contains("declare"), "{err}");
+        let mut sized = zstd::bulk::compress(&plain, 3).unwrap();
+        // Single-segment frame of under 64 KiB: the size is two bytes
+        // (plus 256) at offset 5.
+        assert_eq!(sized[4] & 0xe0, 0x60);
+        sized[5] ^= 1;
+        assert!(repo
+            .decode_meta::<Vec<u8>>("x", format::INDEX_MAGIC, &zstd_envelope(&sized))
+            .is_err());
+    }
+
+    #[test]
+    fn a_config_with_a_compression_level_readers_refuse_is_malformed() {
+        let json = br#"{"version":1,"id":"ab","compression_level":22,"encryption":null}"#;
+        let err = parse_config("config", json).unwrap_err();
+        assert!(err.to_string().contains("outside"), "{err}");
+        let ok = br#"{"version":1,"id":"ab","compression_level":19,"encryption":null}"#;
+        assert!(parse_config("config", ok).is_ok());
+    }
 }

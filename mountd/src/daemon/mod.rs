@@ -106,7 +106,10 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    fn new(config: Config) -> Result<Daemon> {
+    /// The shared state for `config`; makes the mount root if missing.
+    /// [`run`] calls it; tests and the fuzz harness drive [`api::router`]
+    /// over one directly.
+    pub fn new(config: Config) -> Result<Daemon> {
         let root = &config.settings.mount_root;
         std::fs::create_dir_all(root)
             .with_context(|| format!("cannot create mount root {}", root.display()))?;
