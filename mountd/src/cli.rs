@@ -543,6 +543,9 @@ fn run_verify(repo_path: &Path, read_data: bool, json: bool) -> Result<u8> {
         v["clean"] = json!(report.is_clean());
         println!("{v}");
     } else {
+        for p in &report.unindexed_packs {
+            eprintln!("flr: warning: {p}");
+        }
         for p in &report.problems {
             eprintln!("flr: damage: {p}");
         }

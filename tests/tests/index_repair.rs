@@ -85,7 +85,7 @@ fn a_repository_without_index_files_is_rebuilt_from_its_packs() {
     // Without index files, verify names every pack and the way out.
     let broken = repo.verify_run(false).expect_code(4);
     let report = broken.json();
-    let problems = report["problems"].to_string();
+    let problems = report["unindexed_packs"].to_string();
     assert!(
         problems.contains("no index file lists this pack"),
         "{problems}"

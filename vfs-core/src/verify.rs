@@ -21,6 +21,10 @@ pub struct VerifyReport {
     pub bytes_checked: u64,
     /// Problems with repository files, each naming the file.
     pub problems: Vec<String>,
+    /// Packs no index file lists, with the way to index them. Not damage
+    /// by itself: a backup killed between writing a pack and its index
+    /// leaves one; only restore points using their chunks are damaged.
+    pub unindexed_packs: Vec<String>,
     /// Damaged restore point -> damaged files in it.
     pub damaged: BTreeMap<String, Vec<String>>,
 }
@@ -66,7 +70,7 @@ pub fn verify(
             Some(id) if indexed_packs.contains(&id) => {}
             Some(_) => {
                 unindexed += 1;
-                report.problems.push(format!(
+                report.unindexed_packs.push(format!(
                     "{key}: no index file lists this pack; {REPAIR_HINT}"
                 ));
             }
