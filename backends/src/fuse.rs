@@ -1022,8 +1022,8 @@ impl FuseMount {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::ResourceBusy => {
                 unmounter.detach()?;
-                eprintln!(
-                    "flr: {} was busy; detached it, open files keep working until closed",
+                tracing::warn!(
+                    "{} was busy; detached it, open files keep working until closed",
                     self.state.mountpoint.display()
                 );
                 self.session = None;
@@ -1047,10 +1047,7 @@ impl Drop for FuseMount {
         }
         let unmounter = self.unmounter();
         if let Err(e) = unmounter.unmount().or_else(|_| unmounter.detach()) {
-            eprintln!(
-                "flr: cannot unmount {}: {e}",
-                self.state.mountpoint.display()
-            );
+            tracing::error!("cannot unmount {}: {e}", self.state.mountpoint.display());
         }
     }
 }

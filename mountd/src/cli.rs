@@ -116,6 +116,10 @@ enum Command {
         /// TOML config (default: /etc/flr/daemon.toml if it exists).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Log one JSON object per line on stderr (for a log collector)
+        /// instead of human lines.
+        #[arg(long)]
+        log_json: bool,
     },
     /// End a daemon mount session (by id or by path).
     Unmount { session: String },
@@ -172,6 +176,14 @@ pub enum SessionCommand {
     Discard { id: String },
 }
 
+/// Sets up logging for the command about to run.
+pub fn init_logging(cli: &Cli) {
+    match cli.command {
+        Command::Daemon { log_json, .. } => crate::logging::init("flr daemon", log_json),
+        _ => crate::logging::init("flr", false),
+    }
+}
+
 pub fn run(cli: Cli) -> Result<u8> {
     let socket = cli
         .socket
@@ -212,7 +224,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             command: RepairCommand::Index { repo, json },
         } => run_repair_index(&repo, json),
         Command::Mount(args) => crate::mount::run(args, &socket),
-        Command::Daemon { config } => crate::remote::daemon(config, cli.socket),
+        Command::Daemon { config, .. } => crate::remote::daemon(config, cli.socket),
         Command::Unmount { session } => crate::remote::unmount(&socket, &session),
         Command::Mounts { json } => crate::remote::mounts(&socket, json),
         Command::Status { json } => crate::remote::status(&socket, json),

@@ -10,6 +10,7 @@
 //! `session` lists, commits and discards writable sessions ([`sessions`]).
 
 mod cli;
+mod logging;
 mod mount;
 mod progress;
 mod remote;
@@ -37,6 +38,7 @@ pub mod exit {
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    cli::init_logging(&args);
     match cli::run(args) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

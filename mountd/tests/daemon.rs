@@ -959,3 +959,53 @@ fn hostile_restore_points_are_refused_by_jobs_and_mounts() {
     }
     assert!(mounts_under(&d.root).is_empty());
 }
+
+#[test]
+fn log_json_writes_one_json_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("d.sock");
+    let config = dir.path().join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[settings]\nmount_root = {:?}\nsocket = {socket:?}\n",
+            dir.path().join("mnt")
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("log");
+    let mut child = Command::new(flr())
+        .args(["daemon", "--log-json", "--config"])
+        .arg(&config)
+        .env_remove("FLR_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(20);
+    while !mountd::client::is_running(&socket) {
+        assert!(Instant::now() < until, "daemon did not answer");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(child.wait().unwrap().success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 3, "{text}");
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?} is not JSON: {e}"));
+        assert_eq!(v["target"], "flr::daemon", "{line}");
+        assert!(v["fields"]["message"].is_string(), "{line}");
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(text.contains("listening on"), "{text}");
+}

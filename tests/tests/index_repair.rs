@@ -208,3 +208,29 @@ fn a_repository_of_format_version_1_is_refused_by_name() {
             .stderr_has(&["config", "version 1", "version 2"]);
     }
 }
+
+#[test]
+fn an_encrypted_repository_is_rebuilt_from_its_sealed_tables() {
+    let tmp = scratch("repair-encrypted");
+    let file = tmp.path().join("data.bin");
+    fs::write(&file, Rng::new(94).bytes(MIB as usize)).unwrap();
+    let repo = TestRepo::init_encrypted(&tmp.path().join("repo"), "secret");
+    let b = repo.backup("enc", &[&file]);
+    for e in fs::read_dir(repo.path.join("index")).unwrap() {
+        fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    let repair = repo
+        .flr(["repair", "index", "--json", "--repo"])
+        .arg(&repo.path)
+        .run()
+        .success()
+        .json();
+    assert_eq!(
+        repair["rebuilt"].as_array().unwrap().len(),
+        repo.packs().len()
+    );
+    assert_eq!(repo.verify_run(true).success().json()["clean"], true);
+    let out = tmp.path().join("out");
+    repo.restore(&b.restore_point, &out, &[] as &[&str]);
+    assert_cmp(&file, &out.join("data.bin"));
+}

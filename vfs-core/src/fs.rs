@@ -1225,7 +1225,7 @@ fn chunk_bytes(repo: &Repository, cache: &ChunkCache, chunk: &Located) -> FsResu
 }
 
 fn log_error(msg: &str) {
-    eprintln!("flr: {msg}");
+    tracing::error!("{msg}");
 }
 
 /// Stable names of restore point nodes. Inode numbers are handed out as

@@ -41,8 +41,10 @@ const JOB_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often expiry and idle timeouts are checked.
 const REAPER_TICK: Duration = Duration::from_millis(500);
 
+/// The daemon's log: one event per line through `tracing` (human text, or
+/// JSON with `flr daemon --log-json`).
 pub fn log(msg: impl std::fmt::Display) {
-    eprintln!("flr daemon: {msg}");
+    tracing::info!(target: "flr::daemon", "{msg}");
 }
 
 /// Seconds since the epoch.
