@@ -83,6 +83,14 @@ fn killed_backups_leave_a_consistent_repository() {
             "round {round} (seed {seed}, delay {delay:?}): the repository does not verify after the kill: {verify}"
         );
         let names = repo.restore_point_names();
+        if status.signal() == Some(libc::SIGKILL) && names.len() == completed + 1 {
+            // The kill landed after the manifest was written (the commit
+            // is one create-only write), while the process was exiting:
+            // a complete backup, and the repository verified above.
+            eprintln!("round {round}: killed after its commit");
+            killed -= 1;
+            completed += 1;
+        }
         assert_eq!(
             names.len(),
             completed,

@@ -18,22 +18,13 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
-use rayon::prelude::*;
 
 use crate::chunker::{ChunkBatch, ChunkStream, ChunkerKind};
 use crate::error::{Error, Result};
-use crate::format::{self, CHUNK_ZSTD};
-use crate::ids::{ChunkId, IdSet, PackId};
-use crate::manifest::{
-    timestamp_name, validate_job_name, BackupStats, Content, Manifest, Node, NodeKind,
-};
-use crate::repo::{
-    pack_key, IndexEntry, IndexFile, PackTable, Repository, RestorePointName, PAGE_CHUNK_MAX,
-};
-
-/// Bytes read from a file per batch: large enough to keep both cores busy
-/// between hand-offs, small enough that memory stays a few batches.
-const BATCH_BYTES: usize = 4 << 20;
+use crate::ids::ChunkId;
+use crate::ingest::{commit, count_nodes, MetaShare, Mover, BATCH_BYTES};
+use crate::manifest::{validate_job_name, BackupStats, Content, Manifest, Node, NodeKind};
+use crate::repo::Repository;
 
 /// Live counters for a progress display; all fields are updated as the
 /// backup runs.
@@ -392,129 +383,6 @@ struct CurrentFile {
     size: u64,
 }
 
-/// A pack being filled, and the hand-off of full packs to the writer.
-struct PackBuilder {
-    buf: Vec<u8>,
-    entries: Vec<IndexEntry>,
-}
-
-impl PackBuilder {
-    fn new(target: usize) -> Self {
-        let mut buf = Vec::with_capacity(target.min(format::PACK_TARGET_SIZE) + (1 << 20));
-        buf.extend_from_slice(&format::pack_header());
-        PackBuilder {
-            buf,
-            entries: Vec::new(),
-        }
-    }
-}
-
-/// Seals a finished pack (appends its own entry table and the trailer),
-/// writes it and then its index file; returns the bytes of metadata
-/// written. The pack is durable before the index that points into it, and
-/// its id hashes the table too, so the same bytes cut into other frames
-/// make another pack. Both writes are create-only: an existing object is
-/// accepted only if identical in meaning (another backup wrote the very
-/// same pack), never replaced.
-fn write_pack(repo: &Repository, pack: PackBuilder) -> Result<u64> {
-    let PackBuilder { mut buf, entries } = pack;
-    let table_at = buf.len();
-    let table = PackTable { entries };
-    buf.extend_from_slice(&repo.encode_meta(format::PACK_TABLE_MAGIC, &table));
-    let table_len = (buf.len() - table_at) as u64;
-    buf.extend_from_slice(&format::pack_trailer(table_len));
-    let id = PackId(*blake3::hash(&buf).as_bytes());
-    repo.put_once(&pack_key(&id), &buf, |old| old == buf.as_slice())?;
-    let file = IndexFile {
-        pack: id,
-        pack_len: buf.len() as u64,
-        entries: table.entries,
-    };
-    let idx_len = repo.put_index_file(&file)?;
-    repo.index().write().add_pack(&file);
-    Ok(format::PACK_HEADER_LEN as u64 + table_len + format::PACK_TRAILER_LEN as u64 + idx_len)
-}
-
-thread_local! {
-    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-fn compress(level: i32, data: &[u8]) -> Vec<u8> {
-    COMPRESSOR.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.as_ref().is_none_or(|(l, _)| *l != level) {
-            *c = Some((
-                level,
-                zstd::bulk::Compressor::new(level).expect("zstd context"),
-            ));
-        }
-        c.as_mut()
-            .unwrap()
-            .1
-            .compress(data)
-            .expect("zstd compresses in memory")
-    })
-}
-
-/// Groups new chunks (indices into the batch, in file order) into frames:
-/// consecutive small chunks share a frame of up to [`format::FRAME_TARGET`]
-/// bytes; a chunk larger than a page is a frame of its own.
-fn group_frames(batch: &ChunkBatch, new: &[usize]) -> Vec<Vec<usize>> {
-    let mut frames: Vec<Vec<usize>> = Vec::new();
-    let mut open_bytes = 0;
-    for &k in new {
-        let len = batch.chunks[k].len();
-        let joins =
-            len <= PAGE_CHUNK_MAX && open_bytes > 0 && open_bytes + len <= format::FRAME_TARGET;
-        if joins {
-            frames.last_mut().expect("open frame").push(k);
-            open_bytes += len;
-        } else {
-            frames.push(vec![k]);
-            open_bytes = if len <= PAGE_CHUNK_MAX { len } else { 0 };
-        }
-    }
-    frames
-}
-
-/// Compresses (unless that does not shrink it) and seals one frame;
-/// returns (stored bytes, chunk flags, frame's plaintext length).
-fn encode_frame(
-    batch: &ChunkBatch,
-    members: &[usize],
-    level: i32,
-    keys: Option<&crate::crypto::Keys>,
-) -> (Vec<u8>, u8, u32) {
-    let plain: Vec<u8> = if let [k] = members {
-        batch.data[batch.chunks[*k].clone()].to_vec()
-    } else {
-        let mut v = Vec::with_capacity(members.iter().map(|&k| batch.chunks[k].len()).sum());
-        for &k in members {
-            v.extend_from_slice(&batch.data[batch.chunks[k].clone()]);
-        }
-        v
-    };
-    let raw_len = plain.len() as u32;
-    let mut stored = compress(level, &plain);
-    let mut flags = CHUNK_ZSTD;
-    if stored.len() >= plain.len() {
-        stored = plain;
-        flags = 0;
-    }
-    if let Some(k) = keys {
-        stored = k.seal_meta(&stored);
-    }
-    (stored, flags, raw_len)
-}
-
-fn is_zero(data: &[u8]) -> bool {
-    // Word-sized steps; the compiler vectorises this loop.
-    let mut words = data.chunks_exact(8);
-    words.all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
-        && words.remainder().iter().all(|&b| b == 0)
-}
-
 /// Runs a backup and commits it as a new restore point.
 pub fn backup(repo: &Repository, source: Source, opts: &BackupOptions) -> Result<Manifest> {
     validate_job_name(&opts.job)?;
@@ -530,212 +398,89 @@ pub fn backup(repo: &Repository, source: Source, opts: &BackupOptions) -> Result
         .store(inputs.len() as u64, Ordering::Relaxed);
 
     let mut stats = BackupStats::default();
-    for n in &nodes[1..] {
-        match n.kind {
-            NodeKind::Dir => stats.dirs += 1,
-            NodeKind::File => stats.files += 1,
-            NodeKind::Symlink => stats.symlinks += 1,
-            _ => {}
-        }
-    }
+    count_nodes(&nodes, &mut stats);
 
     let display: Vec<String> = inputs.iter().map(|(i, _)| path_in(&nodes, *i)).collect();
 
     let (tx, rx) = crossbeam_channel::bounded::<ReadEvent>(2);
-    let (pack_tx, pack_rx) = crossbeam_channel::bounded::<PackBuilder>(1);
-    let level = repo.config().compression_level;
-    let page_level = repo.config().page_compression_level;
-    let hasher = repo.hasher().clone();
-    let keys = repo.keys().cloned();
-    let pack_target = repo.pack_target();
-
-    let outcome: Result<()> = std::thread::scope(|scope| {
-        let chunker = opts.chunker;
-        scope.spawn(move || read_files(inputs, display, chunker, tx));
-        let writer = scope.spawn(move || -> Result<u64> {
-            let mut meta = 0;
-            for pack in pack_rx {
-                meta += write_pack(repo, pack)?;
-            }
-            Ok(meta)
-        });
-
-        let mut pending = IdSet::default();
-        let mut pack = PackBuilder::new(pack_target);
-        let mut current: Option<CurrentFile> = None;
-        let mut failure = None;
-
-        'events: for event in rx.iter() {
-            match event {
-                ReadEvent::Failed(e) => {
-                    failure = Some(e);
-                    break;
-                }
-                ReadEvent::Start { node, kind } => {
-                    *progress.current.lock() = path_in(&nodes, node);
-                    current = Some(CurrentFile {
-                        node,
-                        kind,
-                        chunks: Vec::new(),
-                        size: 0,
-                    });
-                }
-                ReadEvent::Batch(batch) => {
-                    let Some(CurrentFile { chunks, size, .. }) = current.as_mut() else {
-                        continue;
-                    };
-                    // 1. Hash on all cores; holes (all-zero chunks) get no id.
-                    let index = repo.index().read();
-                    let ids: Vec<Option<(ChunkId, bool)>> = batch
-                        .chunks
-                        .par_iter()
-                        .map(|r| {
-                            let data = &batch.data[r.clone()];
-                            if is_zero(data) {
-                                return None;
-                            }
-                            let id = hasher.id(data);
-                            Some((id, index.chunks.contains_key(&id)))
-                        })
-                        .collect();
-                    drop(index);
-                    // 2. Which chunks are new (once each, even if repeated).
-                    let mut new = Vec::new();
-                    for (k, (r, id)) in batch.chunks.iter().zip(&ids).enumerate() {
-                        let len = r.len() as u32;
-                        chunks.push((id.map(|(id, _)| id), len));
-                        *size += len as u64;
-                        stats.chunks += 1;
-                        if let Some((id, known)) = id {
-                            stats.read_bytes += len as u64;
-                            if !known && pending.insert(*id) {
-                                new.push(k);
-                            }
-                        }
+    let share = MetaShare::default();
+    Mover::scoped(repo, |mover| {
+        std::thread::scope(|scope| {
+            let chunker = opts.chunker;
+            scope.spawn(move || read_files(inputs, display, chunker, tx));
+            let mut current: Option<CurrentFile> = None;
+            // The reader stops when it sees the channel close.
+            let rx = rx;
+            for event in rx.iter() {
+                match event {
+                    ReadEvent::Failed(e) => return Err(e),
+                    ReadEvent::Start { node, kind } => {
+                        *progress.current.lock() = path_in(&nodes, node);
+                        current = Some(CurrentFile {
+                            node,
+                            kind,
+                            chunks: Vec::new(),
+                            size: 0,
+                        });
                     }
-                    // 3. Runs of new pages become one frame each; compress
-                    // and seal the frames on all cores.
-                    let frames = group_frames(&batch, &new);
-                    let encoded: Vec<(Vec<u8>, u8, u32)> = frames
-                        .par_iter()
-                        .map(|members| {
-                            let small = members
-                                .iter()
-                                .all(|&k| batch.chunks[k].len() <= PAGE_CHUNK_MAX);
-                            let level = if small { page_level } else { level };
-                            encode_frame(&batch, members, level, keys.as_ref())
-                        })
-                        .collect();
-                    // 4. Append in order; every member gets an index entry.
-                    for (members, (bytes, flags, frame_raw_len)) in frames.iter().zip(encoded) {
-                        let offset = pack.buf.len() as u32;
-                        let mut frame_offset = 0u32;
-                        for &k in members {
-                            let len = batch.chunks[k].len() as u32;
-                            pack.entries.push(IndexEntry {
-                                id: ids[k].expect("new chunks have ids").0,
-                                offset,
-                                stored_len: bytes.len() as u32,
-                                raw_len: len,
-                                flags,
-                                frame_offset,
-                                frame_raw_len,
-                            });
-                            frame_offset += len;
-                        }
-                        pack.buf.extend_from_slice(&bytes);
-                        stats.new_chunks += members.len() as u64;
-                        stats.new_chunk_bytes += bytes.len() as u64;
-                        if pack.buf.len() >= pack_target {
-                            let full = std::mem::replace(&mut pack, PackBuilder::new(pack_target));
-                            if pack_tx.send(full).is_err() {
-                                // The writer failed; its error is reported
-                                // below. Stop reading.
-                                break 'events;
+                    ReadEvent::Batch(batch) => {
+                        let Some(CurrentFile { chunks, size, .. }) = current.as_mut() else {
+                            continue;
+                        };
+                        let stored = mover.store(&batch, &mut stats, &share)?;
+                        *size += batch.data.len() as u64;
+                        chunks.extend(stored.chunks);
+                        progress
+                            .read_bytes
+                            .fetch_add(batch.data.len() as u64, Ordering::Relaxed);
+                    }
+                    ReadEvent::End { node, changed } => {
+                        let Some(CurrentFile {
+                            node: n,
+                            kind,
+                            chunks,
+                            size,
+                        }) = current.take()
+                        else {
+                            continue;
+                        };
+                        debug_assert_eq!(n, node);
+                        let file = &mut nodes[node];
+                        file.size = size;
+                        stats.logical_bytes += size;
+                        file.content = if chunks.is_empty() {
+                            Content::Empty
+                        } else {
+                            match kind {
+                                ChunkerKind::Fixed(chunk_size) => Content::Fixed {
+                                    chunk_size,
+                                    chunks: chunks.into_iter().map(|c| c.0).collect(),
+                                },
+                                ChunkerKind::Cdc { .. } => Content::Variable { chunks },
                             }
+                        };
+                        if changed {
+                            stats.changed_while_reading.push(path_in(&nodes, node));
                         }
+                        progress.files_done.fetch_add(1, Ordering::Relaxed);
                     }
-                    progress
-                        .read_bytes
-                        .fetch_add(batch.data.len() as u64, Ordering::Relaxed);
-                }
-                ReadEvent::End { node, changed } => {
-                    let Some(CurrentFile {
-                        node: n,
-                        kind,
-                        chunks,
-                        size,
-                    }) = current.take()
-                    else {
-                        continue;
-                    };
-                    debug_assert_eq!(n, node);
-                    let file = &mut nodes[node];
-                    file.size = size;
-                    stats.logical_bytes += size;
-                    file.content = if chunks.is_empty() {
-                        Content::Empty
-                    } else {
-                        match kind {
-                            ChunkerKind::Fixed(chunk_size) => Content::Fixed {
-                                chunk_size,
-                                chunks: chunks.into_iter().map(|c| c.0).collect(),
-                            },
-                            ChunkerKind::Cdc { .. } => Content::Variable { chunks },
-                        }
-                    };
-                    if changed {
-                        stats.changed_while_reading.push(path_in(&nodes, node));
-                    }
-                    progress.files_done.fetch_add(1, Ordering::Relaxed);
                 }
             }
-        }
-        drop(rx);
-        if failure.is_none() && !pack.entries.is_empty() {
-            let _ = pack_tx.send(pack);
-        }
-        drop(pack_tx);
-        let written = writer.join().expect("pack writer thread panicked");
-        if let Some(e) = failure {
-            return Err(e);
-        }
-        stats.new_meta_bytes += written?;
-        Ok(())
-    });
-    outcome?;
-
-    // Commit: the manifest goes last, under a name no other writer holds.
-    let hostname = opts.hostname.clone();
-    let mut time = start_secs;
-    loop {
+            Ok(())
+        })?;
+        // Commit: the manifest goes last, under a name no other writer
+        // holds (`commit` flushes the packs first).
         stats.duration_ms = started.elapsed().as_millis() as u64;
-        let mut manifest = Manifest {
-            job: opts.job.clone(),
-            name: timestamp_name(time),
-            time,
-            hostname: hostname.clone(),
-            stats: stats.clone(),
-            nodes: std::mem::take(&mut nodes),
-        };
-        manifest.validate("new restore point")?;
-        let estimate = repo.encode_meta(format::MANIFEST_MAGIC, &manifest).len() as u64;
-        manifest.stats.new_meta_bytes += estimate;
-        let encoded = repo.encode_meta(format::MANIFEST_MAGIC, &manifest);
-        let name = RestorePointName {
-            job: manifest.job.clone(),
-            name: manifest.name.clone(),
-        };
-        match repo.store().put(&name.key(), &encoded) {
-            Ok(()) => return Ok(manifest),
-            Err(Error::AlreadyExists(_)) => {
-                // Another backup of this job finished in the same second.
-                nodes = manifest.nodes;
-                time += 1;
-            }
-            Err(e) => return Err(e),
-        }
-    }
+        commit(
+            mover,
+            &opts.job,
+            &opts.hostname,
+            start_secs,
+            nodes,
+            stats,
+            &share,
+        )
+    })
 }
 
 fn path_in(nodes: &[Node], mut i: usize) -> String {

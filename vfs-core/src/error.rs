@@ -50,6 +50,10 @@ pub enum Error {
     MissingChunk(ChunkId),
     #[error("{0}")]
     InvalidInput(String),
+    /// A write to the repository failed earlier in this ingest (a full
+    /// disk, say); the message is that failure's.
+    #[error("writing to the repository failed: {0}")]
+    Storage(String),
 }
 
 impl Error {

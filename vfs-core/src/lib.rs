@@ -29,6 +29,7 @@ pub mod error;
 pub mod format;
 pub mod fs;
 pub mod ids;
+pub mod ingest;
 pub mod local_store;
 pub mod manifest;
 pub mod repair;

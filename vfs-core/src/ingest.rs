@@ -1,0 +1,996 @@
+//! Writing into the repository from many streams at once.
+//!
+//! A [`Mover`] is the data mover shared by every stream of an ingest: each
+//! stream cuts its own chunks (on its own thread, so one slow stream never
+//! stalls another) and hands whole batches to [`Mover::store`], which
+//! hashes them, compresses and seals the new chunks on the shared rayon
+//! pool, and appends them to the one open pack. Full packs go to a writer
+//! ([`Mover::run_writer`], on a thread of the owner's choosing) that makes
+//! each pack and then its index file durable. The channel to it holds one
+//! pack, so a slow disk slows the streams down instead of filling memory.
+//!
+//! [`FileWriter`] turns writes at any offset into a file's chunk list:
+//! sequential writes are cut and stored as they arrive; a write into an
+//! already stored range (a header patched at the end) reads the chunks it
+//! touches back, patches them and stores them again, so the list stays open
+//! until [`FileWriter::finish`]. [`TreeBuilder`] collects the nodes of a
+//! restore point by path, and [`commit`] writes its manifest after
+//! [`Mover::flush`] has made every chunk it names durable.
+
+use std::collections::HashMap;
+use std::ops::{Deref, Range};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Condvar, Mutex};
+use rayon::prelude::*;
+
+use crate::chunker::{self, ChunkBatch, ChunkerKind, CDC_MAX};
+use crate::error::{Error, Result};
+use crate::format::{self, CHUNK_ZSTD};
+use crate::ids::{ChunkId, IdSet, PackId};
+use crate::manifest::{timestamp_name, BackupStats, Content, Manifest, Node, NodeKind};
+use crate::repo::{
+    pack_key, IndexEntry, IndexFile, PackTable, Repository, RestorePointName, PAGE_CHUNK_MAX,
+};
+
+/// Bytes a stream gathers before it cuts and stores them: large enough to
+/// keep both cores busy between hand-offs, small enough that memory stays a
+/// few batches per stream.
+pub const BATCH_BYTES: usize = 4 << 20;
+
+/// Which restore point a stored byte counts for: packs are shared by every
+/// stream, so the bytes of a pack's header, table and index file are split
+/// between the streams whose frames it holds.
+#[derive(Clone, Default)]
+pub struct MetaShare(Arc<AtomicU64>);
+
+impl MetaShare {
+    pub fn bytes(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A pack being filled.
+struct PackBuilder {
+    buf: Vec<u8>,
+    entries: Vec<IndexEntry>,
+    /// Frame bytes per stream, to split the pack's metadata.
+    owners: Vec<(MetaShare, u64)>,
+}
+
+impl PackBuilder {
+    fn new(target: usize) -> Self {
+        let mut buf = Vec::with_capacity(target.min(format::PACK_TARGET_SIZE) + (1 << 20));
+        buf.extend_from_slice(&format::pack_header());
+        PackBuilder {
+            buf,
+            entries: Vec::new(),
+            owners: Vec::new(),
+        }
+    }
+
+    fn credit(&mut self, share: &MetaShare, bytes: u64) {
+        match self
+            .owners
+            .iter_mut()
+            .find(|(s, _)| Arc::ptr_eq(&s.0, &share.0))
+        {
+            Some((_, b)) => *b += bytes,
+            None => self.owners.push((share.clone(), bytes)),
+        }
+    }
+}
+
+struct State {
+    pack: PackBuilder,
+    /// Chunks claimed by a stream and not yet in the repository's index:
+    /// each new chunk is stored once, however many streams meet it.
+    pending: IdSet,
+    /// `store` calls between claiming chunks and appending them; a flush
+    /// waits for them, so it never seals a pack that lacks a claimed chunk.
+    inflight: usize,
+    /// Packs handed to the writer, and packs it has made durable.
+    sent: u64,
+    written: u64,
+    /// The writer's first error: every later call fails with it, so a full
+    /// disk stops every stream and commits nothing.
+    failure: Option<String>,
+    closed: bool,
+}
+
+/// The shared data mover of an ingest; `R` is how it holds the repository
+/// (`&Repository` inside a scope, `Arc<Repository>` for a mount).
+pub struct Mover<R: Deref<Target = Repository>> {
+    repo: R,
+    state: Mutex<State>,
+    changed: Condvar,
+    pack_tx: crossbeam_channel::Sender<PackBuilder>,
+    pack_rx: crossbeam_channel::Receiver<PackBuilder>,
+}
+
+/// What one `store` call found.
+pub struct Stored {
+    /// Per chunk: its id (`None` for an all-zero chunk, a hole) and length.
+    pub chunks: Vec<(Option<ChunkId>, u32)>,
+}
+
+impl<R: Deref<Target = Repository>> Mover<R> {
+    pub fn new(repo: R) -> Self {
+        let target = repo.pack_target();
+        let (pack_tx, pack_rx) = crossbeam_channel::bounded(1);
+        Mover {
+            repo,
+            state: Mutex::new(State {
+                pack: PackBuilder::new(target),
+                pending: IdSet::default(),
+                inflight: 0,
+                sent: 0,
+                written: 0,
+                failure: None,
+                closed: false,
+            }),
+            changed: Condvar::new(),
+            pack_tx,
+            pack_rx,
+        }
+    }
+
+    pub fn repo(&self) -> &Repository {
+        &self.repo
+    }
+
+    /// Runs `f` with a mover whose writer runs on a scoped thread; the
+    /// writer is closed when `f` returns, panics included (call
+    /// [`Mover::flush`] inside `f` for the packs to be written).
+    pub fn scoped<T>(repo: R, f: impl FnOnce(&Mover<R>) -> T) -> T
+    where
+        R: Sync,
+    {
+        struct CloseOnDrop<'m, R: Deref<Target = Repository>>(&'m Mover<R>);
+        impl<R: Deref<Target = Repository>> Drop for CloseOnDrop<'_, R> {
+            fn drop(&mut self) {
+                self.0.close();
+            }
+        }
+        let mover = Mover::new(repo);
+        std::thread::scope(|s| {
+            s.spawn(|| mover.run_writer());
+            let _close = CloseOnDrop(&mover);
+            f(&mover)
+        })
+    }
+
+    /// Writes full packs until [`Mover::close`]; run it on its own thread.
+    /// After a failed write it keeps draining (and dropping) packs so that
+    /// no stream blocks on the channel; the failure is reported to them.
+    pub fn run_writer(&self) {
+        while let Ok(pack) = self.pack_rx.recv() {
+            let failed = self.state.lock().failure.is_some();
+            let outcome = if failed {
+                Ok(())
+            } else {
+                write_pack(&self.repo, pack)
+            };
+            let mut st = self.state.lock();
+            st.written += 1;
+            if let Err(e) = outcome {
+                tracing::error!("writing a pack failed: {e}");
+                st.failure.get_or_insert_with(|| e.to_string());
+            }
+            let done = st.closed && st.written == st.sent;
+            self.changed.notify_all();
+            drop(st);
+            if done {
+                break;
+            }
+        }
+    }
+
+    /// Ends the writer once it has written every pack handed to it (call
+    /// after the last flush; the open pack is not written).
+    pub fn close(&self) {
+        let mut st = self.state.lock();
+        st.closed = true;
+        if st.written == st.sent {
+            // The writer may be waiting for a pack that never comes: an
+            // empty one wakes it and is dropped without a write.
+            st.sent += 1;
+            drop(st);
+            let _ = self.pack_tx.send(PackBuilder {
+                buf: Vec::new(),
+                entries: Vec::new(),
+                owners: Vec::new(),
+            });
+        }
+    }
+
+    fn failed(st: &State) -> Result<()> {
+        match &st.failure {
+            Some(msg) => Err(Error::Storage(msg.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Hashes a batch, stores the chunks the repository lacks and returns
+    /// every chunk's id; `stats` gets this batch's counts and `share` its
+    /// part of the packs' metadata.
+    pub fn store(
+        &self,
+        batch: &ChunkBatch,
+        stats: &mut BackupStats,
+        share: &MetaShare,
+    ) -> Result<Stored> {
+        let hasher = self.repo.hasher();
+        // 1. Hash on all cores; holes (all-zero chunks) get no id.
+        let ids: Vec<Option<ChunkId>> = batch
+            .chunks
+            .par_iter()
+            .map(|r| {
+                let data = &batch.data[r.clone()];
+                (!is_zero(data)).then(|| hasher.id(data))
+            })
+            .collect();
+        // 2. Claim the chunks nobody has stored or is storing.
+        let mut new = Vec::new();
+        {
+            let index = self.repo.index().read();
+            let mut st = self.state.lock();
+            Self::failed(&st)?;
+            for (k, (r, id)) in batch.chunks.iter().zip(&ids).enumerate() {
+                stats.chunks += 1;
+                if let Some(id) = id {
+                    stats.read_bytes += r.len() as u64;
+                    if !index.chunks.contains_key(id) && st.pending.insert(*id) {
+                        new.push(k);
+                    }
+                }
+            }
+            st.inflight += 1;
+        }
+        let chunks = batch
+            .chunks
+            .iter()
+            .zip(&ids)
+            .map(|(r, id)| (*id, r.len() as u32))
+            .collect();
+        let appended = self.append(batch, &ids, &new, stats, share);
+        let mut st = self.state.lock();
+        st.inflight -= 1;
+        self.changed.notify_all();
+        if appended.is_err() {
+            // Release the claims, so another stream stores these chunks.
+            for &k in &new {
+                if let Some(id) = ids[k] {
+                    st.pending.remove(&id);
+                }
+            }
+        }
+        appended?;
+        Ok(Stored { chunks })
+    }
+
+    /// Compresses and seals the claimed chunks (runs of new pages become
+    /// one frame each) on all cores, then appends them to the open pack.
+    fn append(
+        &self,
+        batch: &ChunkBatch,
+        ids: &[Option<ChunkId>],
+        new: &[usize],
+        stats: &mut BackupStats,
+        share: &MetaShare,
+    ) -> Result<()> {
+        if new.is_empty() {
+            return Ok(());
+        }
+        let config = self.repo.config();
+        let (level, page_level) = (config.compression_level, config.page_compression_level);
+        let keys = self.repo.keys();
+        let frames = group_frames(batch, new);
+        let encoded: Vec<(Vec<u8>, u8, u32)> = frames
+            .par_iter()
+            .map(|members| {
+                let small = members
+                    .iter()
+                    .all(|&k| batch.chunks[k].len() <= PAGE_CHUNK_MAX);
+                let level = if small { page_level } else { level };
+                encode_frame(batch, members, level, keys)
+            })
+            .collect();
+        let target = self.repo.pack_target();
+        let mut st = self.state.lock();
+        Self::failed(&st)?;
+        for (members, (bytes, flags, frame_raw_len)) in frames.iter().zip(encoded) {
+            let offset = st.pack.buf.len() as u32;
+            let mut frame_offset = 0u32;
+            for &k in members {
+                let len = batch.chunks[k].len() as u32;
+                st.pack.entries.push(IndexEntry {
+                    id: ids[k].expect("claimed chunks have ids"),
+                    offset,
+                    stored_len: bytes.len() as u32,
+                    raw_len: len,
+                    flags,
+                    frame_offset,
+                    frame_raw_len,
+                });
+                frame_offset += len;
+            }
+            st.pack.buf.extend_from_slice(&bytes);
+            st.pack.credit(share, bytes.len() as u64);
+            stats.new_chunks += members.len() as u64;
+            stats.new_chunk_bytes += bytes.len() as u64;
+            if st.pack.buf.len() >= target {
+                let full = std::mem::replace(&mut st.pack, PackBuilder::new(target));
+                st.sent += 1;
+                // The channel holds one pack: waiting here (lock released,
+                // so other streams go on cutting and hashing) is the
+                // back-pressure of a slow disk.
+                let sent = parking_lot::MutexGuard::unlocked(&mut st, || self.pack_tx.send(full));
+                if sent.is_err() {
+                    return Err(Error::Storage("the pack writer has stopped".into()));
+                }
+                Self::failed(&st)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every chunk stored so far durable: waits for `store` calls in
+    /// progress, seals the open pack and waits until the writer has written
+    /// it and every pack before it. Call before committing a manifest.
+    pub fn flush(&self) -> Result<()> {
+        let mut st = self.state.lock();
+        while st.inflight > 0 {
+            self.changed.wait(&mut st);
+        }
+        Self::failed(&st)?;
+        if !st.pack.entries.is_empty() {
+            let target = self.repo.pack_target();
+            let full = std::mem::replace(&mut st.pack, PackBuilder::new(target));
+            st.sent += 1;
+            let sent = parking_lot::MutexGuard::unlocked(&mut st, || self.pack_tx.send(full));
+            if sent.is_err() {
+                return Err(Error::Storage("the pack writer has stopped".into()));
+            }
+        }
+        let goal = st.sent;
+        while st.written < goal && st.failure.is_none() {
+            self.changed.wait(&mut st);
+        }
+        Self::failed(&st)
+    }
+
+    /// A chunk's bytes, whether or not its pack is written yet (a pending
+    /// chunk's pack is flushed first).
+    pub fn read_chunk(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        if self.repo.locate(id).is_none() && self.state.lock().pending.contains(id) {
+            self.flush()?;
+        }
+        self.repo.read_chunk(id)
+    }
+}
+
+/// Seals a finished pack (appends its own entry table and the trailer),
+/// writes it and then its index file, and credits each stream with its
+/// share of the metadata. The pack is durable before the index that points
+/// into it, and its id hashes the table too, so the same bytes cut into
+/// other frames make another pack. Both writes are create-only: an existing
+/// object is accepted only if identical in meaning (another backup wrote
+/// the very same pack), never replaced.
+fn write_pack(repo: &Repository, pack: PackBuilder) -> Result<()> {
+    let PackBuilder {
+        mut buf,
+        entries,
+        owners,
+    } = pack;
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let frames = (buf.len() - format::PACK_HEADER_LEN) as u64;
+    let table_at = buf.len();
+    let table = PackTable { entries };
+    buf.extend_from_slice(&repo.encode_meta(format::PACK_TABLE_MAGIC, &table));
+    let table_len = (buf.len() - table_at) as u64;
+    buf.extend_from_slice(&format::pack_trailer(table_len));
+    let id = PackId(*blake3::hash(&buf).as_bytes());
+    repo.put_once(&pack_key(&id), &buf, |old| old == buf.as_slice())?;
+    let file = IndexFile {
+        pack: id,
+        pack_len: buf.len() as u64,
+        entries: table.entries,
+    };
+    let idx_len = repo.put_index_file(&file)?;
+    repo.index().write().add_pack(&file);
+    let meta =
+        format::PACK_HEADER_LEN as u64 + table_len + format::PACK_TRAILER_LEN as u64 + idx_len;
+    let mut given = 0;
+    for (k, (share, bytes)) in owners.iter().enumerate() {
+        let part = if k + 1 == owners.len() {
+            meta - given
+        } else {
+            meta * bytes / frames.max(1)
+        };
+        given += part;
+        share.0.fetch_add(part, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+thread_local! {
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(level: i32, data: &[u8]) -> Vec<u8> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = Some((
+                level,
+                zstd::bulk::Compressor::new(level).expect("zstd context"),
+            ));
+        }
+        c.as_mut()
+            .unwrap()
+            .1
+            .compress(data)
+            .expect("zstd compresses in memory")
+    })
+}
+
+/// Groups new chunks (indices into the batch, in file order) into frames:
+/// consecutive small chunks share a frame of up to [`format::FRAME_TARGET`]
+/// bytes; a chunk larger than a page is a frame of its own.
+fn group_frames(batch: &ChunkBatch, new: &[usize]) -> Vec<Vec<usize>> {
+    let mut frames: Vec<Vec<usize>> = Vec::new();
+    let mut open_bytes = 0;
+    for &k in new {
+        let len = batch.chunks[k].len();
+        let joins =
+            len <= PAGE_CHUNK_MAX && open_bytes > 0 && open_bytes + len <= format::FRAME_TARGET;
+        if joins {
+            frames.last_mut().expect("open frame").push(k);
+            open_bytes += len;
+        } else {
+            frames.push(vec![k]);
+            open_bytes = if len <= PAGE_CHUNK_MAX { len } else { 0 };
+        }
+    }
+    frames
+}
+
+/// Compresses (unless that does not shrink it) and seals one frame;
+/// returns (stored bytes, chunk flags, frame's plaintext length).
+fn encode_frame(
+    batch: &ChunkBatch,
+    members: &[usize],
+    level: i32,
+    keys: Option<&crate::crypto::Keys>,
+) -> (Vec<u8>, u8, u32) {
+    let plain: Vec<u8> = if let [k] = members {
+        batch.data[batch.chunks[*k].clone()].to_vec()
+    } else {
+        let mut v = Vec::with_capacity(members.iter().map(|&k| batch.chunks[k].len()).sum());
+        for &k in members {
+            v.extend_from_slice(&batch.data[batch.chunks[k].clone()]);
+        }
+        v
+    };
+    let raw_len = plain.len() as u32;
+    let mut stored = compress(level, &plain);
+    let mut flags = CHUNK_ZSTD;
+    if stored.len() >= plain.len() {
+        stored = plain;
+        flags = 0;
+    }
+    if let Some(k) = keys {
+        stored = k.seal_meta(&stored);
+    }
+    (stored, flags, raw_len)
+}
+
+pub(crate) fn is_zero(data: &[u8]) -> bool {
+    // Word-sized steps; the compiler vectorises this loop.
+    let mut words = data.chunks_exact(8);
+    words.all(|w| u64::from_ne_bytes(w.try_into().unwrap()) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
+}
+
+/// One file being written: its stored chunks, then the bytes not yet cut.
+pub struct FileWriter {
+    /// The file's name, for choosing a chunker from it and its first bytes.
+    name: Vec<u8>,
+    kind: Option<ChunkerKind>,
+    chunks: Vec<(Option<ChunkId>, u32)>,
+    /// File offset of each chunk's first byte.
+    starts: Vec<u64>,
+    /// Bytes covered by `chunks`; `tail` holds the bytes from here on.
+    frontier: u64,
+    tail: Vec<u8>,
+    batch_bytes: usize,
+    stats: BackupStats,
+    share: MetaShare,
+}
+
+impl FileWriter {
+    /// `chunker: None` chooses from the name and first bytes
+    /// ([`ChunkerKind::choose`]); `batch_bytes` bounds the bytes held
+    /// before they are stored.
+    pub fn new(name: &[u8], chunker: Option<ChunkerKind>, batch_bytes: usize) -> Self {
+        FileWriter {
+            name: name.to_vec(),
+            kind: chunker,
+            chunks: Vec::new(),
+            starts: Vec::new(),
+            frontier: 0,
+            tail: Vec::new(),
+            batch_bytes: batch_bytes.max(1),
+            stats: BackupStats::default(),
+            share: MetaShare::default(),
+        }
+    }
+
+    /// Counts the metadata of this file's packs into `share` (one per
+    /// restore point) rather than a share of its own.
+    pub fn with_share(mut self, share: MetaShare) -> Self {
+        self.share = share;
+        self
+    }
+
+    pub fn size(&self) -> u64 {
+        self.frontier + self.tail.len() as u64
+    }
+
+    fn kind(&mut self) -> ChunkerKind {
+        if self.kind.is_none() {
+            let head = if self.frontier == 0 {
+                &self.tail[..self.tail.len().min(100)]
+            } else {
+                &[][..]
+            };
+            self.kind = Some(ChunkerKind::choose(&self.name, head));
+        }
+        self.kind.expect("chosen above")
+    }
+
+    /// Cuts the tail into chunks and stores them; with `eof` false the last,
+    /// possibly incomplete chunk stays in the tail.
+    fn cut<R: Deref<Target = Repository>>(&mut self, mover: &Mover<R>, eof: bool) -> Result<()> {
+        if self.tail.is_empty() {
+            return Ok(());
+        }
+        let kind = self.kind();
+        let ranges = chunker::cut(kind, &self.tail, eof);
+        let used = ranges.last().map_or(0, |r| r.end);
+        if used == 0 {
+            return Ok(());
+        }
+        let rest = self.tail.split_off(used);
+        let batch = ChunkBatch {
+            data: std::mem::replace(&mut self.tail, rest),
+            chunks: ranges,
+            offset: self.frontier,
+        };
+        let stored = match mover.store(&batch, &mut self.stats, &self.share) {
+            Ok(s) => s,
+            Err(e) => {
+                // Keep the bytes: the write that failed is reported, and
+                // the file is as it was before it.
+                let mut data = batch.data;
+                data.extend_from_slice(&self.tail);
+                self.tail = data;
+                return Err(e);
+            }
+        };
+        for (id, len) in stored.chunks {
+            self.starts.push(self.frontier);
+            self.chunks.push((id, len));
+            self.frontier += len as u64;
+        }
+        Ok(())
+    }
+
+    /// Bytes held before cutting: the batch size, and at least two of the
+    /// largest chunks (a content-defined cut needs that much to be final).
+    fn threshold(&self) -> usize {
+        let largest = match self.kind {
+            Some(ChunkerKind::Fixed(size)) => size as usize,
+            Some(ChunkerKind::Cdc { max, .. }) => 2 * max as usize,
+            None => 2 * CDC_MAX as usize,
+        };
+        self.batch_bytes.max(largest)
+    }
+
+    fn cut_if_full<R: Deref<Target = Repository>>(&mut self, mover: &Mover<R>) -> Result<()> {
+        if self.tail.len() >= self.threshold() {
+            self.cut(mover, false)?;
+        }
+        Ok(())
+    }
+
+    /// Grows the tail with zeros up to file offset `end`, storing as it goes
+    /// (a hole costs no memory beyond one batch, and no chunks).
+    fn zero_fill<R: Deref<Target = Repository>>(
+        &mut self,
+        mover: &Mover<R>,
+        end: u64,
+    ) -> Result<()> {
+        while self.size() < end {
+            let room = self.threshold().saturating_sub(self.tail.len()).max(1);
+            let add = (end - self.size()).min(room as u64) as usize;
+            self.tail.resize(self.tail.len() + add, 0);
+            self.cut_if_full(mover)?;
+        }
+        Ok(())
+    }
+
+    /// The chunks overlapping `range` of the stored part: (index, start).
+    fn chunks_over(&self, range: Range<u64>) -> Range<usize> {
+        let first = self
+            .starts
+            .partition_point(|&s| s <= range.start)
+            .saturating_sub(1);
+        let end = self.starts.partition_point(|&s| s < range.end);
+        first..end.max(first)
+    }
+
+    fn chunk_bytes<R: Deref<Target = Repository>>(
+        &self,
+        mover: &Mover<R>,
+        k: usize,
+    ) -> Result<Vec<u8>> {
+        let (id, len) = self.chunks[k];
+        match id {
+            Some(id) => mover.read_chunk(&id),
+            None => Ok(vec![0; len as usize]),
+        }
+    }
+
+    /// Writes `data` at `offset`; a gap before it reads as zeros.
+    pub fn write_at<R: Deref<Target = Repository>>(
+        &mut self,
+        mover: &Mover<R>,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let end = offset + data.len() as u64;
+        if offset < self.frontier {
+            // Patch stored chunks: read each back, change it, store it
+            // again under its new id, same length.
+            let stored_end = end.min(self.frontier);
+            let over = self.chunks_over(offset..stored_end);
+            let mut buf = Vec::new();
+            let mut ranges = Vec::new();
+            for k in over.clone() {
+                let mut bytes = self.chunk_bytes(mover, k)?;
+                let start = self.starts[k];
+                let lo = offset.max(start);
+                let hi = stored_end.min(start + bytes.len() as u64);
+                bytes[(lo - start) as usize..(hi - start) as usize]
+                    .copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
+                ranges.push(buf.len()..buf.len() + bytes.len());
+                buf.extend_from_slice(&bytes);
+            }
+            let batch = ChunkBatch {
+                data: buf,
+                chunks: ranges,
+                offset: self.starts[over.start],
+            };
+            let stored = mover.store(&batch, &mut self.stats, &self.share)?;
+            for (k, (id, _)) in over.zip(stored.chunks) {
+                self.chunks[k].0 = id;
+            }
+        }
+        if end > self.frontier {
+            let from = offset.max(self.frontier);
+            let data = &data[(from - offset) as usize..];
+            self.zero_fill(mover, from)?;
+            let at = (from - self.frontier) as usize;
+            let overlap = (self.tail.len() - at).min(data.len());
+            self.tail[at..at + overlap].copy_from_slice(&data[..overlap]);
+            // Append the rest a batch at a time.
+            for piece in data[overlap..].chunks(self.batch_bytes) {
+                self.tail.extend_from_slice(piece);
+                self.cut_if_full(mover)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `len` bytes at `offset` (fewer at the end of the file).
+    pub fn read_at<R: Deref<Target = Repository>>(
+        &self,
+        mover: &Mover<R>,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>> {
+        let end = (offset + len as u64).min(self.size());
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        if offset >= end {
+            return Ok(out);
+        }
+        if offset < self.frontier {
+            let stored_end = end.min(self.frontier);
+            for k in self.chunks_over(offset..stored_end) {
+                let bytes = self.chunk_bytes(mover, k)?;
+                let start = self.starts[k];
+                let lo = offset.max(start);
+                let hi = stored_end.min(start + bytes.len() as u64);
+                out.extend_from_slice(&bytes[(lo - start) as usize..(hi - start) as usize]);
+            }
+        }
+        if end > self.frontier {
+            let lo = offset.max(self.frontier) - self.frontier;
+            out.extend_from_slice(&self.tail[lo as usize..(end - self.frontier) as usize]);
+        }
+        Ok(out)
+    }
+
+    /// Truncates or extends (with zeros) the file to `len` bytes.
+    pub fn set_len<R: Deref<Target = Repository>>(
+        &mut self,
+        mover: &Mover<R>,
+        len: u64,
+    ) -> Result<()> {
+        if len >= self.frontier {
+            if len >= self.size() {
+                return self.zero_fill(mover, len);
+            }
+            self.tail.truncate((len - self.frontier) as usize);
+            return Ok(());
+        }
+        // Drop the chunks from the one holding `len`; its kept part becomes
+        // the tail again (chunks start on chunk boundaries, so a fixed-size
+        // file stays aligned).
+        let k = self.starts.partition_point(|&s| s <= len) - 1;
+        let mut head = self.chunk_bytes(mover, k)?;
+        head.truncate((len - self.starts[k]) as usize);
+        self.chunks.truncate(k);
+        self.frontier = self.starts[k];
+        self.starts.truncate(k);
+        self.tail = head;
+        Ok(())
+    }
+
+    /// Stores the rest and returns the file's content, size and counts.
+    pub fn finish<R: Deref<Target = Repository>>(
+        mut self,
+        mover: &Mover<R>,
+    ) -> Result<(Content, u64, BackupStats)> {
+        self.cut(mover, true)?;
+        let size = self.frontier;
+        let mut stats = self.stats;
+        stats.logical_bytes += size;
+        let content = if self.chunks.is_empty() {
+            Content::Empty
+        } else {
+            match self.kind.unwrap_or_else(ChunkerKind::default_cdc) {
+                ChunkerKind::Fixed(chunk_size) => Content::Fixed {
+                    chunk_size,
+                    chunks: self.chunks.into_iter().map(|c| c.0).collect(),
+                },
+                ChunkerKind::Cdc { .. } => Content::Variable {
+                    chunks: self.chunks,
+                },
+            }
+        };
+        Ok((content, size, stats))
+    }
+}
+
+/// Splits a path from an archive or a mount into its names, refusing the
+/// ones that would leave the restore point: absolute paths and `..`.
+/// `.` and empty components are dropped.
+pub fn path_components(path: &[u8]) -> Result<Vec<&[u8]>> {
+    let shown = || String::from_utf8_lossy(path).into_owned();
+    if path.first() == Some(&b'/') {
+        return Err(Error::InvalidInput(format!(
+            "{:?}: an absolute path; only paths inside the restore point are taken",
+            shown()
+        )));
+    }
+    let mut out = Vec::new();
+    for part in path.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                return Err(Error::InvalidInput(format!(
+                    "{:?}: a path with `..` would leave the restore point; refused",
+                    shown()
+                )))
+            }
+            p if p.contains(&0) => {
+                return Err(Error::InvalidInput(format!(
+                    "{:?}: a name holds NUL",
+                    shown()
+                )))
+            }
+            p => out.push(p),
+        }
+    }
+    Ok(out)
+}
+
+/// The nodes of a restore point, built by path in any order: a missing
+/// parent directory is made on the way (owned like the root, mode 0755),
+/// and an entry given twice keeps its last version, as `tar` does.
+pub struct TreeBuilder {
+    nodes: Vec<Node>,
+    children: HashMap<(u32, Vec<u8>), u32>,
+}
+
+impl TreeBuilder {
+    /// `root` is the root directory's node (its name and parent are
+    /// ignored).
+    pub fn new(mut root: Node) -> Self {
+        root.parent = 0;
+        root.name = Vec::new();
+        root.kind = NodeKind::Dir;
+        root.content = Content::Empty;
+        root.size = 0;
+        TreeBuilder {
+            nodes: vec![root],
+            children: HashMap::new(),
+        }
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn node_mut(&mut self, i: usize) -> &mut Node {
+        &mut self.nodes[i]
+    }
+
+    /// The node at `path`, if there is one.
+    pub fn lookup(&self, path: &[u8]) -> Result<Option<usize>> {
+        let mut at = 0u32;
+        for name in path_components(path)? {
+            match self.children.get(&(at, name.to_vec())) {
+                Some(&i) => at = i,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(at as usize))
+    }
+
+    /// Puts `node` at `path`, replacing what was there (a directory keeps
+    /// its entries and takes the new metadata); returns its index. The path
+    /// must name something below the root.
+    pub fn put(&mut self, path: &[u8], mut node: Node) -> Result<usize> {
+        let parts = path_components(path)?;
+        let Some((name, dirs)) = parts.split_last() else {
+            // The root itself (`./` in a tar): it takes the metadata.
+            if node.kind == NodeKind::Dir {
+                let root = &mut self.nodes[0];
+                (root.mode, root.uid, root.gid) = (node.mode, node.uid, node.gid);
+                (root.mtime_sec, root.mtime_nsec) = (node.mtime_sec, node.mtime_nsec);
+                return Ok(0);
+            }
+            return Err(Error::InvalidInput(format!(
+                "{:?}: names the root of the restore point, which is a directory",
+                String::from_utf8_lossy(path)
+            )));
+        };
+        let mut at = 0u32;
+        for dir in dirs {
+            at = match self.children.get(&(at, dir.to_vec())) {
+                Some(&i) if self.nodes[i as usize].kind == NodeKind::Dir => i,
+                Some(_) => {
+                    return Err(Error::InvalidInput(format!(
+                        "{:?}: a parent of it is not a directory",
+                        String::from_utf8_lossy(path)
+                    )))
+                }
+                None => {
+                    let parent = self.nodes[0].clone();
+                    let dir_node = Node {
+                        parent: at,
+                        name: dir.to_vec(),
+                        mode: 0o755,
+                        ..parent
+                    };
+                    self.insert(dir_node)
+                }
+            };
+        }
+        node.parent = at;
+        node.name = name.to_vec();
+        match self.children.get(&(at, name.to_vec())).copied() {
+            Some(i) => {
+                let was_dir = self.nodes[i as usize].kind == NodeKind::Dir;
+                if was_dir && node.kind != NodeKind::Dir && self.children.keys().any(|k| k.0 == i) {
+                    return Err(Error::InvalidInput(format!(
+                        "{:?}: replaces a directory that has entries",
+                        String::from_utf8_lossy(path)
+                    )));
+                }
+                self.nodes[i as usize] = node;
+                Ok(i as usize)
+            }
+            None => Ok(self.insert(node) as usize),
+        }
+    }
+
+    fn insert(&mut self, node: Node) -> u32 {
+        let i = self.nodes.len() as u32;
+        self.children.insert((node.parent, node.name.clone()), i);
+        self.nodes.push(node);
+        i
+    }
+
+    /// The nodes, ready for a manifest.
+    pub fn into_nodes(self) -> Vec<Node> {
+        self.nodes
+    }
+}
+
+/// Counts a tree's entries into `stats`.
+pub fn count_nodes(nodes: &[Node], stats: &mut BackupStats) {
+    for n in nodes.iter().skip(1) {
+        match n.kind {
+            NodeKind::Dir => stats.dirs += 1,
+            NodeKind::File => stats.files += 1,
+            NodeKind::Symlink => stats.symlinks += 1,
+            _ => {}
+        }
+    }
+}
+
+/// Adds up the counts of one file (or stream) into a restore point's.
+pub fn add_stats(into: &mut BackupStats, file: &BackupStats) {
+    into.logical_bytes += file.logical_bytes;
+    into.read_bytes += file.read_bytes;
+    into.chunks += file.chunks;
+    into.new_chunks += file.new_chunks;
+    into.new_chunk_bytes += file.new_chunk_bytes;
+    into.new_meta_bytes += file.new_meta_bytes;
+    into.changed_while_reading
+        .extend(file.changed_while_reading.iter().cloned());
+}
+
+/// Commits a restore point of `job`: flushes the mover (so every chunk the
+/// nodes name is durable), then writes the manifest under a name no other
+/// writer holds. Until this returns, nothing of the backup is visible.
+pub fn commit<R: Deref<Target = Repository>>(
+    mover: &Mover<R>,
+    job: &str,
+    hostname: &str,
+    time: i64,
+    nodes: Vec<Node>,
+    mut stats: BackupStats,
+    share: &MetaShare,
+) -> Result<Manifest> {
+    crate::manifest::validate_job_name(job)?;
+    mover.flush()?;
+    let repo = mover.repo();
+    stats.new_meta_bytes += share.bytes();
+    let mut manifest = Manifest {
+        job: job.to_string(),
+        name: timestamp_name(time),
+        time,
+        hostname: hostname.to_string(),
+        stats,
+        nodes,
+    };
+    manifest.validate("new restore point")?;
+    let estimate = repo.encode_meta(format::MANIFEST_MAGIC, &manifest).len() as u64;
+    manifest.stats.new_meta_bytes += estimate;
+    loop {
+        let encoded = repo.encode_meta(format::MANIFEST_MAGIC, &manifest);
+        let name = RestorePointName {
+            job: manifest.job.clone(),
+            name: manifest.name.clone(),
+        };
+        match repo.store().put(&name.key(), &encoded) {
+            Ok(()) => return Ok(manifest),
+            Err(Error::AlreadyExists(_)) => {
+                // Another backup of this job finished in the same second.
+                manifest.time += 1;
+                manifest.name = timestamp_name(manifest.time);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
