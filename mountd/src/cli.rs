@@ -57,6 +57,10 @@ enum Command {
         /// Read standard input and store it as one file of this name.
         #[arg(long, conflicts_with = "paths")]
         stdin_name: Option<String>,
+        /// Read a tar stream from standard input (`pg_basebackup -Ft -D -`,
+        /// `tar -c`) and unpack its members into the restore point's files.
+        #[arg(long, conflicts_with_all = ["paths", "stdin_name"])]
+        stdin_tar: bool,
         /// auto (per file), cdc, or fixed:SIZE (e.g. fixed:8k).
         #[arg(long, default_value = "auto")]
         chunker: String,
@@ -64,7 +68,7 @@ enum Command {
         json: bool,
         #[arg(long, short)]
         quiet: bool,
-        #[arg(required_unless_present = "stdin_name")]
+        #[arg(required_unless_present_any = ["stdin_name", "stdin_tar"])]
         paths: Vec<PathBuf>,
     },
     /// List restore points with their sizes.
@@ -200,11 +204,19 @@ pub fn run(cli: Cli) -> Result<u8> {
             repo,
             job,
             stdin_name,
+            stdin_tar,
             chunker,
             json,
             quiet,
             paths,
-        } => run_backup(&repo, job, stdin_name, &chunker, json, quiet, paths),
+        } => {
+            let input = match (stdin_name, stdin_tar) {
+                (Some(name), _) => BackupInput::Stdin(name),
+                (None, true) => BackupInput::StdinTar,
+                (None, false) => BackupInput::Paths(paths),
+            };
+            run_backup(&repo, job, input, &chunker, json, quiet)
+        }
         Command::RestorePoints { repo, job, json } => list(&repo, job.as_deref(), json),
         Command::Restore {
             repo,
@@ -330,14 +342,22 @@ fn own_ids() -> (u32, u32) {
     (0, 0)
 }
 
+/// What `flr backup` reads.
+enum BackupInput {
+    Paths(Vec<PathBuf>),
+    /// Standard input, stored as one file of this name.
+    Stdin(String),
+    /// Standard input, a tar stream to unpack.
+    StdinTar,
+}
+
 fn run_backup(
     repo_path: &Path,
     job: String,
-    stdin_name: Option<String>,
+    input: BackupInput,
     chunker: &str,
     json: bool,
     quiet: bool,
-    paths: Vec<PathBuf>,
 ) -> Result<u8> {
     let chunker = ChunkerKind::parse(chunker).map_err(anyhow::Error::msg)?;
     vfs_core::manifest::validate_job_name(&job)?;
@@ -345,8 +365,8 @@ fn run_backup(
     if let Ok(local) = LocalStore::open(repo_path) {
         local.clean_stale_temp_files();
     }
-    let source = match stdin_name {
-        Some(name) => {
+    let source = match input {
+        BackupInput::Stdin(name) => {
             let (uid, gid) = own_ids();
             Source::Stream(StdinSource {
                 name,
@@ -356,7 +376,18 @@ fn run_backup(
                 gid,
             })
         }
-        None => Source::Paths(paths),
+        BackupInput::StdinTar => {
+            if chunker.is_some() {
+                anyhow::bail!(
+                    "--chunker does not apply to --stdin-tar: each member is chunked by its name and first bytes"
+                );
+            }
+            Source::Tar {
+                what: "standard input".into(),
+                reader: Box::new(std::io::stdin()),
+            }
+        }
+        BackupInput::Paths(paths) => Source::Paths(paths),
     };
     let progress = Arc::new(Progress::default());
     let display = ProgressDisplay::start(progress.clone(), "backup", !quiet && !json);

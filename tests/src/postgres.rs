@@ -357,6 +357,26 @@ impl PgServer {
         );
     }
 
+    /// `pg_basebackup -D - -Ft -X fetch` of this running server, piped
+    /// into `flr backup --stdin-tar --json` as job `job` of `repo`: the
+    /// tar stream never touches a disk. Returns flr's run (the pipeline
+    /// fails if either side does).
+    #[track_caller]
+    pub fn base_backup_into(&self, repo: &crate::TestRepo, job: &str) -> Run {
+        let script = format!(
+            "set -o pipefail; runuser -u {PG_USER} -- {bb} -D - -Ft -X fetch --checkpoint=fast \
+               -h 127.0.0.1 -p {port} -U postgres \
+             | {flr} backup --repo {repo} --job {job} --stdin-tar --json",
+            bb = pg_program("pg_basebackup").display(),
+            port = self.port,
+            flr = crate::flr::flr_bin().display(),
+            repo = repo.path.display(),
+        );
+        let mut cmd = Command::new("bash");
+        cmd.args(["-c", &script]).current_dir("/");
+        run_cmd(&mut cmd, None)
+    }
+
     /// Stops the server cleanly (`pg_ctl stop -m fast`, which ends with a
     /// shutdown checkpoint) and asserts that it went down and that its log
     /// reports no trouble from start to shutdown.

@@ -22,9 +22,10 @@ use parking_lot::Mutex;
 use crate::chunker::{ChunkBatch, ChunkStream, ChunkerKind};
 use crate::error::{Error, Result};
 use crate::ids::ChunkId;
-use crate::ingest::{commit, count_nodes, MetaShare, Mover, BATCH_BYTES};
+use crate::ingest::{commit, count_nodes, MetaShare, Mover, ReadAhead, TreeBuilder, BATCH_BYTES};
 use crate::manifest::{validate_job_name, BackupStats, Content, Manifest, Node, NodeKind};
 use crate::repo::Repository;
+use crate::tar_stream::ingest_tar;
 
 /// Live counters for a progress display; all fields are updated as the
 /// backup runs.
@@ -48,6 +49,12 @@ pub struct StdinSource {
 pub enum Source {
     Paths(Vec<PathBuf>),
     Stream(StdinSource),
+    /// A tar stream, unpacked into the restore point's files as it arrives
+    /// (see [`crate::tar_stream`]); `what` names it in errors.
+    Tar {
+        what: String,
+        reader: Box<dyn Read + Send>,
+    },
     /// A tree described up front (node 0 is the root directory), each
     /// file's bytes coming from a reader: a writable session commits this
     /// way.
@@ -156,21 +163,7 @@ fn link_bytes(target: PathBuf) -> Vec<u8> {
 }
 
 fn walk(source: Source) -> Result<Walk> {
-    // Only Unix fills in the root's owner below.
-    #[cfg_attr(not(unix), allow(unused_mut))]
-    let mut root = Node {
-        parent: 0,
-        name: Vec::new(),
-        kind: NodeKind::Dir,
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        mtime_sec: now_secs(),
-        mtime_nsec: 0,
-        size: 0,
-        target: Vec::new(),
-        content: Content::Empty,
-    };
+    let root = own_root(now_secs());
     let mut walk = Walk {
         nodes: Vec::new(),
         inputs: Vec::new(),
@@ -188,6 +181,7 @@ fn walk(source: Source) -> Result<Walk> {
                 .map(|(i, r)| (i, FileInput::Stream(r)))
                 .collect();
         }
+        Source::Tar { .. } => unreachable!("backup_tar unpacks tar streams"),
         Source::Stream(s) => {
             if s.name.is_empty() || s.name.contains('/') || s.name == "." || s.name == ".." {
                 return Err(Error::InvalidInput(format!(
@@ -212,16 +206,6 @@ fn walk(source: Source) -> Result<Walk> {
                 return Err(Error::InvalidInput(
                     "nothing to back up: no paths given".into(),
                 ));
-            }
-            #[cfg(unix)]
-            {
-                // The root directory belongs to whoever runs the backup.
-                let me = std::fs::metadata(".").ok();
-                if let Some(m) = me {
-                    let (_, uid, gid, _, _) = unix_meta(&m);
-                    root.uid = uid;
-                    root.gid = gid;
-                }
             }
             walk.nodes.push(root);
             let mut seen = HashSet::new();
@@ -388,6 +372,9 @@ pub fn backup(repo: &Repository, source: Source, opts: &BackupOptions) -> Result
     validate_job_name(&opts.job)?;
     let started = Instant::now();
     let start_secs = now_secs();
+    if let Source::Tar { what, reader } = source {
+        return backup_tar(repo, &what, reader, opts, started, start_secs);
+    }
     let Walk { mut nodes, inputs } = walk(source)?;
 
     let progress = &opts.progress;
@@ -481,6 +468,60 @@ pub fn backup(repo: &Repository, source: Source, opts: &BackupOptions) -> Result
             &share,
         )
     })
+}
+
+/// A tar stream's backup: its members become the restore point's nodes.
+fn backup_tar(
+    repo: &Repository,
+    what: &str,
+    reader: Box<dyn Read + Send>,
+    opts: &BackupOptions,
+    started: Instant,
+    start_secs: i64,
+) -> Result<Manifest> {
+    let share = MetaShare::default();
+    let mut tree = TreeBuilder::new(own_root(start_secs));
+    let reader = ReadAhead::new(reader, 1 << 20, 8);
+    Mover::scoped(repo, |mover| {
+        let mut stats = ingest_tar(mover, reader, &mut tree, &share, what, &opts.progress)?;
+        let nodes = tree.into_nodes();
+        count_nodes(&nodes, &mut stats);
+        stats.duration_ms = started.elapsed().as_millis() as u64;
+        commit(
+            mover,
+            &opts.job,
+            &opts.hostname,
+            start_secs,
+            nodes,
+            stats,
+            &share,
+        )
+    })
+}
+
+/// A root directory owned by whoever runs the backup.
+pub fn own_root(mtime_sec: i64) -> Node {
+    #[cfg_attr(not(unix), allow(unused_mut))]
+    let mut root = Node {
+        parent: 0,
+        name: Vec::new(),
+        kind: NodeKind::Dir,
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+        mtime_sec,
+        mtime_nsec: 0,
+        size: 0,
+        target: Vec::new(),
+        content: Content::Empty,
+    };
+    #[cfg(unix)]
+    if let Ok(m) = std::fs::metadata(".") {
+        let (_, uid, gid, _, _) = unix_meta(&m);
+        root.uid = uid;
+        root.gid = gid;
+    }
+    root
 }
 
 fn path_in(nodes: &[Node], mut i: usize) -> String {

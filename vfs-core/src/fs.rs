@@ -682,7 +682,14 @@ impl RepoFs {
             kind: node.kind,
             size: node.size,
             blocks: rp.blocks[i],
-            mode: if i == 0 { 0o555 } else { node.mode },
+            // The root shows its own mode without write bits (a data
+            // directory at the root keeps 0700 or 0750, as its server
+            // demands); a mount is read-only anyway.
+            mode: if i == 0 {
+                node.mode & !0o222
+            } else {
+                node.mode
+            },
             uid: node.uid,
             gid: node.gid,
             mtime_sec,

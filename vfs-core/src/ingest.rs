@@ -39,6 +39,79 @@ use crate::repo::{
 /// few batches per stream.
 pub const BATCH_BYTES: usize = 4 << 20;
 
+/// Reads a stream ahead on its own thread, in blocks, into a channel that
+/// holds `depth` of them: reading (a pipe, standard input) overlaps with
+/// chunking and storing, and memory stays `block * (depth + 2)`.
+pub struct ReadAhead {
+    rx: crossbeam_channel::Receiver<std::io::Result<Vec<u8>>>,
+    block: Vec<u8>,
+    at: usize,
+    done: bool,
+}
+
+impl ReadAhead {
+    pub fn new(mut reader: Box<dyn std::io::Read + Send>, block: usize, depth: usize) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded(depth);
+        std::thread::spawn(move || loop {
+            let mut buf = vec![0u8; block];
+            let mut got = 0;
+            let mut end = false;
+            while got < block {
+                match reader.read(&mut buf[got..]) {
+                    Ok(0) => {
+                        end = true;
+                        break;
+                    }
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+            buf.truncate(got);
+            if (got > 0 && tx.send(Ok(buf)).is_err()) || end {
+                return;
+            }
+        });
+        ReadAhead {
+            rx,
+            block: Vec::new(),
+            at: 0,
+            done: false,
+        }
+    }
+}
+
+impl std::io::Read for ReadAhead {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.block.len() {
+            if self.done {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Ok(b)) => {
+                    self.block = b;
+                    self.at = 0;
+                }
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.done = true;
+                    return Ok(0);
+                }
+            }
+        }
+        let n = out.len().min(self.block.len() - self.at);
+        out[..n].copy_from_slice(&self.block[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
 /// Which restore point a stored byte counts for: packs are shared by every
 /// stream, so the bytes of a pack's header, table and index file are split
 /// between the streams whose frames it holds.

@@ -37,6 +37,7 @@ pub mod repo;
 pub mod restore;
 pub mod session;
 pub mod store;
+pub mod tar_stream;
 pub mod verify;
 
 pub use error::{Error, Result};

@@ -740,9 +740,13 @@ impl Overlay {
             ino,
             Node {
                 kind: a.kind,
-                // The restore point shows its root read-only; the session
-                // root is writable by its owner.
-                mode: if ino == ROOT_INO { 0o755 } else { a.mode },
+                // The restore point shows its root without write bits;
+                // the session root is writable by its owner.
+                mode: if ino == ROOT_INO {
+                    a.mode | 0o200
+                } else {
+                    a.mode
+                },
                 uid: a.uid,
                 gid: a.gid,
                 nlink: a.nlink,
