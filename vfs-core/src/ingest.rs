@@ -240,6 +240,7 @@ impl<R: Deref<Target = Repository>> Mover<R> {
     pub fn run_writer(&self) {
         while let Ok(pack) = self.pack_rx.recv() {
             let failed = self.state.lock().failure.is_some();
+            let ids: Vec<ChunkId> = pack.entries.iter().map(|e| e.id).collect();
             let outcome = if failed {
                 Ok(())
             } else {
@@ -247,6 +248,12 @@ impl<R: Deref<Target = Repository>> Mover<R> {
             };
             let mut st = self.state.lock();
             st.written += 1;
+            if outcome.is_ok() && !failed {
+                // The index has them now.
+                for id in &ids {
+                    st.pending.remove(id);
+                }
+            }
             if let Err(e) = outcome {
                 tracing::error!("writing a pack failed: {e}");
                 st.failure.get_or_insert_with(|| e.to_string());
