@@ -71,6 +71,10 @@ enum Command {
         #[arg(required_unless_present_any = ["stdin_name", "stdin_tar"])]
         paths: Vec<PathBuf>,
     },
+    /// Make named pipes for databases to write their backups to (N per
+    /// database, at DIR/<db>/<i>), store what comes through them, and
+    /// commit one restore point per database, of the job named after it.
+    Devices(crate::device_cmd::DevicesArgs),
     /// List restore points with their sizes.
     RestorePoints {
         #[arg(long)]
@@ -217,6 +221,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             };
             run_backup(&repo, job, input, &chunker, json, quiet)
         }
+        Command::Devices(args) => crate::device_cmd::run(args),
         Command::RestorePoints { repo, job, json } => list(&repo, job.as_deref(), json),
         Command::Restore {
             repo,
@@ -325,7 +330,7 @@ fn init(path: &Path, encrypt: bool, level: i32, page_level: i32) -> Result<u8> {
     Ok(exit::OK)
 }
 
-fn hostname() -> String {
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
@@ -432,7 +437,7 @@ fn run_backup(
     Ok(exit::OK)
 }
 
-fn stats_json(s: &vfs_core::manifest::BackupStats) -> serde_json::Value {
+pub fn stats_json(s: &vfs_core::manifest::BackupStats) -> serde_json::Value {
     json!({
         "files": s.files,
         "dirs": s.dirs,

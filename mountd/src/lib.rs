@@ -14,10 +14,12 @@
 //!   - [`daemon::api`]: routes, JSON in and out, errors as
 //!     `{"error": "..."}` with a status that says what kind of mistake.
 //!   - [`daemon::metrics`]: the Prometheus text exposition.
+//! - [`devices`]: named-pipe devices for `flr devices` and `POST /devices`.
 //! - [`client`]: a small blocking HTTP/1.1 client over the Unix socket.
 //! - [`writable`]: writable sessions: opening one over a restore point,
 //!   committing it, and the control socket `flr session` reaches it by.
 
 pub mod client;
 pub mod daemon;
+pub mod devices;
 pub mod writable;

@@ -10,6 +10,7 @@
 //! `session` lists, commits and discards writable sessions ([`sessions`]).
 
 mod cli;
+mod device_cmd;
 mod logging;
 mod mount;
 mod progress;

@@ -83,7 +83,8 @@ struct Walk {
     inputs: Vec<(usize, FileInput)>,
 }
 
-fn now_secs() -> i64 {
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn now_secs() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)

@@ -54,6 +54,10 @@ pub enum Error {
     /// disk, say); the message is that failure's.
     #[error("writing to the repository failed: {0}")]
     Storage(String),
+    /// Work stopped before its end because it was asked to, or because
+    /// a part it belongs with failed; the message says which.
+    #[error("{0}")]
+    Cancelled(String),
 }
 
 impl Error {

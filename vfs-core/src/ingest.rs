@@ -65,6 +65,12 @@ impl ReadAhead {
                     Ok(n) => got += n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => {
+                        // The bytes before the failure first, so that it
+                        // is reported where it happened.
+                        buf.truncate(got);
+                        if got > 0 && tx.send(Ok(buf)).is_err() {
+                            return;
+                        }
                         let _ = tx.send(Err(e));
                         return;
                     }
@@ -160,9 +166,12 @@ struct State {
     /// Chunks claimed by a stream and not yet in the repository's index:
     /// each new chunk is stored once, however many streams meet it.
     pending: IdSet,
-    /// `store` calls between claiming chunks and appending them; a flush
-    /// waits for them, so it never seals a pack that lacks a claimed chunk.
-    inflight: usize,
+    /// `store` calls between claiming chunks and appending them, by the
+    /// ticket each drew when it began. A flush waits for the ones that
+    /// began before it, so it never seals a pack that lacks a chunk claimed
+    /// before it, yet is not held up by streams that go on storing.
+    next_ticket: u64,
+    active: std::collections::BTreeSet<u64>,
     /// Packs handed to the writer, and packs it has made durable.
     sent: u64,
     written: u64,
@@ -197,7 +206,8 @@ impl<R: Deref<Target = Repository>> Mover<R> {
             state: Mutex::new(State {
                 pack: PackBuilder::new(target),
                 pending: IdSet::default(),
-                inflight: 0,
+                next_ticket: 0,
+                active: Default::default(),
                 sent: 0,
                 written: 0,
                 failure: None,
@@ -313,6 +323,7 @@ impl<R: Deref<Target = Repository>> Mover<R> {
             .collect();
         // 2. Claim the chunks nobody has stored or is storing.
         let mut new = Vec::new();
+        let ticket;
         {
             let index = self.repo.index().read();
             let mut st = self.state.lock();
@@ -326,7 +337,9 @@ impl<R: Deref<Target = Repository>> Mover<R> {
                     }
                 }
             }
-            st.inflight += 1;
+            ticket = st.next_ticket;
+            st.next_ticket += 1;
+            st.active.insert(ticket);
         }
         let chunks = batch
             .chunks
@@ -336,7 +349,7 @@ impl<R: Deref<Target = Repository>> Mover<R> {
             .collect();
         let appended = self.append(batch, &ids, &new, stats, share);
         let mut st = self.state.lock();
-        st.inflight -= 1;
+        st.active.remove(&ticket);
         self.changed.notify_all();
         if appended.is_err() {
             // Release the claims, so another stream stores these chunks.
@@ -416,12 +429,14 @@ impl<R: Deref<Target = Repository>> Mover<R> {
         Ok(())
     }
 
-    /// Makes every chunk stored so far durable: waits for `store` calls in
-    /// progress, seals the open pack and waits until the writer has written
-    /// it and every pack before it. Call before committing a manifest.
+    /// Makes every chunk stored so far durable: waits for the `store` calls
+    /// that began before it, seals the open pack and waits until the writer
+    /// has written it and every pack before it. Call before committing a
+    /// manifest; other streams may go on storing meanwhile.
     pub fn flush(&self) -> Result<()> {
         let mut st = self.state.lock();
-        while st.inflight > 0 {
+        let began = st.next_ticket;
+        while st.active.first().is_some_and(|&t| t < began) {
             self.changed.wait(&mut st);
         }
         Self::failed(&st)?;

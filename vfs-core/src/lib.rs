@@ -25,6 +25,7 @@ pub mod backup;
 pub mod cache;
 pub mod chunker;
 pub mod crypto;
+pub mod devices;
 pub mod error;
 pub mod format;
 pub mod fs;

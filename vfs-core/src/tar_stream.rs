@@ -284,8 +284,15 @@ pub fn ingest_tar<R: Deref<Target = Repository>>(
         }
     }
     // The writer may pad after the end-of-archive blocks (to a record of
-    // 10 KiB); read it, so that it does not meet a closed pipe.
-    let _ = std::io::copy(&mut counted, &mut std::io::sink());
+    // 10 KiB); read it, so that it does not meet a closed pipe. The
+    // stream's own end comes only now, and with it a failure its source
+    // reports there (a writer that did not exit cleanly).
+    if let Err(e) = std::io::copy(&mut counted, &mut std::io::sink()) {
+        let at = pos.get();
+        return Err(Error::InvalidInput(format!(
+            "{what}: byte {at}, after the end-of-archive block: {e}"
+        )));
+    }
     Ok(stats)
 }
 
