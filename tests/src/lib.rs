@@ -45,6 +45,7 @@ pub mod postgres;
 pub mod repo;
 pub mod rng;
 pub mod sqlite;
+pub mod tarball;
 pub mod tools;
 pub mod tree;
 
