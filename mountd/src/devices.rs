@@ -110,9 +110,9 @@ fn process_alive(pid: i32) -> bool {
 }
 
 /// Removes what a run that died left in a database's directory: its pipes
-/// and pid file, nothing else. A directory still served by a live process,
-/// or holding anything else, is refused.
-fn clear_stale(dir: &Path, database: &str) -> Result<()> {
+/// and pid file, nothing else; returns how many pipes. A directory still
+/// served by a live process, or holding anything else, is refused.
+fn clear_stale(dir: &Path, database: &str) -> Result<usize> {
     let pid_file = dir.join(PID_FILE);
     if let Ok(text) = std::fs::read_to_string(&pid_file) {
         let pid: i32 = text.trim().parse().unwrap_or(0);
@@ -142,11 +142,31 @@ fn clear_stale(dir: &Path, database: &str) -> Result<()> {
             );
         }
     }
+    let mut pipes = 0;
     for path in stale {
         tracing::info!("removing {} left by an earlier run", path.display());
         std::fs::remove_file(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        pipes += usize::from(path.file_name().is_some_and(|n| n != PID_FILE));
     }
-    std::fs::remove_dir(dir).with_context(|| format!("cannot remove {}", dir.display()))
+    std::fs::remove_dir(dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    Ok(pipes)
+}
+
+/// Clears every database directory below `dir` (one run's) that a dead
+/// process left, then `dir` itself if empty; returns the pipes removed.
+pub fn clear_stale_dir(dir: &Path) -> Result<usize> {
+    let mut pipes = 0;
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("cannot read {}", dir.display()))?;
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            pipes += clear_stale(&entry.path(), &name)?;
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(pipes)
 }
 
 impl DeviceSet {

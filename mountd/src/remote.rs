@@ -29,7 +29,7 @@ pub fn daemon(config: Option<PathBuf>, socket: Option<PathBuf>) -> Result<u8> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         // Signal handlers first: a SIGTERM right after start must still
         // unmount cleanly.
         use tokio::signal::unix::{signal, SignalKind};
@@ -46,7 +46,12 @@ pub fn daemon(config: Option<PathBuf>, socket: Option<PathBuf>) -> Result<u8> {
             }
         };
         daemon::run(listener, config, shutdown).await
-    })?;
+    });
+    // A device job whose writer holds its pipe open without writing may
+    // still be reading: it is not waited for forever (its pipes are
+    // cleared at the next start).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    served?;
     Ok(exit::OK)
 }
 

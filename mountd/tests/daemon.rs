@@ -1009,3 +1009,202 @@ fn log_json_writes_one_json_object_per_line() {
     }
     assert!(text.contains("listening on"), "{text}");
 }
+
+/// Polls a device job until it has finished.
+fn wait_devices(d: &Daemon, id: &str) -> Value {
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let j = d.call("GET", &format!("/devices/{id}"), None).json();
+        if j["state"] != "running" {
+            return j;
+        }
+        assert!(
+            Instant::now() < until,
+            "device job {id} did not finish: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn devices_through_the_api_take_concurrent_writers_and_commit_a_restore_point_per_database() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    run_ok(Command::new(flr()).arg("init").arg(&repo));
+    let devices_dir = tmp.path().join("devices");
+    let d = Daemon::start_with_repositories(
+        &format!("devices_dir = {devices_dir:?}"),
+        &[("ingest", &repo)],
+    );
+    let r = d.call(
+        "POST",
+        "/devices",
+        Some(json!({"repository": "ingest", "databases": ["a", "b"], "streams": 2})),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let job = r.json();
+    let id = job["id"].as_str().unwrap().to_string();
+    let mut writers = Vec::new();
+    let mut sources = Vec::new();
+    for db in job["databases"].as_array().unwrap() {
+        assert_eq!(db["state"], "running");
+        for dev in db["devices"].as_array().unwrap() {
+            assert_eq!(dev["state"], "waiting");
+            let path = PathBuf::from(dev["path"].as_str().unwrap());
+            assert!(path.starts_with(&devices_dir), "{}", path.display());
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            // Owned by the caller (this test, through the socket's peer).
+            assert_eq!(m.mode() & 0o7777, 0o600);
+            assert_eq!(m.uid(), std::fs::metadata("/proc/self").unwrap().uid());
+            let name = format!("{}-{}", db["name"].as_str().unwrap(), dev["stream"]);
+            let src = tmp.path().join(&name);
+            let seed = sources.len() as u64 + 40;
+            std::fs::write(&src, pseudo_random((2 << 20) + seed as usize * 1000, seed)).unwrap();
+            writers.push(
+                Command::new("dd")
+                    .arg(format!("if={}", src.display()))
+                    .arg(format!("of={}", path.display()))
+                    .args(["bs=64k", "status=none"])
+                    .spawn()
+                    .unwrap(),
+            );
+            sources.push((
+                db["name"].as_str().unwrap().to_string(),
+                dev["stream"].as_u64().unwrap(),
+                src,
+            ));
+        }
+    }
+    for mut w in writers {
+        assert!(w.wait().unwrap().success());
+    }
+    let done = wait_devices(&d, &id);
+    assert_eq!(done["state"], "done", "{done}");
+    for db in done["databases"].as_array().unwrap() {
+        let name = db["name"].as_str().unwrap();
+        let rp = db["restore_point"].as_str().unwrap();
+        assert!(rp.starts_with(&format!("{name}/")), "{rp}");
+        let out = tmp.path().join(format!("out-{name}"));
+        run_ok(
+            Command::new(flr())
+                .args(["restore", "--quiet", "--repo"])
+                .arg(&repo)
+                .arg(rp)
+                .arg("--to")
+                .arg(&out),
+        );
+        for (_, i, src) in sources.iter().filter(|s| s.0 == name) {
+            assert!(
+                std::fs::read(out.join(format!("stream-{i}"))).unwrap()
+                    == std::fs::read(src).unwrap(),
+                "{name} stream {i} differs"
+            );
+        }
+        for dev in db["devices"].as_array().unwrap() {
+            assert_eq!(dev["state"], "ended");
+            assert!(!Path::new(dev["path"].as_str().unwrap()).exists());
+        }
+    }
+    assert!(
+        d.call("GET", "/devices", None)
+            .json()
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
+    );
+
+    // Nobody writes: the timeout fails the database, and says so.
+    let r = d.call(
+        "POST",
+        "/devices",
+        Some(json!({"repository": "ingest", "databases": ["idle"], "timeout_secs": 1, "owner": "nobody"})),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let job = r.json();
+    let path = job["databases"][0]["devices"][0]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let nobody = Command::new("id").args(["-u", "nobody"]).output().unwrap();
+    let nobody: u32 = String::from_utf8(nobody.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().uid(), nobody);
+    let failed = wait_devices(&d, job["id"].as_str().unwrap());
+    assert_eq!(failed["state"], "failed", "{failed}");
+    let err = failed["databases"][0]["error"].as_str().unwrap();
+    assert!(err.contains("nobody wrote to it within 1 s"), "{err}");
+    assert_eq!(failed["databases"][0]["devices"][0]["state"], "failed");
+
+    // Cancelled while waiting: nothing committed, pipes gone.
+    let r = d.call(
+        "POST",
+        "/devices",
+        Some(json!({"repository": "ingest", "databases": ["later"], "format": "tar"})),
+    );
+    let job = r.json();
+    let id = job["id"].as_str().unwrap();
+    let path = job["databases"][0]["devices"][0]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = d.call("POST", &format!("/devices/{id}/cancel"), None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let cancelled = wait_devices(&d, id);
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    assert!(cancelled["databases"][0]["restore_point"].is_null());
+    assert!(!Path::new(&path).exists());
+    let listed = run_ok(
+        Command::new(flr())
+            .args(["restore-points", "--json", "--repo"])
+            .arg(&repo),
+    );
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+
+    // Bad requests are refused with a reason.
+    for (body, status, needle) in [
+        (
+            json!({"repository": "nope", "databases": ["a"]}),
+            404,
+            "unknown repository",
+        ),
+        (
+            json!({"repository": "ingest", "databases": ["a"], "streams": 0}),
+            400,
+            "streams",
+        ),
+        (
+            json!({"repository": "ingest", "databases": ["../x"]}),
+            400,
+            "job name",
+        ),
+        (
+            json!({"repository": "ingest", "databases": []}),
+            400,
+            "at least one",
+        ),
+        (
+            json!({"repository": "ingest", "databases": ["a", "a"]}),
+            400,
+            "twice",
+        ),
+        (
+            json!({"repository": "ingest", "databases": ["a"], "format": "zip"}),
+            400,
+            "raw or tar",
+        ),
+        (
+            json!({"repository": "ingest", "databases": ["a"], "owner": "no-such-user-x"}),
+            404,
+            "no user",
+        ),
+    ] {
+        let r = d.call("POST", "/devices", Some(body.clone()));
+        assert_error(&r, status, needle);
+    }
+    assert_error(&d.call("GET", "/devices/d-999", None), 404, "no device job");
+}

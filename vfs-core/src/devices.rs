@@ -63,8 +63,7 @@ pub type Opener =
     Box<dyn FnOnce(&dyn Fn() -> bool) -> std::io::Result<Box<dyn Read + Send>> + Send>;
 
 /// Where a device is.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeviceState {
     /// No writer yet.
     Waiting,

@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::device_jobs::{self, DeviceRequest};
 use super::jobs::{self, JobRequest};
 use super::sessions::{self, MountKey, NewSession};
 use super::{metrics, unix_now, Daemon};
@@ -134,6 +135,9 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/restore-jobs", get(list_jobs).post(create_job))
         .route("/restore-jobs/{id}", get(get_job).delete(cancel_job))
         .route("/restore-jobs/{id}/cancel", post(cancel_job))
+        .route("/devices", get(list_devices).post(create_devices))
+        .route("/devices/{id}", get(get_devices).delete(cancel_devices))
+        .route("/devices/{id}/cancel", post(cancel_devices))
         .fallback(|| async { ApiError::not_found("no such endpoint; see GET /openapi.json") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -384,4 +388,115 @@ async fn cancel_job(
     ApiPath(id): ApiPath,
 ) -> Result<(StatusCode, Json<jobs::JobInfo>), ApiError> {
     Ok((StatusCode::ACCEPTED, Json(d.jobs.cancel(&id)?)))
+}
+
+/// Who is on the other end of a Unix socket connection: devices are made
+/// for that user unless the request names an owner.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, tokio::net::UnixListener>,
+    > for Peer
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        // Unknown (it cannot fail on Linux): nobody's.
+        stream.io().peer_cred().map_or(
+            Peer {
+                uid: u32::MAX - 1,
+                gid: u32::MAX - 1,
+            },
+            |c| Peer {
+                uid: c.uid(),
+                gid: c.gid(),
+            },
+        )
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateDevices {
+    repository: String,
+    databases: Vec<String>,
+    #[serde(default = "one")]
+    streams: usize,
+    /// raw or tar.
+    #[serde(default = "raw")]
+    format: String,
+    /// User (name or uid) to own the pipes; default: the caller.
+    owner: Option<String>,
+    /// Seconds to wait for each device's writer.
+    timeout_secs: Option<u64>,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn raw() -> String {
+    "raw".into()
+}
+
+async fn create_devices(
+    State(d): AppState,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<Peer>>>,
+    ApiJson(req): ApiJson<CreateDevices>,
+) -> Result<(StatusCode, Json<device_jobs::DeviceJobInfo>), ApiError> {
+    let format =
+        vfs_core::devices::StreamFormat::parse(&req.format).map_err(ApiError::bad_request)?;
+    let owner = match (&req.owner, peer) {
+        (Some(user), _) => crate::devices::Owner::lookup(user)
+            .map_err(|e| ApiError::not_found(format!("owner: {e:#}")))?,
+        (None, Some(axum::Extension(axum::extract::ConnectInfo(p)))) => crate::devices::Owner {
+            uid: p.uid,
+            gid: p.gid,
+        },
+        // Over TCP nobody is known: the daemon's own user.
+        (None, None) => crate::devices::Owner::current(),
+    };
+    match req.timeout_secs {
+        Some(0) => return Err(ApiError::bad_request("timeout_secs must be at least 1")),
+        Some(s) if s > MAX_EXPIRY_SECS => {
+            return Err(ApiError::bad_request(format!(
+                "timeout_secs must be at most {MAX_EXPIRY_SECS}"
+            )))
+        }
+        _ => {}
+    }
+    let info = device_jobs::start(
+        &d,
+        DeviceRequest {
+            repository: req.repository,
+            databases: req.databases,
+            streams: req.streams,
+            format,
+            owner,
+            timeout: req.timeout_secs.map(Duration::from_secs),
+        },
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(info)))
+}
+
+async fn list_devices(State(d): AppState) -> Json<Vec<device_jobs::DeviceJobInfo>> {
+    Json(d.device_jobs.list())
+}
+
+async fn get_devices(
+    State(d): AppState,
+    ApiPath(id): ApiPath,
+) -> Result<Json<device_jobs::DeviceJobInfo>, ApiError> {
+    Ok(Json(d.device_jobs.get(&id)?))
+}
+
+async fn cancel_devices(
+    State(d): AppState,
+    ApiPath(id): ApiPath,
+) -> Result<(StatusCode, Json<device_jobs::DeviceJobInfo>), ApiError> {
+    Ok((StatusCode::ACCEPTED, Json(d.device_jobs.cancel(&id)?)))
 }

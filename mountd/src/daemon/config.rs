@@ -67,6 +67,9 @@ pub struct Settings {
     /// Where writable sessions keep their changes (default
     /// `/var/lib/flr/sessions` for root, or `FLR_STATE_DIR`).
     pub state_dir: Option<PathBuf>,
+    /// Where `POST /devices` makes its pipes, one directory per job
+    /// (default `/run/flr/devices` for root).
+    pub devices_dir: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -84,6 +87,7 @@ impl Default for Settings {
             tcp_token: None,
             auto_unmount: false,
             state_dir: None,
+            devices_dir: None,
         }
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod device_jobs;
 pub mod glob;
 pub mod jobs;
 pub mod metrics;
@@ -99,6 +100,7 @@ pub struct Daemon {
     pub mount_root: PathBuf,
     pub sessions: sessions::Sessions,
     pub jobs: jobs::Jobs,
+    pub device_jobs: device_jobs::DeviceJobs,
     pub started: Instant,
     pub stale_cleared: Mutex<Vec<String>>,
     pub shutting_down: AtomicBool,
@@ -132,6 +134,7 @@ impl Daemon {
             .collect();
         Ok(Daemon {
             jobs: jobs::Jobs::new(config.settings.restore_workers),
+            device_jobs: Default::default(),
             sessions: sessions::Sessions::default(),
             config,
             repos,
@@ -291,6 +294,8 @@ pub async fn run(
         ));
     }
     *daemon.stale_cleared.lock() = cleared.iter().map(|p| p.display().to_string()).collect();
+    let devices = device_jobs::devices_dir(&daemon);
+    tokio::task::spawn_blocking(move || device_jobs::clear_stale(&devices)).await?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -298,7 +303,12 @@ pub async fn run(
     };
     let mut servers = Vec::new();
     let app = api::router(daemon.clone());
-    let unix = axum::serve(listener, app.clone()).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let unix = axum::serve(
+        listener,
+        app.clone()
+            .into_make_service_with_connect_info::<api::Peer>(),
+    )
+    .with_graceful_shutdown(stopped(stop_rx.clone()));
     servers.push(tokio::spawn(async move { unix.await }));
     if let Some(addr) = daemon.config.settings.tcp_listen {
         let token = daemon.config.settings.tcp_token.clone().unwrap_or_default();
@@ -331,7 +341,15 @@ pub async fn run(
     }
     let _ = reaper.await;
     daemon.jobs.cancel_all();
+    daemon.device_jobs.cancel_all();
     daemon.jobs.wait_idle(JOB_STOP_TIMEOUT).await;
+    let until = Instant::now() + JOB_STOP_TIMEOUT;
+    while daemon.device_jobs.running() > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if daemon.device_jobs.running() > 0 {
+        log("some device jobs did not stop in time; their pipes are cleared at the next start");
+    }
     let ended = sessions::end_all(&daemon).await;
     log(format!("stopped: {ended} mount(s) unmounted"));
     Ok(())
