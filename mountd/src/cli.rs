@@ -75,6 +75,10 @@ enum Command {
     /// database, at DIR/<db>/<i>), store what comes through them, and
     /// commit one restore point per database, of the job named after it.
     Devices(crate::device_cmd::DevicesArgs),
+    /// Take a database (a PostgreSQL data directory or a SQLite file) out
+    /// of a restore point: as its files, as one archive, or as a logical
+    /// dump, checked first and staged on a writable session.
+    Export(crate::export::ExportArgs),
     /// List restore points with their sizes.
     RestorePoints {
         #[arg(long)]
@@ -222,6 +226,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             run_backup(&repo, job, input, &chunker, json, quiet)
         }
         Command::Devices(args) => crate::device_cmd::run(args),
+        Command::Export(args) => crate::export::run(args),
         Command::RestorePoints { repo, job, json } => list(&repo, job.as_deref(), json),
         Command::Restore {
             repo,

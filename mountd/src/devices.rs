@@ -101,6 +101,14 @@ fn chown(path: &Path, owner: Owner) -> Result<()> {
 }
 
 fn process_alive(pid: i32) -> bool {
+    // A zombie (killed, not yet reaped by its parent) has ended.
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    if state
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+    {
+        return false;
+    }
     use nix::errno::Errno;
     pid > 0
         && matches!(

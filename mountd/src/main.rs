@@ -11,6 +11,7 @@
 
 mod cli;
 mod device_cmd;
+mod export;
 mod logging;
 mod mount;
 mod progress;

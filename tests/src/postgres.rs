@@ -275,6 +275,26 @@ impl PgServer {
         )
     }
 
+    /// Runs `sql` in database `db` and returns its unaligned, tuples-only
+    /// output, trimmed; panics with the server log on error.
+    #[track_caller]
+    pub fn query_in(&self, db: &str, sql: &str) -> String {
+        let r = run_cmd(
+            Command::new(pg_program("psql"))
+                .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(["-U", "postgres", "-d", db]),
+            Some(sql),
+        );
+        assert!(
+            r.status.success(),
+            "query in {db} failed on {}: {r}\n--- server log ---\n{}",
+            self.data.display(),
+            self.log_tail()
+        );
+        r.stdout.trim().to_string()
+    }
+
     /// Runs `sql` and returns its unaligned, tuples-only output (columns
     /// separated by `|`), trimmed; panics with the server log on error.
     #[track_caller]

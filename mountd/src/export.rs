@@ -1,0 +1,1074 @@
+//! `flr export`: a database taken out of a restore point as its files, as
+//! one archive, or as a logical dump, in the order a DBA expects:
+//!
+//! 1. check: the restore point and the path, the engine and its programs,
+//!    free space in staging and at the target, rights, an empty target —
+//!    each failure names its check and nothing is written anywhere;
+//! 2. mount: the restore point as a writable session whose changes go to
+//!    the staging directory (the repository never changes);
+//! 3. stage: make the database consistent on the session (PostgreSQL runs
+//!    recovery and shuts down cleanly; SQLite checkpoints its WAL), or dump
+//!    it there (`pg_dump`, `sqlite3 .dump`);
+//! 4. transfer: into a hidden partial directory at the target, renamed
+//!    into place once complete, so no partial file ever has a final name;
+//! 5. clean up: server stopped, unmounted, session discarded, staging
+//!    removed — also after a failure or a signal. A run killed outright
+//!    leaves a `state.json` in its staging directory, and the next export
+//!    stops the server it started, detaches its mount and removes it.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::json;
+use vfs_core::manifest::{Manifest, NodeKind};
+use vfs_core::repo::Repository;
+use vfs_core::session::SessionOptions;
+
+use crate::exit;
+
+/// Default staging directory.
+pub const DEFAULT_STAGING: &str = "/var/tmp/flr-staging";
+
+/// Free space asked of staging beyond the estimate (the session's own
+/// floor is 256 MiB).
+const STAGING_FLOOR: u64 = 320 << 20;
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    #[arg(long)]
+    repo: PathBuf,
+    /// JOB/TIMESTAMP, or JOB for the newest.
+    restore_point: String,
+    /// The database inside the restore point: a PostgreSQL data directory
+    /// or a SQLite file.
+    #[arg(long)]
+    path: String,
+    /// files: the database's files, consistent, ready to attach; archive:
+    /// one file (a tar of the data directory, or a SQLite backup copy);
+    /// logical: schema and data (pg_dump, sqlite3 .dump).
+    #[arg(long, value_parser = ["files", "archive", "logical"])]
+    format: String,
+    /// A local directory; what is exported goes into it under the
+    /// database's name.
+    #[arg(long)]
+    to: PathBuf,
+    /// Where the session's changes and dumps are staged (default
+    /// /var/tmp/flr-staging).
+    #[arg(long)]
+    staging: Option<PathBuf>,
+    /// Export into a target directory that is not empty (an existing item
+    /// of the same name is replaced).
+    #[arg(long)]
+    overwrite: bool,
+    /// archive: compress the tar with zstd.
+    #[arg(long)]
+    compress: bool,
+    /// logical, PostgreSQL: pg_dump's format.
+    #[arg(long, default_value = "custom", value_parser = ["plain", "custom", "directory"])]
+    logical_format: String,
+    /// logical, PostgreSQL: the databases to dump (default: all but
+    /// templates); repeatable.
+    #[arg(long = "database")]
+    databases: Vec<String>,
+    /// logical, PostgreSQL, directory format: parallel dump jobs.
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    #[arg(long)]
+    json: bool,
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Engine {
+    Sqlite,
+    Postgres { major: String },
+}
+
+impl Engine {
+    fn name(&self) -> &'static str {
+        match self {
+            Engine::Sqlite => "sqlite",
+            Engine::Postgres { .. } => "postgresql",
+        }
+    }
+}
+
+/// What the checks found.
+struct Plan {
+    engine: Engine,
+    /// Bytes of the database in the restore point.
+    logical: u64,
+    /// Bytes the export writes at the target (estimated).
+    estimate: u64,
+    /// Owner of the database's files: the engine runs as this user.
+    owner: (u32, u32),
+    /// PostgreSQL programs.
+    pg_bin: Option<PathBuf>,
+}
+
+fn check_failed(check: &str, why: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("check `{check}` failed: {why}; nothing was written")
+}
+
+/// Node index of `path` in the manifest.
+fn node_at(m: &Manifest, path: &str) -> Option<usize> {
+    let mut at = 0usize;
+    for part in path.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        at = m
+            .nodes
+            .iter()
+            .enumerate()
+            .skip(1)
+            .find(|(_, n)| n.parent as usize == at && n.name == part.as_bytes())?
+            .0;
+    }
+    Some(at)
+}
+
+fn child_named(m: &Manifest, dir: usize, name: &str) -> Option<usize> {
+    m.nodes
+        .iter()
+        .enumerate()
+        .skip(1)
+        .find(|(_, n)| n.parent as usize == dir && n.name == name.as_bytes())
+        .map(|(i, _)| i)
+}
+
+/// Up to `max` bytes from the start of a file of the restore point.
+fn read_head(repo: &Repository, m: &Manifest, node: usize, max: usize) -> Result<Vec<u8>> {
+    let n = &m.nodes[node];
+    let mut out = Vec::new();
+    for (id, _, len) in n.content.chunks(n.size) {
+        match id {
+            Some(id) => out.extend_from_slice(&repo.read_chunk(&id)?),
+            None => out.resize(out.len() + len as usize, 0),
+        }
+        if out.len() >= max {
+            break;
+        }
+    }
+    out.truncate(max);
+    Ok(out)
+}
+
+/// Bytes of the files at and below `node`, and of those under `sub` (a
+/// child directory name, for PostgreSQL's `base`).
+fn sizes(m: &Manifest, node: usize, sub: Option<&str>) -> (u64, u64) {
+    let sub = sub.and_then(|s| child_named(m, node, s));
+    let (mut all, mut below) = (0u64, 0u64);
+    for (i, n) in m.nodes.iter().enumerate() {
+        if n.kind != NodeKind::File {
+            continue;
+        }
+        let mut at = i;
+        let mut inside_sub = false;
+        loop {
+            if Some(at) == sub {
+                inside_sub = true;
+            }
+            if at == node {
+                all += n.size;
+                if inside_sub {
+                    below += n.size;
+                }
+                break;
+            }
+            if at == 0 {
+                break;
+            }
+            at = m.nodes[at].parent as usize;
+        }
+    }
+    (all, below)
+}
+
+fn free_bytes(path: &Path) -> Result<u64> {
+    // The nearest existing ancestor holds what will be made.
+    let mut p = std::path::absolute(path)?;
+    while !p.exists() {
+        if !p.pop() {
+            break;
+        }
+    }
+    let st = nix::sys::statvfs::statvfs(&p).with_context(|| format!("statvfs {}", p.display()))?;
+    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
+fn nearest_existing(path: &Path) -> PathBuf {
+    let mut p = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    while !p.exists() && p.pop() {}
+    p
+}
+
+fn user_name(uid: u32) -> Result<String> {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(u)) => Ok(u.name),
+        _ => bail!("no user has uid {uid}"),
+    }
+}
+
+/// Runs a command as `uid`'s user (directly when that is us).
+fn as_user(uid: u32, program: &Path) -> Result<Command> {
+    if uid == nix::unistd::geteuid().as_raw() {
+        let mut c = Command::new(program);
+        c.current_dir("/");
+        return Ok(c);
+    }
+    let mut c = Command::new("runuser");
+    c.args(["-u", &user_name(uid)?, "--"])
+        .arg(program)
+        .current_dir("/");
+    Ok(c)
+}
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn pg_bin_dir(major: &str) -> PathBuf {
+    match std::env::var_os("FLR_PG_BIN") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")),
+    }
+}
+
+fn checks(repo: &Repository, m: &Manifest, args: &ExportArgs, staging: &Path) -> Result<Plan> {
+    // The database.
+    let node = node_at(m, &args.path).ok_or_else(|| {
+        check_failed(
+            "path",
+            format!("{} is not in restore point {}/{}", args.path, m.job, m.name),
+        )
+    })?;
+    let n = &m.nodes[node];
+    let engine = match n.kind {
+        NodeKind::File => {
+            let head = read_head(repo, m, node, 100)?;
+            if head.starts_with(b"SQLite format 3\0") {
+                Engine::Sqlite
+            } else {
+                return Err(check_failed(
+                    "engine",
+                    format!("{} is not a SQLite database (no SQLite header)", args.path),
+                ));
+            }
+        }
+        NodeKind::Dir => match child_named(m, node, "PG_VERSION") {
+            Some(v) => {
+                let text = read_head(repo, m, v, 64)?;
+                let major = String::from_utf8_lossy(&text).trim().to_string();
+                if major.is_empty() || !major.chars().all(|c| c.is_ascii_digit()) {
+                    return Err(check_failed(
+                        "engine",
+                        format!("{}/PG_VERSION holds {major:?}, not a version", args.path),
+                    ));
+                }
+                Engine::Postgres { major }
+            }
+            None => {
+                return Err(check_failed(
+                    "engine",
+                    format!(
+                        "{} is a directory without PG_VERSION: not a PostgreSQL data directory",
+                        args.path
+                    ),
+                ))
+            }
+        },
+        _ => {
+            return Err(check_failed(
+                "engine",
+                format!("{} is neither a file nor a directory", args.path),
+            ))
+        }
+    };
+    let owner = (n.uid, n.gid);
+    let (logical, relations) = sizes(m, node, Some("base"));
+
+    // The engine's programs, in a version that opens it.
+    let mut pg_bin = None;
+    match &engine {
+        Engine::Sqlite => {
+            if find_program("sqlite3").is_none() {
+                return Err(check_failed(
+                    "programs",
+                    "sqlite3 is not installed (apt-get install sqlite3)",
+                ));
+            }
+        }
+        Engine::Postgres { major } => {
+            let dir = pg_bin_dir(major);
+            let mut needed = vec!["pg_ctl", "postgres"];
+            if args.format == "logical" {
+                needed.extend(["pg_dump", "pg_dumpall", "psql"]);
+            }
+            for p in needed {
+                if !dir.join(p).is_file() {
+                    return Err(check_failed(
+                        "programs",
+                        format!(
+                            "{} is missing: PostgreSQL {major}'s server programs are needed to open this data directory (apt-get install postgresql-{major})",
+                            dir.join(p).display()
+                        ),
+                    ));
+                }
+            }
+            let out = Command::new(dir.join("pg_ctl"))
+                .arg("--version")
+                .output()
+                .with_context(|| format!("cannot run {}", dir.join("pg_ctl").display()))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let installed = text
+                .split_whitespace()
+                .last()
+                .and_then(|v| v.split('.').next())
+                .unwrap_or_default()
+                .to_string();
+            if &installed != major {
+                return Err(check_failed(
+                    "programs",
+                    format!(
+                        "the data directory is PostgreSQL {major}, {} is {installed:?}",
+                        dir.join("pg_ctl").display()
+                    ),
+                ));
+            }
+            pg_bin = Some(dir);
+        }
+    }
+
+    // Rights: the engine's user must reach the staging directory; the
+    // caller must write the target.
+    let stage_at = nearest_existing(staging);
+    if let Ok(user) = user_name(owner.0) {
+        let ok = Command::new("runuser")
+            .args(["-u", &user, "--", "test", "-x"])
+            .arg(&stage_at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Err(check_failed(
+                "staging rights",
+                format!(
+                    "user {user}, who runs the engine, cannot enter {}",
+                    stage_at.display()
+                ),
+            ));
+        }
+    }
+    let target_at = nearest_existing(&args.to);
+    if nix::unistd::access(&target_at, nix::unistd::AccessFlags::W_OK).is_err() {
+        return Err(check_failed(
+            "target rights",
+            format!("{} is not writable here", target_at.display()),
+        ));
+    }
+    if args.to.exists() {
+        if !args.to.is_dir() {
+            return Err(check_failed(
+                "target",
+                format!("{} exists and is not a directory", args.to.display()),
+            ));
+        }
+        let mut entries = std::fs::read_dir(&args.to)
+            .with_context(|| format!("cannot read {}", args.to.display()))?
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with(".flr-partial-"));
+        if entries.next().is_some() && !args.overwrite {
+            return Err(check_failed(
+                "target",
+                format!(
+                    "{} is not empty (give --overwrite to export into it anyway)",
+                    args.to.display()
+                ),
+            ));
+        }
+    }
+
+    // Space, with a margin.
+    let estimate = match (&engine, args.format.as_str()) {
+        (Engine::Postgres { .. }, "logical") => relations,
+        _ => logical,
+    };
+    let staging_need = STAGING_FLOOR
+        + logical / 10
+        + if args.format == "logical" || (engine == Engine::Sqlite && args.format == "archive") {
+            estimate
+        } else {
+            0
+        };
+    let staging_free = free_bytes(staging)?;
+    if staging_free < staging_need {
+        return Err(check_failed(
+            "staging space",
+            format!(
+                "{} has {} free, the export needs {} there",
+                stage_at.display(),
+                crate::cli::human(staging_free),
+                crate::cli::human(staging_need)
+            ),
+        ));
+    }
+    let target_need = estimate + estimate / 10 + (16 << 20);
+    let target_free = free_bytes(&args.to)?;
+    if target_free < target_need {
+        return Err(check_failed(
+            "target space",
+            format!(
+                "{} has {} free, the export needs {} there",
+                target_at.display(),
+                crate::cli::human(target_free),
+                crate::cli::human(target_need)
+            ),
+        ));
+    }
+    Ok(Plan {
+        engine,
+        logical,
+        estimate,
+        owner,
+        pg_bin,
+    })
+}
+
+/// What a run writes in its staging directory so that a later run can
+/// undo it if this one is killed.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct State {
+    pid: u32,
+    mountpoint: PathBuf,
+    /// The postmaster this run started, if one runs.
+    postmaster: Option<u32>,
+}
+
+fn write_state(dir: &Path, state: &State) -> Result<()> {
+    let tmp = dir.join("state.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(state)?)?;
+    std::fs::rename(&tmp, dir.join("state.json"))?;
+    Ok(())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // A zombie (killed, not yet reaped by its parent) has ended.
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    if state
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+    {
+        return false;
+    }
+    use nix::errno::Errno;
+    pid > 0
+        && matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None),
+            Ok(()) | Err(Errno::EPERM)
+        )
+}
+
+/// Removes what exports killed outright left in `staging` (and in the
+/// target, their partial directories): their server, mount and files.
+pub fn clear_leftovers(staging: &Path, target: Option<&Path>) {
+    if let Ok(entries) = std::fs::read_dir(staging) {
+        for e in entries.flatten() {
+            let dir = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("export-") {
+                continue;
+            }
+            let state: State = std::fs::read(dir.join("state.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            if state.pid != 0 && pid_alive(state.pid) {
+                continue;
+            }
+            if let Some(pm) = state.postmaster.filter(|&p| pid_alive(p)) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pm as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let until = Instant::now() + Duration::from_secs(10);
+                while pid_alive(pm) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            if !state.mountpoint.as_os_str().is_empty() {
+                let _ = backends::fuse::clear_stale_mount(&state.mountpoint);
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => tracing::warn!(
+                    "removed {} left by an export that did not finish (pid {})",
+                    dir.display(),
+                    state.pid
+                ),
+                Err(e) => tracing::warn!("cannot remove {}: {e}", dir.display()),
+            }
+        }
+    }
+    if let Some(target) = target {
+        if let Ok(entries) = std::fs::read_dir(target) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Some(pid) = name.strip_prefix(".flr-partial-") else {
+                    continue;
+                };
+                if pid.parse().is_ok_and(|p: u32| !pid_alive(p)) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                    tracing::warn!(
+                        "removed {} left by an export that did not finish",
+                        e.path().display()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Everything a run made, undone in reverse order when dropped.
+struct Cleanup {
+    dir: PathBuf,
+    state: State,
+    pg: Option<(PathBuf, PathBuf, u32)>,
+    mount: Option<backends::fuse::FuseMount>,
+    session: Option<Arc<vfs_core::session::CowFs>>,
+    partial: Option<PathBuf>,
+}
+
+impl Cleanup {
+    fn stop_server(&mut self) -> Result<()> {
+        if let Some((bin, data, uid)) = self.pg.take() {
+            let stopped = as_user(uid, &bin.join("pg_ctl"))?
+                .arg("-D")
+                .arg(&data)
+                .args(["-m", "fast", "-w", "-t", "120", "stop"])
+                .stdout(Stdio::null())
+                .status()?;
+            if !stopped.success() {
+                let _ = as_user(uid, &bin.join("pg_ctl"))?
+                    .arg("-D")
+                    .arg(&data)
+                    .args(["-m", "immediate", "stop"])
+                    .status();
+                bail!("the PostgreSQL server on the session did not stop cleanly");
+            }
+            self.state.postmaster = None;
+            let _ = write_state(&self.dir, &self.state);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_server() {
+            tracing::warn!("{e:#}");
+        }
+        if let Some(m) = self.mount.take() {
+            let unmounter = m.unmounter();
+            if m.unmount().is_err() {
+                let _ = unmounter.detach();
+            }
+        }
+        if let Some(s) = self.session.take() {
+            if let Err(e) = s.close(false) {
+                tracing::warn!("cannot discard the export's session: {e}");
+            }
+        }
+        if let Some(p) = self.partial.take() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!("cannot remove {}: {e}", self.dir.display());
+        }
+    }
+}
+
+/// Waits for a child, killing it when `stop` is set.
+fn wait_child(mut child: Child, what: &str, stop: &AtomicBool) -> Result<()> {
+    loop {
+        if let Some(st) = child.try_wait()? {
+            if st.success() {
+                return Ok(());
+            }
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            bail!("{what} failed ({st}): {}", err.trim());
+        }
+        if stop.load(Ordering::SeqCst) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what}: interrupted by a signal");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Copies a tree (files, directories, symlinks; modes, owners, times),
+/// fsyncing each file; returns the bytes copied.
+fn copy_tree(from: &Path, to: &Path, stop: &AtomicBool) -> Result<u64> {
+    let meta =
+        std::fs::symlink_metadata(from).with_context(|| format!("stat {}", from.display()))?;
+    let mut bytes = 0;
+    if stop.load(Ordering::SeqCst) {
+        bail!("interrupted by a signal");
+    }
+    if meta.file_type().is_symlink() {
+        std::os::unix::fs::symlink(std::fs::read_link(from)?, to)
+            .with_context(|| format!("cannot make {}", to.display()))?;
+    } else if meta.is_dir() {
+        std::fs::create_dir(to).with_context(|| format!("cannot make {}", to.display()))?;
+        let mut entries: Vec<_> = std::fs::read_dir(from)?.flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            bytes += copy_tree(&e.path(), &to.join(e.file_name()), stop)?;
+        }
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    } else if meta.is_file() {
+        let mut src =
+            std::fs::File::open(from).with_context(|| format!("cannot open {}", from.display()))?;
+        let mut dst =
+            std::fs::File::create(to).with_context(|| format!("cannot create {}", to.display()))?;
+        bytes += std::io::copy(&mut src, &mut dst)
+            .with_context(|| format!("cannot copy {}", from.display()))?;
+        dst.sync_all()?;
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    } else {
+        // Sockets and pipes (a server's leftovers) are not exported.
+        return Ok(0);
+    }
+    let _ = std::os::unix::fs::lchown(to, Some(meta.uid()), Some(meta.gid()));
+    if !meta.file_type().is_symlink() {
+        let mtime = filetime_of(&meta);
+        let _ = std::fs::File::open(to).and_then(|f| f.set_modified(mtime));
+    }
+    Ok(bytes)
+}
+
+fn filetime_of(meta: &std::fs::Metadata) -> std::time::SystemTime {
+    meta.modified().unwrap_or(std::time::UNIX_EPOCH)
+}
+
+/// A tar of `dir` as `name/...` (pg_basebackup's layout is the data
+/// directory's own), optionally zstd-compressed, written to `out`.
+fn write_archive(dir: &Path, out: &Path, compress: bool, stop: &AtomicBool) -> Result<u64> {
+    let file =
+        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let counted = CountingWriter {
+        inner: std::io::BufWriter::with_capacity(1 << 20, file),
+        n: 0,
+    };
+    fn fill<W: Write>(
+        b: &mut tar::Builder<W>,
+        root: &Path,
+        rel: &Path,
+        stop: &AtomicBool,
+    ) -> Result<()> {
+        if stop.load(Ordering::SeqCst) {
+            bail!("interrupted by a signal");
+        }
+        let path = root.join(rel);
+        let mut entries: Vec<_> = std::fs::read_dir(&path)?.flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let rel = rel.join(e.file_name());
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                b.append_dir(&rel, e.path())?;
+                fill(b, root, &rel, stop)?;
+            } else if ft.is_file() || ft.is_symlink() {
+                b.append_path_with_name(e.path(), &rel)
+                    .with_context(|| format!("cannot archive {}", e.path().display()))?;
+            }
+        }
+        Ok(())
+    }
+    let finish = |counted: CountingWriter<std::io::BufWriter<std::fs::File>>| -> Result<u64> {
+        let n = counted.n;
+        let file = counted.inner.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        Ok(n)
+    };
+    if compress {
+        let enc = zstd::Encoder::new(counted, 3)?;
+        let mut b = tar::Builder::new(enc);
+        b.follow_symlinks(false);
+        fill(&mut b, dir, Path::new(""), stop)?;
+        let enc = b.into_inner()?;
+        finish(enc.finish()?)
+    } else {
+        let mut b = tar::Builder::new(counted);
+        b.follow_symlinks(false);
+        fill(&mut b, dir, Path::new(""), stop)?;
+        finish(b.into_inner()?)
+    }
+}
+
+struct CountingWriter<W: Write> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+pub fn run(mut args: ExportArgs) -> Result<u8> {
+    let started = Instant::now();
+    // Programs run from `/`: every path handed to them is absolute.
+    args.to = std::path::absolute(&args.to)?;
+    args.staging = args
+        .staging
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()?;
+    let mut steps: Vec<(&str, u128)> = Vec::new();
+    let mut step_at = Instant::now();
+    let step = |name: &'static str, at: &mut Instant| {
+        let ms = at.elapsed().as_millis();
+        *at = Instant::now();
+        (name, ms)
+    };
+    let staging_root = args
+        .staging
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STAGING));
+    clear_leftovers(&staging_root, Some(&args.to));
+
+    // 1. Checks.
+    let repo = Arc::new(crate::cli::open_repo(&args.repo)?);
+    let rp = repo
+        .resolve(&args.restore_point)
+        .map_err(|e| check_failed("restore point", e))?;
+    let manifest = repo
+        .load_manifest(&rp)
+        .map_err(|e| check_failed("restore point", e))?;
+    let plan = checks(&repo, &manifest, &args, &staging_root)?;
+    steps.push(step("check", &mut step_at));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            flag.store(true, Ordering::SeqCst);
+        }
+    });
+
+    // 2. Mount the restore point as a session staged here.
+    std::fs::create_dir_all(&staging_root)
+        .with_context(|| format!("cannot create {}", staging_root.display()))?;
+    let dir = staging_root.join(format!(
+        "export-{}-{}",
+        std::process::id(),
+        vfs_core::backup::now_secs()
+    ));
+    std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+    let mountpoint = dir.join("mnt");
+    std::fs::create_dir(&mountpoint)?;
+    let mut cleanup = Cleanup {
+        dir: dir.clone(),
+        state: State {
+            pid: std::process::id(),
+            mountpoint: mountpoint.clone(),
+            postmaster: None,
+        },
+        pg: None,
+        mount: None,
+        session: None,
+        partial: None,
+    };
+    write_state(&dir, &cleanup.state)?;
+    let id = format!("export-{}", std::process::id());
+    let cow = mountd::writable::open_session(
+        repo.clone(),
+        &args.repo,
+        &rp,
+        &dir.join("sessions"),
+        &id,
+        false,
+        mountd::writable::OpenOptions {
+            cache_bytes: 256 << 20,
+            session: SessionOptions {
+                reserve_bytes: 64 << 20,
+                min_free_bytes: 256 << 20,
+            },
+        },
+    )?;
+    cleanup.session = Some(cow.clone());
+    let opts = backends::fuse::FuseOptions {
+        threads: 2,
+        allow_other: true,
+        auto_unmount: false,
+        fs_name: format!("flr-export:{}", args.repo.display()),
+    };
+    cleanup.mount = Some(
+        backends::fuse::mount(cow.clone(), &mountpoint, &opts)
+            .with_context(|| format!("cannot mount at {}", mountpoint.display()))?,
+    );
+    let db = mountpoint.join(args.path.trim_start_matches('/'));
+    std::fs::metadata(&db)
+        .with_context(|| format!("the mount does not answer at {}", db.display()))?;
+    steps.push(step("mount", &mut step_at));
+
+    // 3. Stage: consistent, or dumped.
+    let name = Path::new(&args.path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "database".into());
+    let out = dir.join("out");
+    std::fs::create_dir(&out)?;
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o700))?;
+    std::os::unix::fs::lchown(&out, Some(plan.owner.0), Some(plan.owner.1))?;
+    // What goes to the target: (path to copy from, name at the target).
+    let mut items: Vec<(PathBuf, String)> = Vec::new();
+    match &plan.engine {
+        Engine::Sqlite => {
+            let sqlite = find_program("sqlite3").expect("checked");
+            let run_sql = |sql: &str| -> Result<()> {
+                let child = as_user(plan.owner.0, &sqlite)?
+                    .arg(&db)
+                    .arg(sql)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()?;
+                wait_child(child, &format!("sqlite3 {sql:?}"), &stop)
+            };
+            match args.format.as_str() {
+                "files" => {
+                    run_sql("PRAGMA wal_checkpoint(TRUNCATE);")?;
+                    items.push((db.clone(), name.clone()));
+                }
+                "archive" => {
+                    let copy = out.join(&name);
+                    run_sql(&format!(
+                        ".backup '{}'",
+                        copy.display().to_string().replace('\'', "''")
+                    ))?;
+                    items.push((copy, name.clone()));
+                }
+                _ => {
+                    let dump = out.join(format!("{name}.sql"));
+                    let file = std::fs::File::create(&dump)?;
+                    std::os::unix::fs::lchown(&dump, Some(plan.owner.0), Some(plan.owner.1))?;
+                    let child = as_user(plan.owner.0, &sqlite)?
+                        .arg(&db)
+                        .arg(".dump")
+                        .stdout(file)
+                        .stderr(Stdio::piped())
+                        .spawn()?;
+                    wait_child(child, "sqlite3 .dump", &stop)?;
+                    items.push((dump, format!("{name}.sql")));
+                }
+            }
+        }
+        Engine::Postgres { .. } => {
+            let bin = plan.pg_bin.clone().expect("checked");
+            let sock = dir.join("sock");
+            std::fs::create_dir(&sock)?;
+            std::os::unix::fs::lchown(&sock, Some(plan.owner.0), Some(plan.owner.1))?;
+            let port = free_port()?;
+            // A server of its own: no TCP, no archiving, no replication;
+            // recovery of a base backup runs to its end and it comes up.
+            let options = format!(
+                "-c port={port} -c listen_addresses='' -c unix_socket_directories={} -c archive_mode=off -c max_wal_senders=0 -c wal_level=replica",
+                sock.display()
+            );
+            let log = out.join("server.log");
+            let child = as_user(plan.owner.0, &bin.join("pg_ctl"))?
+                .arg("-D")
+                .arg(&db)
+                .arg("-l")
+                .arg(&log)
+                .args(["-w", "-t", "600", "-o", &options, "start"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            cleanup.pg = Some((bin.clone(), db.clone(), plan.owner.0));
+            let started_pg = wait_child(
+                child,
+                "starting PostgreSQL on the session (recovery)",
+                &stop,
+            );
+            if let Ok(text) = std::fs::read_to_string(db.join("postmaster.pid")) {
+                cleanup.state.postmaster = text.lines().next().and_then(|l| l.trim().parse().ok());
+                write_state(&dir, &cleanup.state)?;
+            }
+            if let Err(e) = started_pg {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(8).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                return Err(e.context(format!("server log:\n{}", tail.join("\n"))));
+            }
+            if args.format == "logical" {
+                let dbs =
+                    if args.databases.is_empty() {
+                        let o = as_user(plan.owner.0, &bin.join("psql"))?
+                        .args(["-X", "-A", "-t", "-h"])
+                        .arg(&sock)
+                        .args(["-p", &port.to_string(), "-U", "postgres", "-d", "postgres", "-c"])
+                        .arg("SELECT datname FROM pg_database WHERE NOT datistemplate ORDER BY 1")
+                        .output()?;
+                        if !o.status.success() {
+                            bail!(
+                                "cannot list the cluster's databases: {}",
+                                String::from_utf8_lossy(&o.stderr).trim()
+                            );
+                        }
+                        String::from_utf8_lossy(&o.stdout)
+                            .lines()
+                            .map(|l| l.trim().to_string())
+                            .filter(|l| !l.is_empty())
+                            .collect()
+                    } else {
+                        args.databases.clone()
+                    };
+                let dumps = out.join(&name);
+                std::fs::create_dir(&dumps)?;
+                std::os::unix::fs::lchown(&dumps, Some(plan.owner.0), Some(plan.owner.1))?;
+                let globals = dumps.join("globals.sql");
+                let child = as_user(plan.owner.0, &bin.join("pg_dumpall"))?
+                    .args(["--globals-only", "-h"])
+                    .arg(&sock)
+                    .args(["-p", &port.to_string(), "-U", "postgres", "-f"])
+                    .arg(&globals)
+                    .stderr(Stdio::piped())
+                    .spawn()?;
+                wait_child(child, "pg_dumpall --globals-only", &stop)?;
+                for d in &dbs {
+                    let (flag, file) = match args.logical_format.as_str() {
+                        "plain" => ("p", format!("{d}.sql")),
+                        "directory" => ("d", d.clone()),
+                        _ => ("c", format!("{d}.dump")),
+                    };
+                    let mut cmd = as_user(plan.owner.0, &bin.join("pg_dump"))?;
+                    cmd.args(["-F", flag, "-h"])
+                        .arg(&sock)
+                        .args(["-p", &port.to_string(), "-U", "postgres", "-f"])
+                        .arg(dumps.join(&file));
+                    if flag == "d" && args.jobs > 1 {
+                        cmd.args(["-j", &args.jobs.to_string()]);
+                    }
+                    let child = cmd.arg(d).stderr(Stdio::piped()).spawn()?;
+                    wait_child(child, &format!("pg_dump of database {d}"), &stop)?;
+                }
+                cleanup.stop_server()?;
+                items.push((dumps, name.clone()));
+            } else {
+                // Shut down cleanly: the files need no recovery now.
+                cleanup.stop_server()?;
+                for leftover in ["postmaster.opts"] {
+                    let _ = std::fs::remove_file(db.join(leftover));
+                }
+                if args.format == "files" {
+                    items.push((db.clone(), name.clone()));
+                } else {
+                    let file = format!("{name}.tar{}", if args.compress { ".zst" } else { "" });
+                    items.push((db.clone(), file));
+                }
+            }
+        }
+    }
+    steps.push(step("stage", &mut step_at));
+
+    // 4. Transfer: into a partial directory, renamed into place.
+    std::fs::create_dir_all(&args.to)
+        .with_context(|| format!("cannot create {}", args.to.display()))?;
+    let partial = args.to.join(format!(".flr-partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir(&partial)
+        .with_context(|| format!("cannot create {}", partial.display()))?;
+    cleanup.partial = Some(partial.clone());
+    let mut bytes = 0u64;
+    let mut written = Vec::new();
+    for (from, to_name) in &items {
+        let dest = partial.join(to_name);
+        let is_archive = matches!(plan.engine, Engine::Postgres { .. }) && args.format == "archive";
+        bytes += if is_archive {
+            write_archive(from, &dest, args.compress, &stop)?
+        } else {
+            copy_tree(from, &dest, &stop)?
+        };
+        written.push(to_name.clone());
+    }
+    for to_name in &written {
+        let final_path = args.to.join(to_name);
+        if final_path.symlink_metadata().is_ok() {
+            // Checked: only with --overwrite.
+            if final_path.is_dir() && !final_path.is_symlink() {
+                std::fs::remove_dir_all(&final_path)?;
+            } else {
+                std::fs::remove_file(&final_path)?;
+            }
+        }
+        std::fs::rename(partial.join(to_name), &final_path)
+            .with_context(|| format!("cannot move the export to {}", final_path.display()))?;
+    }
+    let _ = std::fs::remove_dir(&partial);
+    cleanup.partial = None;
+    steps.push(step("transfer", &mut step_at));
+
+    // 5. Clean up.
+    drop(cleanup);
+    steps.push(step("cleanup", &mut step_at));
+
+    let paths: Vec<String> = written
+        .iter()
+        .map(|n| args.to.join(n).display().to_string())
+        .collect();
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "restore_point": rp.to_string(),
+                "path": args.path,
+                "engine": plan.engine.name(),
+                "format": args.format,
+                "written": paths,
+                "bytes": bytes,
+                "logical_bytes": plan.logical,
+                "estimate_bytes": plan.estimate,
+                "duration_ms": started.elapsed().as_millis() as u64,
+                "steps": steps.iter().map(|(s, ms)| json!({"step": s, "ms": *ms as u64})).collect::<Vec<_>>(),
+            })
+        );
+    } else if !args.quiet {
+        println!(
+            "exported {} of {rp} ({}, {}) to {}: {} in {:.1}s",
+            args.path,
+            plan.engine.name(),
+            args.format,
+            paths.join(", "),
+            crate::cli::human(bytes),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(exit::OK)
+}

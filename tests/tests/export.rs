@@ -1,0 +1,430 @@
+//! `flr export`: a database out of a restore point as files, as one
+//! archive, or as a logical dump. Real engines open what it writes and
+//! answer as the source did: SQLite (with rows only in its WAL) and a
+//! PostgreSQL cluster backed up stopped and one backed up running through
+//! `pg_basebackup`. Each check made to fail writes nothing, and an export
+//! killed outright is cleaned up by the next one.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use flr_e2e::command::{send_signal, tool, wait_for_exit};
+use flr_e2e::postgres::{init_cluster, items_fingerprint, load_items, make_reachable, pg_program};
+use flr_e2e::{scratch, PgServer, TestRepo};
+use serde_json::Value;
+
+fn export(
+    repo: &TestRepo,
+    rp: &str,
+    path: &str,
+    format: &str,
+    to: &Path,
+    staging: &Path,
+    extra: &[&str],
+) -> flr_e2e::Run {
+    repo.cmd("export")
+        .arg(rp)
+        .args(["--path", path, "--format", format, "--json"])
+        .arg("--to")
+        .arg(to)
+        .arg("--staging")
+        .arg(staging)
+        .args(extra)
+        .timeout(Duration::from_secs(600))
+        .run()
+}
+
+fn sqlite(db: &Path, sql: &str) -> String {
+    let out = Command::new("sqlite3").arg(db).arg(sql).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Nothing of an export is left in `staging`.
+fn assert_clean_staging(staging: &Path) {
+    let left: Vec<_> = std::fs::read_dir(staging)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in staging: {left:?}");
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(
+        !mounts.contains(staging.to_str().unwrap()),
+        "a mount is left under {}",
+        staging.display()
+    );
+}
+
+#[test]
+fn sqlite_exports_as_files_archive_and_dump_hold_the_rows_only_the_wal_had() {
+    let tmp = scratch("export-sqlite");
+    let src = tmp.path().join("src");
+    flr_e2e::mkdir(&src);
+    // A database whose newest rows are only in its WAL, copied while a
+    // connection keeps the WAL from being checkpointed.
+    let live = tmp.path().join("live.db");
+    let script = format!(
+        "import sqlite3, shutil\n\
+         c = sqlite3.connect({live:?})\n\
+         c.execute('pragma journal_mode=wal'); c.execute('pragma wal_autocheckpoint=0')\n\
+         c.execute('create table t(id integer primary key, v text)')\n\
+         c.executemany('insert into t(v) values (?)', [('row %d' % i,) for i in range(5000)])\n\
+         c.commit()\n\
+         c.execute('pragma wal_checkpoint(truncate)')\n\
+         c.executemany('insert into t(v) values (?)', [('wal %d' % i,) for i in range(777)])\n\
+         c.commit()\n\
+         shutil.copy({live:?}, {db:?}); shutil.copy({live:?} + '-wal', {db:?} + '-wal')\n",
+        live = live.to_str().unwrap(),
+        db = src.join("app.db").to_str().unwrap(),
+    );
+    let r = tool("python3", ["-c", &script]);
+    assert!(r.status.success(), "{r}");
+    assert!(src.join("app.db-wal").metadata().unwrap().len() > 0);
+    let want = sqlite(
+        &live,
+        "SELECT count(*), md5sum FROM (SELECT count(*) AS md5sum FROM t WHERE v LIKE 'wal%')",
+    );
+    let repo = TestRepo::init(&tmp.path().join("repo"));
+    let rp = repo.backup("app", &[&src]).restore_point;
+    let staging = tmp.path().join("staging");
+
+    let out = tmp.path().join("files");
+    let run = export(&repo, &rp, "src/app.db", "files", &out, &staging, &[]).success();
+    let report = run.json();
+    let steps: Vec<&str> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["check", "mount", "stage", "transfer", "cleanup"]);
+    // The WAL is in the main file now: the file alone has every row.
+    assert!(!out.join("app.db-wal").exists());
+    assert_eq!(
+        sqlite(
+            &out.join("app.db"),
+            "SELECT count(*), md5sum FROM (SELECT count(*) AS md5sum FROM t WHERE v LIKE 'wal%')"
+        ),
+        want
+    );
+    assert_eq!(sqlite(&out.join("app.db"), "PRAGMA integrity_check"), "ok");
+
+    let out = tmp.path().join("archive");
+    export(&repo, &rp, "src/app.db", "archive", &out, &staging, &[]).success();
+    assert_eq!(
+        sqlite(
+            &out.join("app.db"),
+            "SELECT count(*), md5sum FROM (SELECT count(*) AS md5sum FROM t WHERE v LIKE 'wal%')"
+        ),
+        want
+    );
+
+    let out = tmp.path().join("logical");
+    export(&repo, &rp, "src/app.db", "logical", &out, &staging, &[]).success();
+    let rebuilt = tmp.path().join("rebuilt.db");
+    let dump = std::fs::read_to_string(out.join("app.db.sql")).unwrap();
+    let r = flr_e2e::command::run_with(
+        Command::new("sqlite3").arg(&rebuilt),
+        Some(dump.as_bytes()),
+        Duration::from_secs(60),
+    );
+    assert!(r.status.success(), "{r}");
+    assert_eq!(
+        sqlite(
+            &rebuilt,
+            "SELECT count(*), md5sum FROM (SELECT count(*) AS md5sum FROM t WHERE v LIKE 'wal%')"
+        ),
+        want
+    );
+    assert_clean_staging(&staging);
+
+    // The restore point is as it was.
+    let verify = repo.verify_run(true);
+    assert!(verify.status.success(), "{verify}");
+}
+
+fn fingerprint_at(data: &Path) -> String {
+    let server = PgServer::start(data);
+    let fp = items_fingerprint(&server);
+    server.stop();
+    fp
+}
+
+#[test]
+fn postgres_exports_of_a_stopped_and_a_running_cluster_start_and_answer_as_the_source() {
+    let tmp = scratch("export-pg");
+    make_reachable(&tmp.path().join("any"));
+    let data = tmp.path().join("src").join("pgdata");
+    init_cluster(&data);
+    let server = PgServer::start(&data);
+    load_items(&server, 1, 60_000);
+    let want = items_fingerprint(&server);
+    // Running: a base backup copy, which needs recovery to open.
+    let running = tmp.path().join("running").join("pgdata");
+    server.base_backup(&running);
+    assert!(running.join("backup_label").exists());
+    server.stop();
+
+    let repo = TestRepo::init(&tmp.path().join("repo"));
+    let stopped_rp = repo.backup("stopped", &[&data]).restore_point;
+    let running_rp = repo.backup("running", &[&running]).restore_point;
+    let staging = tmp.path().join("staging");
+
+    for (rp, what) in [(&stopped_rp, "stopped"), (&running_rp, "running")] {
+        let out = tmp.path().join(format!("files-{what}"));
+        export(&repo, rp, "pgdata", "files", &out, &staging, &[]).success();
+        let exported = out.join("pgdata");
+        assert!(
+            !exported.join("backup_label").exists(),
+            "{what}: recovery did not run"
+        );
+        assert_eq!(fingerprint_at(&exported), want, "{what}");
+        assert_clean_staging(&staging);
+    }
+
+    // Archive: one tar in pg_basebackup's layout; extracted, it starts.
+    let out = tmp.path().join("archive");
+    export(
+        &repo,
+        &running_rp,
+        "pgdata",
+        "archive",
+        &out,
+        &staging,
+        &["--compress"],
+    )
+    .success();
+    let tarball = out.join("pgdata.tar.zst");
+    assert!(tarball.is_file());
+    let extracted = tmp.path().join("extracted");
+    flr_e2e::postgres::make_postgres_dir(&extracted);
+    let r = tool(
+        "tar",
+        [
+            "--zstd",
+            "-xpf",
+            tarball.to_str().unwrap(),
+            "-C",
+            extracted.to_str().unwrap(),
+        ],
+    );
+    assert!(r.status.success(), "{r}");
+    assert!(extracted.join("PG_VERSION").is_file());
+    assert_eq!(fingerprint_at(&extracted), want);
+
+    // Logical: a dump per database that restores into a fresh cluster.
+    let out = tmp.path().join("logical");
+    export(&repo, &running_rp, "pgdata", "logical", &out, &staging, &[]).success();
+    let dumps = out.join("pgdata");
+    assert!(dumps.join("globals.sql").is_file());
+    let fresh = tmp.path().join("fresh").join("pgdata");
+    init_cluster(&fresh);
+    let target = PgServer::start(&fresh);
+    target.query("CREATE DATABASE restored;");
+    let r = flr_e2e::command::run(
+        Command::new(pg_program("pg_restore"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &target.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "restored",
+            ])
+            .arg(dumps.join("postgres.dump")),
+    );
+    assert!(r.status.success(), "{r}");
+    let got = target.query_in(
+        "restored",
+        "SELECT count(*), sum(amount),
+                md5(string_agg(id || ':' || name || ':' || amount || ':' || payload, ',' ORDER BY id))
+         FROM items;",
+    );
+    assert_eq!(got, want);
+    target.stop();
+    assert_clean_staging(&staging);
+}
+
+#[test]
+fn each_failed_check_names_itself_and_writes_nothing() {
+    let tmp = scratch("export-checks");
+    make_reachable(&tmp.path().join("any"));
+    let data = tmp.path().join("src").join("pgdata");
+    init_cluster(&data);
+    let repo = TestRepo::init(&tmp.path().join("repo"));
+    let rp = repo.backup("pg", &[&data]).restore_point;
+    let staging = tmp.path().join("staging");
+    let expect = |run: flr_e2e::Run, check: &str, target: &Path| {
+        let run = run.expect_code(1);
+        assert!(
+            run.stderr.contains(&format!("check `{check}` failed")),
+            "{run}"
+        );
+        assert!(run.stderr.contains("nothing was written"), "{run}");
+        assert!(!staging.exists() || std::fs::read_dir(&staging).unwrap().next().is_none());
+        let left: Vec<_> = std::fs::read_dir(target)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        left
+    };
+
+    // Not a database.
+    let out = tmp.path().join("out");
+    let left = expect(
+        export(&repo, &rp, "pgdata/base", "files", &out, &staging, &[]),
+        "engine",
+        &out,
+    );
+    assert!(left.is_empty());
+    let left = expect(
+        export(&repo, &rp, "nowhere", "files", &out, &staging, &[]),
+        "path",
+        &out,
+    );
+    assert!(left.is_empty());
+
+    // A target that is not empty.
+    let busy = tmp.path().join("busy");
+    flr_e2e::mkdir(&busy);
+    std::fs::write(busy.join("keep.txt"), b"mine").unwrap();
+    let left = expect(
+        export(&repo, &rp, "pgdata", "files", &busy, &staging, &[]),
+        "target",
+        &busy,
+    );
+    assert_eq!(left, ["keep.txt"]);
+
+    // pg_dump missing from the programs' directory.
+    let bin = tmp.path().join("pgbin");
+    flr_e2e::mkdir(&bin);
+    for p in ["pg_ctl", "postgres", "psql", "pg_dumpall"] {
+        std::os::unix::fs::symlink(pg_program(p), bin.join(p)).unwrap();
+    }
+    let run = repo
+        .cmd("export")
+        .arg(&rp)
+        .args(["--path", "pgdata", "--format", "logical", "--to"])
+        .arg(&out)
+        .arg("--staging")
+        .arg(&staging)
+        .env("FLR_PG_BIN", &bin)
+        .run();
+    let left = expect(run, "programs", &out);
+    assert!(left.is_empty());
+
+    // Staging on a small tmpfs, and a read-only target.
+    let small = tmp.path().join("small");
+    let ro = tmp.path().join("ro");
+    for (dir, opts) in [(&small, "size=8m"), (&ro, "ro,size=8m")] {
+        flr_e2e::mkdir(dir);
+        let r = tool(
+            "mount",
+            ["-t", "tmpfs", "-o", opts, "tmpfs", dir.to_str().unwrap()],
+        );
+        assert!(r.status.success(), "{r}");
+    }
+    struct Unmount(Vec<PathBuf>);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            for p in &self.0 {
+                let _ = Command::new("umount").arg(p).status();
+            }
+        }
+    }
+    let _unmount = Unmount(vec![small.clone(), ro.clone()]);
+    let run = export(
+        &repo,
+        &rp,
+        "pgdata",
+        "files",
+        &out,
+        &small.join("stage"),
+        &[],
+    )
+    .expect_code(1);
+    assert!(run.stderr.contains("check `staging space` failed"), "{run}");
+    assert!(!small.join("stage").exists());
+    let run = export(&repo, &rp, "pgdata", "files", &ro.join("t"), &staging, &[]).expect_code(1);
+    assert!(run.stderr.contains("check `target rights` failed"), "{run}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn an_export_killed_during_staging_is_cleaned_up_by_the_next() {
+    let tmp = scratch("export-kill");
+    make_reachable(&tmp.path().join("any"));
+    let data = tmp.path().join("src").join("pgdata");
+    init_cluster(&data);
+    let server = PgServer::start(&data);
+    load_items(&server, 1, 200_000);
+    server.stop();
+    let repo = TestRepo::init(&tmp.path().join("repo"));
+    let rp = repo.backup("pg", &[&data]).restore_point;
+    let staging = tmp.path().join("staging");
+    let out = tmp.path().join("out");
+    let child = repo
+        .cmd("export")
+        .arg(&rp)
+        .args([
+            "--path",
+            "pgdata",
+            "--format",
+            "logical",
+            "--logical-format",
+            "plain",
+            "--to",
+        ])
+        .arg(&out)
+        .arg("--staging")
+        .arg(&staging)
+        .spawn_quiet();
+    // Killed once its server runs.
+    let until = Instant::now() + Duration::from_secs(120);
+    let postmaster = loop {
+        let state = std::fs::read_dir(&staging)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| std::fs::read(e.unwrap().path().join("state.json")).ok())
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+        if let Some(pm) = state.as_ref().and_then(|s| s["postmaster"].as_u64()) {
+            break pm as u32;
+        }
+        assert!(Instant::now() < until, "the export's server never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    send_signal(child.id(), "KILL");
+    assert!(wait_for_exit(child.id(), Duration::from_secs(10)));
+    assert!(std::fs::read_dir(&staging).unwrap().next().is_some());
+
+    // The next export removes it all: server, mount, staged files.
+    let sqlite_src = tmp.path().join("lite");
+    flr_e2e::mkdir(&sqlite_src);
+    sqlite(
+        &sqlite_src.join("a.db"),
+        "CREATE TABLE x(a); INSERT INTO x VALUES (1);",
+    );
+    let lite_rp = repo.backup("lite", &[&sqlite_src]).restore_point;
+    let run = export(
+        &repo,
+        &lite_rp,
+        "lite/a.db",
+        "files",
+        &tmp.path().join("lite-out"),
+        &staging,
+        &[],
+    )
+    .success();
+    assert!(run.stderr.contains("did not finish"), "{run}");
+    assert!(
+        wait_for_exit(postmaster, Duration::from_secs(10)),
+        "the killed export's server still runs"
+    );
+    assert_clean_staging(&staging);
+    assert!(!out.exists() || std::fs::read_dir(&out).unwrap().next().is_none());
+}
