@@ -396,14 +396,14 @@ run_dump_local_setup() { rm -rf "$DUMPS/dump-j$1"; }
 run_dump_local() { pg_dump_to "$1" "$DUMPS/dump-j$1" && sync "$DUMPS/dump-j$1"/*; }
 # the peak RSS (KiB) of the `flr mount` process serving MP, or nothing
 mount_vmhwm() {
-    local p
+    local p args
     for p in /proc/[0-9]*; do
-        if tr '\0' '\n' < "$p/cmdline" 2>/dev/null | grep -qxF -- "$1" &&
-            tr '\0' '\n' < "$p/cmdline" 2>/dev/null | grep -qx -- --ingest; then
+        args=$(tr '\0' '\n' 2>/dev/null < "$p/cmdline") || continue
+        if grep -qxF -- "$1" <<<"$args" && grep -qx -- --ingest <<<"$args"; then
             awk '/^VmHWM/ { print $2 }' "$p/status" 2>/dev/null
             return 0
         fi
-    done
+    done 2>/dev/null
 }
 run_dump_ingest_setup() {
     local mp=$WORK/mnt/dump-j$1
@@ -436,7 +436,6 @@ for j in 1 2 4; do
     say "6. pg_dump -Fd -j $j into flr mount --ingest"
     if timed "dump_ingest$j" run_dump_ingest "$j"; then
         R[dump_ingest$j:stored]=$(du_b "$OUTD/ingest-repo-j$j")
-        R[dump_ingest$j:rp]=$(jget "$LOGS/ingest-j$j.json" 'd.get("restore_point", "?")' 2>/dev/null || echo "?")
     fi
     mountpoint -q "$WORK/mnt/dump-j$j" 2>/dev/null && { fusermount3 -u "$WORK/mnt/dump-j$j" || true; }
 done
@@ -480,17 +479,24 @@ run_multi_flr() {
         sleep 0.05
     done
     grep -q '"devices"' "$out" || { FAIL_WHY="flr devices listed no pipes within 60 s"; kill "$dpid"; return 1; }
+    local paths=()
     while read -r db path; do
         dump_fc "$db" "$path" >> "$LOGS/devices-k$k.log" 2>&1 &
         pids+=($!)
+        paths+=("$path")
     done < <(grep -m1 '"devices"' "$out" | python3 -c '
 import json, sys
 for d in json.loads(sys.stdin.readline())["devices"]:
     if d["stream"] == 0:
         print(d["db"], d["path"])')
     [[ ${#pids[@]} == "$k" ]] || { FAIL_WHY="flr devices listed ${#pids[@]} pipes, not $k"; rc=1; }
-    for p in "${pids[@]}"; do wait "$p" || { FAIL_WHY="pg_dump into a device failed"; rc=1; }; done
-    wait "$dpid" || { FAIL_WHY=${FAIL_WHY:-"flr devices failed: $(grep -o '"error":"[^"]*"' "$out" | head -1)"}; rc=1; }
+    if ! wait "$dpid"; then
+        FAIL_WHY="flr devices failed: $(sed -n 's/.*"error":"\([^"]*\)".*/\1/p' "$out" | head -1)"
+        rc=1
+        # a writer still waiting for its reader would wait for ever: read for it
+        for path in "${paths[@]}"; do timeout 10 cat "$path" > /dev/null 2>&1 & done
+    fi
+    for p in "${pids[@]}"; do wait "$p" || { FAIL_WHY=${FAIL_WHY:-"pg_dump into a device failed"}; rc=1; }; done
     return $rc
 }
 if [[ -n $HAVE_DEVICES ]]; then
@@ -575,6 +581,7 @@ for key in "${!R[@]}"; do
     [[ $key == *:* ]] && continue
     [[ ${R[$key]} == n/a* ]] && FAILED+=("$key")
 done
+[[ ${#FAILED[@]} == 0 ]] || mapfile -t FAILED < <(printf '%s\n' "${FAILED[@]}" | sort)
 loads=$(tr ' ' '\n' <<<"${LOADS[*]}" | sort -n | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%s-%s", lo, hi }')
 cpu=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
 pgbr_label="pgBackRest $(pgbackrest version | awk '{ print $2 }')"
