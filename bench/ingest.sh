@@ -51,6 +51,18 @@ DB=bench
 STANZA=ingest
 STARTED=$(date +%s)
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+# cpu_busy: percent of all cores busy over the next 2 s (others' work when
+# this script is idle)
+cpu_busy() {
+    local a b
+    a=$(head -1 /proc/stat); sleep 2; b=$(head -1 /proc/stat)
+    awk -v a="$a" -v b="$b" 'BEGIN {
+        n = split(a, x); split(b, y); t = 0
+        for (i = 2; i <= n; i++) t += y[i] - x[i]
+        idle = (y[5] - x[5]) + (y[6] - x[6])
+        printf "%.0f", t > 0 ? 100 * (t - idle) / t : 0 }'
+}
+BUSY_START=$(cpu_busy)
 
 if [[ -n "${BENCH_OUT:-}" ]]; then
     OUT=$BENCH_OUT
@@ -252,6 +264,8 @@ say "1. pg_basebackup -Ft -X fetch to a local file"
 timed pgbb run_pgbb || die "pg_basebackup failed, see $LOGS/pgbb.err: nothing to compare with"
 DATA_BYTES=$(stat -c %s "$OUTD/base.tar")
 R[pgbb:stored]=$DATA_BYTES
+# WAL segments in the stream (-X fetch): new in every backup, not data pages
+WAL_SEGMENTS=$(tar -tf "$OUTD/base.tar" | grep -c '^pg_wal/[0-9A-F]\{24\}$' || true)
 rm -f "$OUTD/base.tar"
 
 # ---------------------------------------------------------------- 2. flr
@@ -600,11 +614,11 @@ restic_label="restic $(restic version | awk '{ print $2 }')"
     echo "- CPU: $cpu, $(nproc) cores; RAM $(awk '/MemTotal/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo) GiB; kernel $(uname -r); work dir filesystem: $(df -T "$WORK" | awk 'NR == 2 { print $2 }')"
     echo "- $("$PGBIN/postgres" --version); $pgbr_label; $restic_label; flr $("$FLR" --version | awk '{ print $NF }') ($FLR_REV)"
     echo "- flr has \`mount --ingest\`: $([[ -n $HAVE_INGEST ]] && echo yes || echo no); \`devices\`: $([[ -n $HAVE_DEVICES ]] && echo yes || echo no)"
-    echo "- Load average (1/5/15 min) at start: $LOAD_START, at end: $(cut -d' ' -f1-3 /proc/loadavg); 1-minute load at the start of the timed runs: $loads (other work on the machine skews the numbers)"
+    echo "- Load average (1/5/15 min) at start: $LOAD_START, at end: $(cut -d' ' -f1-3 /proc/loadavg); 1-minute load at the start of the timed runs: $loads ; CPU busy with other work just before the run: ${BUSY_START}% of all cores, just after: $(cpu_busy)% (other work on the machine skews the numbers)"
     echo
     echo "## Dataset"
     echo
-    echo "- \`pgbench -i -s $SCALE\` in database \`$DB\`: $(mib "$DB_BYTES") MiB (pg_database_size), base/ $(mib "$BASE_BYTES") MiB; the \`pg_basebackup -Ft -X fetch\` stream is $(mib "$DATA_BYTES") MiB ($DATA_BYTES bytes)."
+    echo "- \`pgbench -i -s $SCALE\` in database \`$DB\`: $(mib "$DB_BYTES") MiB (pg_database_size), base/ $(mib "$BASE_BYTES") MiB; the \`pg_basebackup -Ft -X fetch\` stream is $(mib "$DATA_BYTES") MiB ($DATA_BYTES bytes), of which $WAL_SEGMENTS WAL segment(s) of 16 MiB (the WAL of the backup itself: new in every backup, so part of every incremental of a stream, but not counted as changed pages)."
     echo "- 1% update: \`UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 100 = 0\` ($ROWS rows), then CHECKPOINT. Changed pages, measured by comparing every 8 KiB page of the relation files in base/ and global/ before and after: **$CHANGED_PAGES of $ALL_PAGES pages, $(mib "$CHANGED_BYTES") MiB** (those pages concatenated, \`zstd -3\`: $(mib "$CHANGED_ZSTD") MiB). Estimate from the rows: $PAGES_OLD heap pages held the old versions, $PAGES_NEW hold the new ones, and every one of the $INDEX_PAGES pages of pgbench_accounts_pkey may hold an updated key (one key in 100, a few hundred per leaf): about $(mib "$ESTIMATE_BYTES") MiB. With fillfactor 100 no update stays on its page, so a 1% update touches most pages of the table."
     echo
     echo "## Results"
@@ -644,7 +658,7 @@ restic_label="restic $(restic version | awk '{ print $2 }')"
     echo "## Method"
     echo
     echo "Every timed run starts after \`sync; echo 3 > /proc/sys/vm/drop_caches\` (PostgreSQL keeps its 128 MB of shared buffers); with BENCH_REPEAT > 1 the median wall time is shown (the incrementals run once). MiB/s is MiB of the data over wall time: the pg_basebackup stream size for the full backups (also for pgBackRest, which reads the files itself), the database size (pg_database_size) for pg_dump -Fd, and the bytes pg_dump wrote for the databases at once (aggregate: all bytes over the wall time of the whole run). The local-disk references fsync what they wrote (\`sync FILE...\`) inside the timed region, as the backup tools do. Stored MiB is \`du -sb\` of the repository (of the file or dump directory for the references); incremental MiB is how much the repository grew on disk with the second backup. Peak RSS is \`/usr/bin/time -f %M\` of the backup process (for pgBackRest and pg_dump -j, the largest of its processes; for the ingest mount, VmHWM of the mount process before the commit)."
-    echo "Cluster: PostgreSQL defaults plus wal_level=replica, max_wal_senders=8, archive_mode=on, autovacuum=off (nothing but the update changes pages between backups). pg_basebackup runs with \`-c fast\` (the checkpoint at its start does not wait); pgBackRest with start-fast=y, its archive_command set for its own backups only (so the WAL of the update is archived nowhere, and each backup carries the WAL it needs, like \`-X fetch\`), repo on the same disk, run as postgres. flr: \`flr init\` (unencrypted, defaults), \`backup --repo R --job pg --stdin-tar --json\`; the incremental is a second such backup into the same repository (its added_bytes from \`--json\` in parentheses). restic: \`init\`, \`backup --stdin --stdin-filename base.tar\`, repository v2 with its default compression, cache in the work dir (not counted). The incremental runs come after the update in this order: flr, pgBackRest (\`--type=incr\`, process-max 2, into the process-max 2 repository), restic; each reads the cluster with a cold page cache. pg_dump runs as postgres over TCP; each ingest mount run gets a new repository. Databases at once: K = 1, 2, 4 databases each made by \`pgbench -i -s $SCALE/K\` (the same total for every K, so the aggregate rates compare the same work), in a cluster of their own, each dumped by its own \`pg_dump -Fc\` at the same time."
+    echo "Cluster: PostgreSQL defaults plus wal_level=replica, max_wal_senders=8, archive_mode=on, autovacuum=off (nothing but the update changes pages between backups). pg_basebackup runs with \`-c fast\` (the checkpoint at its start does not wait); pgBackRest with start-fast=y, its archive_command set for its own backups only (so the WAL of the update is archived nowhere, and each backup carries the WAL it needs, like \`-X fetch\`), repo on the same disk, run as postgres. flr: \`flr init\` (unencrypted, defaults), \`backup --repo R --job pg --stdin-tar --json\`; the incremental is a second such backup into the same repository (its added_bytes from \`--json\` in parentheses). restic: \`init\`, \`backup --stdin --stdin-filename base.tar\`, repository v2 with its default compression, cache in the work dir (not counted). The incremental runs come after the update in this order: flr, pgBackRest (\`--type=incr\`, process-max 2, into the process-max 2 repository), restic; each reads the cluster with a cold page cache. pg_dump runs as postgres over TCP; each ingest mount run gets a new repository; \`-j\` spreads whole tables over the workers, and pgbench_accounts is nearly all of the data, so more jobs help pg_dump little here. Databases at once: K = 1, 2, 4 databases each made by \`pgbench -i -s $SCALE/K\` (the same total for every K, so the aggregate rates compare the same work), in a cluster of their own, each dumped by its own \`pg_dump -Fc\` at the same time."
     echo "Incremental wall times: flr $(secs_of flr_incr), pgBackRest incr $(secs_of pgbr_incr), restic $(secs_of restic_incr)."
 } > "$OUT"
 cat "$OUT"
