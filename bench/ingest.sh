@@ -60,7 +60,7 @@ cpu_busy() {
         n = split(a, x); split(b, y); t = 0
         for (i = 2; i <= n; i++) t += y[i] - x[i]
         idle = (y[5] - x[5]) + (y[6] - x[6])
-        printf "%.0f", t > 0 ? 100 * (t - idle) / t : 0 }'
+        printf "%.0f", (t > 0) ? 100 * (t - idle) / t : 0 }'
 }
 BUSY_START=$(cpu_busy)
 
@@ -614,7 +614,7 @@ restic_label="restic $(restic version | awk '{ print $2 }')"
     echo "- CPU: $cpu, $(nproc) cores; RAM $(awk '/MemTotal/ { printf "%.1f", $2 / 1048576 }' /proc/meminfo) GiB; kernel $(uname -r); work dir filesystem: $(df -T "$WORK" | awk 'NR == 2 { print $2 }')"
     echo "- $("$PGBIN/postgres" --version); $pgbr_label; $restic_label; flr $("$FLR" --version | awk '{ print $NF }') ($FLR_REV)"
     echo "- flr has \`mount --ingest\`: $([[ -n $HAVE_INGEST ]] && echo yes || echo no); \`devices\`: $([[ -n $HAVE_DEVICES ]] && echo yes || echo no)"
-    echo "- Load average (1/5/15 min) at start: $LOAD_START, at end: $(cut -d' ' -f1-3 /proc/loadavg); 1-minute load at the start of the timed runs: $loads ; CPU busy with other work just before the run: ${BUSY_START}% of all cores, just after: $(cpu_busy)% (other work on the machine skews the numbers)"
+    echo "- Load average (1/5/15 min) at start: $LOAD_START, at end: $(cut -d' ' -f1-3 /proc/loadavg); 1-minute load at the start of the timed runs: $loads; CPU busy with other work just before the run: ${BUSY_START}% of all cores, just after: $(cpu_busy)% (other work on the machine skews the numbers)"
     echo
     echo "## Dataset"
     echo
