@@ -248,8 +248,11 @@ timed() {
         [[ -n $r ]] && rsss+=("$r")
     done
     R[$name:ns]=$(median <<<"${walls[*]}")
+    R[$name:ns_min]=$(tr ' ' '\n' <<<"${walls[*]}" | sort -n | head -1)
+    R[$name:ns_max]=$(max_of <<<"${walls[*]}")
+    R[$name:runs]=${#walls[@]}
     R[$name:rss]=$(max_of <<<"${rsss[*]:-}")
-    say "$name: $(awk -v ns="${R[$name:ns]}" 'BEGIN { printf "%.2f", ns / 1e9 }') s"
+    say "$name: $(awk -v ns="${R[$name:ns]}" 'BEGIN { printf "%.2f", ns / 1e9 }') s (runs: $(tr ' ' '\n' <<<"${walls[*]}" | awk '{ printf "%s%.2f", (NR > 1) ? " " : "", $1 / 1e9 }') s)"
 }
 FAIL_WHY=""
 
@@ -559,7 +562,10 @@ fi
 # cell KEY BYTES: MiB/s of BYTES over KEY's median wall time, or KEY's note
 cell_rate() {
     if [[ -n ${R[$1]:-} ]]; then printf '%s' "${R[$1]}"
-    elif [[ -n ${R[$1:ns]:-} && -n ${2:-} ]]; then rate "$2" "${R[$1:ns]}"
+    elif [[ -n ${R[$1:ns]:-} && -n ${2:-} ]]; then
+        rate "$2" "${R[$1:ns]}"
+        # the spread of several runs: slowest to fastest
+        [[ ${R[$1:runs]} -gt 1 ]] && printf ' (%s–%s)' "$(rate "$2" "${R[$1:ns_max]}")" "$(rate "$2" "${R[$1:ns_min]}")"
     else printf 'n/a (not run)'; fi
 }
 cell_mib() { if [[ -n ${1:-} ]]; then mib "$1"; else printf '—'; fi; }
@@ -574,10 +580,12 @@ verdict() {
 row() { printf '| %s | %s | %s | %s | %s | %s |\n' "$@"; }
 secs_of() { [[ -n ${R[$1:ns]:-} ]] && awk -v ns="${R[$1:ns]}" 'BEGIN { printf "%.1f s", ns / 1e9 }' || printf 'n/a'; }
 
-rate_flr=$(cell_rate flr "$DATA_BYTES"); rate_pgbb=$(cell_rate pgbb "$DATA_BYTES")
-rate_pgbr2=$(cell_rate pgbr2 "$DATA_BYTES")
-rate_ing4=$(cell_rate dump_ingest4 "$DB_BYTES"); rate_loc4=$(cell_rate dump_local4 "$DB_BYTES")
-rate_k1=$(cell_rate multi_flr1 "${R[multi_flr1:bytes]:-}"); rate_k4=$(cell_rate multi_flr4 "${R[multi_flr4:bytes]:-}")
+# the plain rate of a run that worked, for the ratios
+raw_rate() { if [[ -z ${R[$1]:-} && -n ${R[$1:ns]:-} && -n ${2:-} ]]; then rate "$2" "${R[$1:ns]}"; fi; }
+rate_flr=$(raw_rate flr "$DATA_BYTES"); rate_pgbb=$(raw_rate pgbb "$DATA_BYTES")
+rate_pgbr2=$(raw_rate pgbr2 "$DATA_BYTES")
+rate_ing4=$(raw_rate dump_ingest4 "$DB_BYTES"); rate_loc4=$(raw_rate dump_local4 "$DB_BYTES")
+rate_k1=$(raw_rate multi_flr1 "${R[multi_flr1:bytes]:-}"); rate_k4=$(raw_rate multi_flr4 "${R[multi_flr4:bytes]:-}")
 r1=$(ratio "$rate_flr" "$rate_pgbb")
 r2=$(ratio "$rate_flr" "$rate_pgbr2")
 r3=$(ratio "${R[flr_incr:incr]:-}" "$CHANGED_BYTES")
@@ -625,14 +633,14 @@ restic_label="restic $(restic version | awk '{ print $2 }')"
     echo
     echo "| tool | what | MiB/s | stored MiB | incremental MiB | peak RSS MiB |"
     echo "|---|---|---:|---:|---:|---:|"
-    row "pg_basebackup" "\`-D - -Ft -X fetch -c fast\` to a local file (the limit)" "$rate_pgbb" "$(cell_mib "${R[pgbb:stored]:-}")" "—" "$(cell_rss pgbb)"
+    row "pg_basebackup" "\`-D - -Ft -X fetch -c fast\` to a local file (the limit)" "$(cell_rate pgbb "$DATA_BYTES")" "$(cell_mib "${R[pgbb:stored]:-}")" "—" "$(cell_rss pgbb)"
     flr_incr="$(cell_mib "${R[flr_incr:incr]:-}")"
     [[ -n ${R[flr_incr:added]:-} ]] && flr_incr="$flr_incr (added_bytes $(mib "${R[flr_incr:added]}"))"
     [[ -n ${R[flr_incr]:-} ]] && flr_incr=${R[flr_incr]}
-    row "flr" "the same stream into \`backup --stdin-tar\`" "$rate_flr" "$(cell_mib "${R[flr:stored]:-}")" "$flr_incr" "$(cell_rss flr)"
+    row "flr" "the same stream into \`backup --stdin-tar\`" "$(cell_rate flr "$DATA_BYTES")" "$(cell_mib "${R[flr:stored]:-}")" "$flr_incr" "$(cell_rss flr)"
     row "$pgbr_label" "full backup, process-max 1, $PGBR_COMPRESS" "$(cell_rate pgbr1 "$DATA_BYTES")" "$(cell_mib "${R[pgbr1:stored]:-}")" "—" "$(cell_rss pgbr1)"
     pgbr_incr=$(cell_mib "${R[pgbr_incr:incr]:-}"); [[ -n ${R[pgbr_incr]:-} ]] && pgbr_incr=${R[pgbr_incr]}
-    row "$pgbr_label" "full backup, process-max 2, $PGBR_COMPRESS; then \`--type=incr\`" "$rate_pgbr2" "$(cell_mib "${R[pgbr2:stored]:-}")" "$pgbr_incr" "$(cell_rss pgbr2)"
+    row "$pgbr_label" "full backup, process-max 2, $PGBR_COMPRESS; then \`--type=incr\`" "$(cell_rate pgbr2 "$DATA_BYTES")" "$(cell_mib "${R[pgbr2:stored]:-}")" "$pgbr_incr" "$(cell_rss pgbr2)"
     restic_incr=$(cell_mib "${R[restic_incr:incr]:-}"); [[ -n ${R[restic_incr]:-} ]] && restic_incr=${R[restic_incr]}
     row "$restic_label" "the same stream into \`backup --stdin\` (always encrypted)" "$(cell_rate restic "$DATA_BYTES")" "$(cell_mib "${R[restic:stored]:-}")" "$restic_incr" "$(cell_rss restic)"
     row "changed pages" "the 1% update, 8 KiB pages (zstd -3 of them: $(mib "$CHANGED_ZSTD") MiB)" "—" "—" "$(mib "$CHANGED_BYTES")" "—"
@@ -657,7 +665,7 @@ restic_label="restic $(restic version | awk '{ print $2 }')"
     echo
     echo "## Method"
     echo
-    echo "Every timed run starts after \`sync; echo 3 > /proc/sys/vm/drop_caches\` (PostgreSQL keeps its 128 MB of shared buffers); with BENCH_REPEAT > 1 the median wall time is shown (the incrementals run once). MiB/s is MiB of the data over wall time: the pg_basebackup stream size for the full backups (also for pgBackRest, which reads the files itself), the database size (pg_database_size) for pg_dump -Fd, and the bytes pg_dump wrote for the databases at once (aggregate: all bytes over the wall time of the whole run). The local-disk references fsync what they wrote (\`sync FILE...\`) inside the timed region, as the backup tools do. Stored MiB is \`du -sb\` of the repository (of the file or dump directory for the references); incremental MiB is how much the repository grew on disk with the second backup. Peak RSS is \`/usr/bin/time -f %M\` of the backup process (for pgBackRest and pg_dump -j, the largest of its processes; for the ingest mount, VmHWM of the mount process before the commit)."
+    echo "Every timed run starts after \`sync; echo 3 > /proc/sys/vm/drop_caches\` (PostgreSQL keeps its 128 MB of shared buffers); with BENCH_REPEAT > 1 the rate of the median wall time is shown, with the slowest and fastest run in parentheses (the incrementals run once). MiB/s is MiB of the data over wall time: the pg_basebackup stream size for the full backups (also for pgBackRest, which reads the files itself), the database size (pg_database_size) for pg_dump -Fd, and the bytes pg_dump wrote for the databases at once (aggregate: all bytes over the wall time of the whole run). The local-disk references fsync what they wrote (\`sync FILE...\`) inside the timed region, as the backup tools do. Stored MiB is \`du -sb\` of the repository (of the file or dump directory for the references); incremental MiB is how much the repository grew on disk with the second backup. Peak RSS is \`/usr/bin/time -f %M\` of the backup process (for pgBackRest and pg_dump -j, the largest of its processes; for the ingest mount, VmHWM of the mount process before the commit)."
     echo "Cluster: PostgreSQL defaults plus wal_level=replica, max_wal_senders=8, archive_mode=on, autovacuum=off (nothing but the update changes pages between backups). pg_basebackup runs with \`-c fast\` (the checkpoint at its start does not wait); pgBackRest with start-fast=y, its archive_command set for its own backups only (so the WAL of the update is archived nowhere, and each backup carries the WAL it needs, like \`-X fetch\`), repo on the same disk, run as postgres. flr: \`flr init\` (unencrypted, defaults), \`backup --repo R --job pg --stdin-tar --json\`; the incremental is a second such backup into the same repository (its added_bytes from \`--json\` in parentheses). restic: \`init\`, \`backup --stdin --stdin-filename base.tar\`, repository v2 with its default compression, cache in the work dir (not counted). The incremental runs come after the update in this order: flr, pgBackRest (\`--type=incr\`, process-max 2, into the process-max 2 repository), restic; each reads the cluster with a cold page cache. pg_dump runs as postgres over TCP; each ingest mount run gets a new repository; \`-j\` spreads whole tables over the workers, and pgbench_accounts is nearly all of the data, so more jobs help pg_dump little here. Databases at once: K = 1, 2, 4 databases each made by \`pgbench -i -s $SCALE/K\` (the same total for every K, so the aggregate rates compare the same work), in a cluster of their own, each dumped by its own \`pg_dump -Fc\` at the same time."
     echo "Incremental wall times: flr $(secs_of flr_incr), pgBackRest incr $(secs_of pgbr_incr), restic $(secs_of restic_incr)."
 } > "$OUT"
