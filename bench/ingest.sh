@@ -161,9 +161,11 @@ max_of() { tr ' ' '\n' | sed '/^$/d' | sort -n | tail -1; }
 # MiB/s of BYTES in NS nanoseconds
 rate() { awk -v b="$1" -v ns="$2" 'BEGIN { if (ns > 0) printf "%.1f", b / 1048576 / (ns / 1e9); else print "—" }'; }
 jget() { python3 -c "import json, sys; d = json.loads(sys.stdin.readline()); print($2)" < "$1"; }
-# peak RSS in KiB written by /usr/bin/time -f %M -o FILE (its last line)
-rss_kib() { tail -n1 "$1" 2>/dev/null | grep -E '^[0-9]+$' || echo ""; }
-TIME=(/usr/bin/time -f %M -o "$RUN_DIR/rss")
+# /usr/bin/time writes "peak-RSS-KiB user-s sys-s" as its last line (the
+# CPU of the process and of the children it waited for)
+rss_kib() { tail -n1 "$1" 2>/dev/null | awk '$1 ~ /^[0-9]+$/ { print $1 }'; }
+cpu_s() { tail -n1 "$1" 2>/dev/null | awk 'NF == 3 { printf "%.1f", $2 + $3 }'; }
+TIME=(/usr/bin/time -f '%M %U %S' -o "$RUN_DIR/rss")
 
 pg_start() {
     SERVERS+=("$1")
@@ -226,7 +228,7 @@ LOADS=()       # 1-minute load average at the start of each timed run
 # (max KiB, from $RUN_DIR/rss when FN wrote it) or R[NAME] = "n/a (...)"
 # when a run failed (its log says why).
 timed() {
-    local name=$1 fn=$2 i t0 t1 walls=() rsss=() r
+    local name=$1 fn=$2 i t0 t1 walls=() rsss=() cpus=() r c
     shift 2
     for i in $(seq 1 "$REPEAT"); do
         if declare -F "${fn}_setup" >/dev/null; then
@@ -246,12 +248,15 @@ timed() {
         walls+=($((t1 - t0)))
         r=$(rss_kib "$RUN_DIR/rss")
         [[ -n $r ]] && rsss+=("$r")
+        c=$(cpu_s "$RUN_DIR/rss")
+        [[ -n $c ]] && cpus+=("$c")
     done
     R[$name:ns]=$(median <<<"${walls[*]}")
     R[$name:ns_min]=$(tr ' ' '\n' <<<"${walls[*]}" | sort -n | head -1)
     R[$name:ns_max]=$(max_of <<<"${walls[*]}")
     R[$name:runs]=${#walls[@]}
     R[$name:rss]=$(max_of <<<"${rsss[*]:-}")
+    R[$name:cpu]=$(median <<<"${cpus[*]:-}")
     say "$name: $(awk -v ns="${R[$name:ns]}" 'BEGIN { printf "%.2f", ns / 1e9 }') s (runs: $(tr ' ' '\n' <<<"${walls[*]}" | awk '{ printf "%s%.2f", (NR > 1) ? " " : "", $1 / 1e9 }') s)"
 }
 FAIL_WHY=""
@@ -578,6 +583,7 @@ verdict() {
     awk -v r="$1" -v op="$2" -v t="$3" 'BEGIN { ok = (op == "ge") ? r >= t : r <= t; printf ok ? "PASS" : "MISS" }'
 }
 row() { printf '| %s | %s | %s | %s | %s | %s |\n' "$@"; }
+cpu_of() { [[ -n ${R[$1:cpu]:-} ]] && printf '%s s' "${R[$1:cpu]}" || printf 'n/a'; }
 secs_of() { [[ -n ${R[$1:ns]:-} ]] && awk -v ns="${R[$1:ns]}" 'BEGIN { printf "%.1f s", ns / 1e9 }' || printf 'n/a'; }
 
 # the plain rate of a run that worked, for the ratios
@@ -668,6 +674,7 @@ restic_label="restic $(restic version | awk '{ print $2 }')"
     echo "Every timed run starts after \`sync; echo 3 > /proc/sys/vm/drop_caches\` (PostgreSQL keeps its 128 MB of shared buffers); with BENCH_REPEAT > 1 the rate of the median wall time is shown, with the slowest and fastest run in parentheses (the incrementals run once). MiB/s is MiB of the data over wall time: the pg_basebackup stream size for the full backups (also for pgBackRest, which reads the files itself), the database size (pg_database_size) for pg_dump -Fd, and the bytes pg_dump wrote for the databases at once (aggregate: all bytes over the wall time of the whole run). The local-disk references fsync what they wrote (\`sync FILE...\`) inside the timed region, as the backup tools do. Stored MiB is \`du -sb\` of the repository (of the file or dump directory for the references); incremental MiB is how much the repository grew on disk with the second backup. Peak RSS is \`/usr/bin/time -f %M\` of the backup process (for pgBackRest and pg_dump -j, the largest of its processes; for the ingest mount, VmHWM of the mount process before the commit)."
     echo "Cluster: PostgreSQL defaults plus wal_level=replica, max_wal_senders=8, archive_mode=on, autovacuum=off (nothing but the update changes pages between backups). pg_basebackup runs with \`-c fast\` (the checkpoint at its start does not wait); pgBackRest with start-fast=y, its archive_command set for its own backups only (so the WAL of the update is archived nowhere, and each backup carries the WAL it needs, like \`-X fetch\`), repo on the same disk, run as postgres. flr: \`flr init\` (unencrypted, defaults), \`backup --repo R --job pg --stdin-tar --json\`; the incremental is a second such backup into the same repository (its added_bytes from \`--json\` in parentheses). restic: \`init\`, \`backup --stdin --stdin-filename base.tar\`, repository v2 with its default compression, cache in the work dir (not counted). The incremental runs come after the update in this order: flr, pgBackRest (\`--type=incr\`, process-max 2, into the process-max 2 repository), restic; each reads the cluster with a cold page cache. pg_dump runs as postgres over TCP; each ingest mount run gets a new repository; \`-j\` spreads whole tables over the workers, and pgbench_accounts is nearly all of the data, so more jobs help pg_dump little here. Databases at once: K = 1, 2, 4 databases each made by \`pgbench -i -s $SCALE/K\` (the same total for every K, so the aggregate rates compare the same work), in a cluster of their own, each dumped by its own \`pg_dump -Fc\` at the same time."
     echo "Incremental wall times: flr $(secs_of flr_incr), pgBackRest incr $(secs_of pgbr_incr), restic $(secs_of restic_incr)."
+    echo "CPU seconds (user + sys; median) of the backup process and the children it waited for, full backups: flr $(cpu_of flr), pgBackRest process-max 1 $(cpu_of pgbr1), process-max 2 $(cpu_of pgbr2), restic $(cpu_of restic), pg_basebackup to a file $(cpu_of pgbb); incrementals: flr $(cpu_of flr_incr), pgBackRest $(cpu_of pgbr_incr), restic $(cpu_of restic_incr). With the other work on the machine, a tool that needs more CPU loses more."
 } > "$OUT"
 cat "$OUT"
 say "report written to $OUT"
