@@ -6,7 +6,8 @@
 # One pgbench cluster (`pgbench -i -s BENCH_INGEST_SCALE`, ~490 MiB at 30),
 # then, each timed after dropping the page cache:
 #   1. pg_basebackup -D - -Ft -X fetch > file on local disk: the limit;
-#   2. the same stream into `flr backup --stdin-tar`;
+#   2. the same stream into `flr backup --stdin-tar` (and, for reference,
+#      flr alone reading the tar file of 1);
 #   3. pgBackRest full backups with process-max 1 and 2;
 #   4. restic backup --stdin of the same stream;
 #   5. a 1% update, then incrementals of flr, pgBackRest and restic against
@@ -274,10 +275,20 @@ DATA_BYTES=$(stat -c %s "$OUTD/base.tar")
 R[pgbb:stored]=$DATA_BYTES
 # WAL segments in the stream (-X fetch): new in every backup, not data pages
 WAL_SEGMENTS=$(tar -tf "$OUTD/base.tar" | grep -c '^pg_wal/[0-9A-F]\{24\}$' || true)
-rm -f "$OUTD/base.tar"
 
 # ---------------------------------------------------------------- 2. flr
 FLR_REPO=$OUTD/flr-repo
+# flr alone, from the tar file of part 1 (cold): what flr takes in when
+# nothing upstream is waiting on it; the pipeline below is what counts
+run_flr_file_setup() { rm -rf "$FLR_REPO" && "$FLR" init "$FLR_REPO" > "$LOGS/flr-init.log" 2>&1; }
+run_flr_file() {
+    "${TIME[@]}" "$FLR" backup --repo "$FLR_REPO" --job pg --stdin-tar --json < "$OUTD/base.tar" \
+        > "$LOGS/flr-file.json" 2> "$LOGS/flr-file.err"
+}
+say "2. flr backup --stdin-tar < the tar file (flr alone)"
+timed flr_file run_flr_file || true
+rm -f "$OUTD/base.tar"
+
 run_flr_full_setup() { rm -rf "$FLR_REPO" && "$FLR" init "$FLR_REPO" > "$LOGS/flr-init.log" 2>&1; }
 run_flr_full() {
     basebackup 2> "$LOGS/flr-full-pgbb.err" |
@@ -644,6 +655,7 @@ restic_label="restic $(restic version | awk '{ print $2 }')"
     [[ -n ${R[flr_incr:added]:-} ]] && flr_incr="$flr_incr (added_bytes $(mib "${R[flr_incr:added]}"))"
     [[ -n ${R[flr_incr]:-} ]] && flr_incr=${R[flr_incr]}
     row "flr" "the same stream into \`backup --stdin-tar\`" "$(cell_rate flr "$DATA_BYTES")" "$(cell_mib "${R[flr:stored]:-}")" "$flr_incr" "$(cell_rss flr)"
+    row "flr" "the same tar from a local file (\`--stdin-tar < file\`, no pg_basebackup upstream; for reference)" "$(cell_rate flr_file "$DATA_BYTES")" "—" "—" "$(cell_rss flr_file)"
     row "$pgbr_label" "full backup, process-max 1, $PGBR_COMPRESS" "$(cell_rate pgbr1 "$DATA_BYTES")" "$(cell_mib "${R[pgbr1:stored]:-}")" "—" "$(cell_rss pgbr1)"
     pgbr_incr=$(cell_mib "${R[pgbr_incr:incr]:-}"); [[ -n ${R[pgbr_incr]:-} ]] && pgbr_incr=${R[pgbr_incr]}
     row "$pgbr_label" "full backup, process-max 2, $PGBR_COMPRESS; then \`--type=incr\`" "$(cell_rate pgbr2 "$DATA_BYTES")" "$(cell_mib "${R[pgbr2:stored]:-}")" "$pgbr_incr" "$(cell_rss pgbr2)"
@@ -674,7 +686,7 @@ restic_label="restic $(restic version | awk '{ print $2 }')"
     echo "Every timed run starts after \`sync; echo 3 > /proc/sys/vm/drop_caches\` (PostgreSQL keeps its 128 MB of shared buffers); with BENCH_REPEAT > 1 the rate of the median wall time is shown, with the slowest and fastest run in parentheses (the incrementals run once). MiB/s is MiB of the data over wall time: the pg_basebackup stream size for the full backups (also for pgBackRest, which reads the files itself), the database size (pg_database_size) for pg_dump -Fd, and the bytes pg_dump wrote for the databases at once (aggregate: all bytes over the wall time of the whole run). The local-disk references fsync what they wrote (\`sync FILE...\`) inside the timed region, as the backup tools do. Stored MiB is \`du -sb\` of the repository (of the file or dump directory for the references); incremental MiB is how much the repository grew on disk with the second backup. Peak RSS is \`/usr/bin/time -f %M\` of the backup process (for pgBackRest and pg_dump -j, the largest of its processes; for the ingest mount, VmHWM of the mount process before the commit)."
     echo "Cluster: PostgreSQL defaults plus wal_level=replica, max_wal_senders=8, archive_mode=on, autovacuum=off (nothing but the update changes pages between backups). pg_basebackup runs with \`-c fast\` (the checkpoint at its start does not wait); pgBackRest with start-fast=y, its archive_command set for its own backups only (so the WAL of the update is archived nowhere, and each backup carries the WAL it needs, like \`-X fetch\`), repo on the same disk, run as postgres. flr: \`flr init\` (unencrypted, defaults), \`backup --repo R --job pg --stdin-tar --json\`; the incremental is a second such backup into the same repository (its added_bytes from \`--json\` in parentheses). restic: \`init\`, \`backup --stdin --stdin-filename base.tar\`, repository v2 with its default compression, cache in the work dir (not counted). The incremental runs come after the update in this order: flr, pgBackRest (\`--type=incr\`, process-max 2, into the process-max 2 repository), restic; each reads the cluster with a cold page cache. pg_dump runs as postgres over TCP; each ingest mount run gets a new repository; \`-j\` spreads whole tables over the workers, and pgbench_accounts is nearly all of the data, so more jobs help pg_dump little here. Databases at once: K = 1, 2, 4 databases each made by \`pgbench -i -s $SCALE/K\` (the same total for every K, so the aggregate rates compare the same work), in a cluster of their own, each dumped by its own \`pg_dump -Fc\` at the same time."
     echo "Incremental wall times: flr $(secs_of flr_incr), pgBackRest incr $(secs_of pgbr_incr), restic $(secs_of restic_incr)."
-    echo "CPU seconds (user + sys; median) of the backup process and the children it waited for, full backups: flr $(cpu_of flr), pgBackRest process-max 1 $(cpu_of pgbr1), process-max 2 $(cpu_of pgbr2), restic $(cpu_of restic), pg_basebackup to a file $(cpu_of pgbb); incrementals: flr $(cpu_of flr_incr), pgBackRest $(cpu_of pgbr_incr), restic $(cpu_of restic_incr). With the other work on the machine, a tool that needs more CPU loses more."
+    echo "CPU seconds (user + sys; median) of the backup process and the children it waited for, full backups: flr $(cpu_of flr) (from the file: $(cpu_of flr_file)), pgBackRest process-max 1 $(cpu_of pgbr1), process-max 2 $(cpu_of pgbr2), restic $(cpu_of restic), pg_basebackup to a file $(cpu_of pgbb); incrementals: flr $(cpu_of flr_incr), pgBackRest $(cpu_of pgbr_incr), restic $(cpu_of restic_incr). With the other work on the machine, a tool that needs more CPU loses more."
 } > "$OUT"
 cat "$OUT"
 say "report written to $OUT"
