@@ -984,9 +984,7 @@ pub fn run(mut args: ExportArgs) -> Result<u8> {
             } else {
                 // Shut down cleanly: the files need no recovery now.
                 cleanup.stop_server()?;
-                for leftover in ["postmaster.opts"] {
-                    let _ = std::fs::remove_file(db.join(leftover));
-                }
+                let _ = std::fs::remove_file(db.join("postmaster.opts"));
                 if args.format == "files" {
                     items.push((db.clone(), name.clone()));
                 } else {
