@@ -8,8 +8,10 @@
 //! service of the `mountd` library; `mounts`, `unmount`, `status` (and
 //! `mount` when a daemon runs) talk to it over its socket ([`remote`]).
 //! `session` lists, commits and discards writable sessions ([`sessions`]).
+//! `ingest` commits or aborts an ingest mount ([`ingest_cmd`]).
 
 mod cli;
+mod ingest_cmd;
 mod logging;
 mod mount;
 mod progress;

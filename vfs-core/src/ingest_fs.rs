@@ -327,7 +327,7 @@ impl IngestFs {
         let outcome = self.build_and_commit(job, hostname);
         self.stop_mover();
         match &outcome {
-            Ok(m) => tracing::info!(
+            Ok(m) => tracing::debug!(
                 "committed {}: {} files, {} bytes, {} added",
                 m.full_name(),
                 m.stats.files,
@@ -413,7 +413,7 @@ impl IngestFs {
     pub fn abort(&self) {
         let _ = self.seal();
         self.stop_mover();
-        tracing::info!("ingest aborted: nothing committed");
+        tracing::debug!("ingest aborted: nothing committed");
     }
 
     /// Whether the ingest has been committed or aborted.
