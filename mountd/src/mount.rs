@@ -434,12 +434,12 @@ fn run_ingest(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
         *asked_here.lock() = Some(ending);
         let unmounted = match ending {
             // Files still open could still be written: no commit then.
-            Ending::Commit => unmounter.unmount(),
+            Ending::Commit => unmount_when_idle(&unmounter),
             Ending::Abort => unmounter.unmount().or_else(|_| unmounter.detach()),
         };
         if let Err(e) = unmounted {
             *asked_here.lock() = None;
-            bail!("cannot unmount {shown}: {e}; close the files open under it and try again");
+            bail!("{e}; close the files open under {shown} and try again");
         }
         match done_rx.lock().recv() {
             Ok(Ok(payload)) => Ok(payload),
@@ -517,6 +517,24 @@ fn run_ingest(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
     match outcome {
         Ok(_) => Ok(exit::OK),
         Err(e) => bail!("{e}"),
+    }
+}
+
+/// Unmounts, waiting a few seconds while the mount is busy: the kernel
+/// holds a mount busy until the releases of files just closed are
+/// answered. Still busy after that: files are open, and the error says so.
+fn unmount_when_idle(unmounter: &backends::fuse::FuseUnmounter) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match unmounter.unmount() {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ResourceBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            other => return other,
+        }
     }
 }
 

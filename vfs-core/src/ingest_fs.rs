@@ -215,6 +215,11 @@ pub struct IngestCounters {
 pub struct IngestFs {
     mover: Arc<Mover<Arc<Repository>>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Closed files go to a thread that stores their final chunks: a
+    /// release answered at once keeps the kernel from holding the mount
+    /// busy (it waits for the reply before an unmount can pass).
+    settle_tx: Mutex<Option<crossbeam_channel::Sender<Arc<IngestFile>>>>,
+    settle_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     share: MetaShare,
     options: IngestOptions,
     started: Instant,
@@ -262,6 +267,17 @@ impl IngestFs {
         let thread = std::thread::Builder::new()
             .name("flr-ingest-packs".into())
             .spawn(move || writer.run_writer())?;
+        let (settle_tx, settle_rx) = crossbeam_channel::unbounded::<Arc<IngestFile>>();
+        let settler = mover.clone();
+        let settle_thread = std::thread::Builder::new()
+            .name("flr-ingest-settle".into())
+            .spawn(move || {
+                for file in settle_rx {
+                    if let Err(e) = file.writer.lock().settle(&*settler) {
+                        tracing::warn!("storing a closed file's data failed: {e}");
+                    }
+                }
+            })?;
         let t = now();
         let root = Inode {
             parent: ROOT_INO,
@@ -279,6 +295,8 @@ impl IngestFs {
         Ok(Arc::new(IngestFs {
             mover,
             writer_thread: Mutex::new(Some(thread)),
+            settle_tx: Mutex::new(Some(settle_tx)),
+            settle_thread: Mutex::new(Some(settle_thread)),
             share: MetaShare::default(),
             options,
             started: Instant::now(),
@@ -297,12 +315,24 @@ impl IngestFs {
     /// Ends the pack writer once it has written what it was handed, and
     /// waits for it. Runs once; later calls return at once.
     fn stop_mover(&self) {
+        self.stop_settler();
         let Some(thread) = self.writer_thread.lock().take() else {
             return;
         };
         self.mover.close();
         if thread.join().is_err() {
             tracing::error!("the ingest's pack writer panicked");
+        }
+    }
+
+    /// Ends the thread that stores closed files' chunks, once it has
+    /// stored what it was handed.
+    fn stop_settler(&self) {
+        drop(self.settle_tx.lock().take());
+        if let Some(thread) = self.settle_thread.lock().take() {
+            if thread.join().is_err() {
+                tracing::error!("the ingest's settle thread panicked");
+            }
         }
     }
 
@@ -324,6 +354,8 @@ impl IngestFs {
     pub fn commit(&self, job: &str, hostname: &str) -> crate::Result<Manifest> {
         crate::manifest::validate_job_name(job)?;
         self.seal()?;
+        // Closed files' chunks first, so no store runs beside the commit.
+        self.stop_settler();
         let outcome = self.build_and_commit(job, hostname);
         self.stop_mover();
         match &outcome {
@@ -642,8 +674,8 @@ impl FsModel for IngestFs {
         drop(tree);
         if last && !self.is_sealed() {
             // Closed for now: store what is final, keep one chunk at most.
-            if let Err(e) = h.file.writer.lock().settle(&*self.mover) {
-                tracing::warn!("storing a closed file's data failed: {e}");
+            if let Some(tx) = &*self.settle_tx.lock() {
+                let _ = tx.send(h.file);
             }
         }
     }
