@@ -217,6 +217,59 @@ fn a_parallel_pg_dump_into_an_ingest_mount_restores_with_the_same_rows() {
     repo.verify_run(true).success();
 }
 
+#[test]
+fn a_plain_base_backup_into_an_ingest_mount_verifies_after_restore() {
+    let tmp = scratch("ingest-basebackup");
+    make_reachable(&tmp.path().join("any"));
+    let data = tmp.path().join("pgdata");
+    flr_e2e::postgres::init_cluster(&data);
+    let server = PgServer::start(&data);
+    server.pgbench_init(2);
+    let repo = TestRepo::init(&tmp.path().join("repo"));
+    let mount = ingest(
+        &repo,
+        &tmp.path().join("mp"),
+        "base",
+        &["--owner", "postgres"],
+    );
+    let target = mount.join("base");
+    let port = server.port.to_string();
+    // Hundreds of files, fsyncs, and backup_manifest.tmp renamed at the end.
+    as_postgres(
+        "pg_basebackup",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-D",
+            target.to_str().unwrap(),
+            "-Fp",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+        ],
+    );
+    let reply = commit(&repo, mount);
+    assert!(reply["stats"]["files"].as_u64().unwrap() > 500, "{reply}");
+    let out = tmp.path().join("out");
+    repo.restore(
+        reply["restore_point"].as_str().unwrap(),
+        &out,
+        &[] as &[&str],
+    );
+    let restored = out.join("base");
+    assert!(restored.join("backup_manifest").is_file());
+    assert!(!restored.join("backup_manifest.tmp").exists());
+    // Every file against the checksums pg_basebackup wrote into the
+    // manifest, and the WAL it streamed.
+    make_reachable(&restored.join("x"));
+    as_postgres("pg_verifybackup", &[restored.to_str().unwrap()]);
+}
+
 fn uid_of(user: &str) -> u32 {
     let r = tool("id", ["-u", user]);
     assert!(r.status.success(), "id -u {user}: {r}");
