@@ -188,7 +188,7 @@ fn a_parallel_pg_dump_into_an_ingest_mount_restores_with_the_same_rows() {
     );
     assert!(rp.starts_with("shop/"), "{rp}");
     assert!(reply["stats"]["files"].as_u64().unwrap() >= 6, "{reply}");
-    assert_eq!(repo.restore_point_names(), [rp.clone()]);
+    assert_eq!(repo.restore_point_names(), std::slice::from_ref(&rp));
 
     // pg_restore reads the dump straight from a read-only mount.
     let ro = tmp.path().join("ro");
