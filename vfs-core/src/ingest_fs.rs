@@ -887,3 +887,92 @@ impl FsModel for IngestFs {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    const ME: Caller = Caller { uid: 1, gid: 2 };
+
+    fn new_fs() -> Arc<IngestFs> {
+        let store = Arc::new(MemoryStore::new());
+        Repository::init(store.as_ref(), None).unwrap();
+        let repo = Repository::open(store, || unreachable!("not encrypted")).unwrap();
+        IngestFs::new(Arc::new(repo), IngestOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn a_full_disk_is_reported_as_such() {
+        let full = crate::Error::io("packs/ab", std::io::Error::from_raw_os_error(28));
+        assert_eq!(fs_error(full), FsError::NoSpace);
+        let later = crate::Error::Storage("packs/ab: No space left on device (os error 28)".into());
+        assert_eq!(fs_error(later), FsError::NoSpace);
+        let other = crate::Error::Storage("permission denied".into());
+        assert!(matches!(fs_error(other), FsError::Io(_)));
+    }
+
+    #[test]
+    fn names_that_cannot_be_stored_are_refused() {
+        let fs = new_fs();
+        for bad in [&b""[..], b".", b"..", b"a/b"] {
+            assert_eq!(
+                fs.mkdir(ROOT_INO, bad, 0o755, ME),
+                Err(FsError::InvalidArgument)
+            );
+        }
+        let long = vec![b'x'; NAME_MAX + 1];
+        assert_eq!(
+            fs.mkdir(ROOT_INO, &long, 0o755, ME),
+            Err(FsError::NameTooLong)
+        );
+        fs.mkdir(ROOT_INO, b"d", 0o755, ME).unwrap();
+        assert_eq!(fs.mkdir(ROOT_INO, b"d", 0o755, ME), Err(FsError::Exists));
+    }
+
+    #[test]
+    fn a_directory_cannot_move_below_itself_and_kinds_must_match() {
+        let fs = new_fs();
+        let a = fs.mkdir(ROOT_INO, b"a", 0o755, ME).unwrap();
+        let b = fs.mkdir(a.ino, b"b", 0o755, ME).unwrap();
+        assert_eq!(
+            fs.rename(ROOT_INO, b"a", b.ino, b"a", RenameMode::Replace),
+            Err(FsError::InvalidArgument)
+        );
+        fs.mknod(ROOT_INO, b"f", NodeKind::File, 0o644, 0, ME)
+            .unwrap();
+        assert_eq!(
+            fs.rename(ROOT_INO, b"f", a.ino, b"b", RenameMode::Replace),
+            Err(FsError::IsADirectory)
+        );
+        assert_eq!(
+            fs.rename(a.ino, b"b", ROOT_INO, b"f", RenameMode::Replace),
+            Err(FsError::NotADirectory)
+        );
+        assert_eq!(
+            fs.rename(a.ino, b"b", ROOT_INO, b"f", RenameMode::NoReplace),
+            Err(FsError::Exists)
+        );
+        fs.rename(a.ino, b"b", ROOT_INO, b"c", RenameMode::Replace)
+            .unwrap();
+        assert_eq!(fs.parent(b.ino), Ok(ROOT_INO));
+        assert_eq!(fs.readdir(a.ino).unwrap(), Vec::new());
+    }
+
+    #[test]
+    fn an_unlinked_open_file_stays_readable_until_closed() {
+        let fs = new_fs();
+        let f = fs
+            .mknod(ROOT_INO, b"f", NodeKind::File, 0o644, 0, ME)
+            .unwrap();
+        let fh = fs.open(f.ino, true, false).unwrap();
+        fs.write(fh, 0, b"still here").unwrap();
+        fs.unlink(ROOT_INO, b"f").unwrap();
+        assert_eq!(fs.lookup(ROOT_INO, b"f"), Err(FsError::NotFound));
+        assert_eq!(fs.getattr(f.ino).unwrap().nlink, 0);
+        assert_eq!(fs.read(fh, 0, 100).unwrap(), b"still here");
+        fs.release(fh);
+        assert_eq!(fs.getattr(f.ino), Err(FsError::NotFound));
+        assert_eq!(fs.read(fh, 0, 1), Err(FsError::BadHandle));
+    }
+}
