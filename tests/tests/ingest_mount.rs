@@ -520,3 +520,72 @@ fn packs_bytes(repo: &TestRepo) -> u64 {
         .map(|p| fs::metadata(p).unwrap().len())
         .sum()
 }
+
+/// A size-limited tmpfs for a repository to fill; unmounted (lazily if
+/// busy) when dropped, also while a failed test unwinds.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    #[track_caller]
+    fn new(dir: &Path, size: &str) -> SmallDisk {
+        flr_e2e::mkdir(dir);
+        let options = format!("size={size}");
+        let r = tool(
+            "mount",
+            [
+                "-t".as_ref(),
+                "tmpfs".as_ref(),
+                "-o".as_ref(),
+                options.as_ref(),
+                "tmpfs".as_ref(),
+                dir.as_os_str(),
+            ],
+        );
+        assert!(r.status.success(), "mount tmpfs: {r}");
+        SmallDisk(dir.canonicalize().unwrap())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        if is_mounted(&self.0) {
+            let _ = tool("umount", ["-l".as_ref(), self.0.as_os_str()]);
+        }
+    }
+}
+
+#[test]
+fn a_full_repository_disk_fails_writes_with_enospc_and_commits_nothing() {
+    let tmp = scratch("ingest-full");
+    let disk = SmallDisk::new(&tmp.path().join("disk"), "48m");
+    let repo = TestRepo::init(&disk.0.join("repo"));
+    let mount = ingest(&repo, &tmp.path().join("mp"), "full", &[]);
+    let mut rng = Rng::new(5);
+    let mut f = fs::File::create(mount.join("big.dump")).unwrap();
+    let mut failed = None;
+    for k in 0..160 {
+        if let Err(e) = f.write_all(&rng.bytes(1 << 20)) {
+            failed = Some((k, e));
+            break;
+        }
+    }
+    let (at, err) = failed.expect("160 MiB of new data cannot fit a 48 MiB disk");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(libc::ENOSPC),
+        "after {at} MiB: {err}"
+    );
+    drop(f);
+    let r = repo
+        .flr(["ingest", "commit"])
+        .arg(&mount.path)
+        .run()
+        .failure()
+        .stderr_has(&["nothing was committed", "No space left"]);
+    eprintln!(
+        "the write after {at} MiB failed: {err}; commit: {}",
+        r.stderr.trim()
+    );
+    assert!(repo.restore_point_names().is_empty());
+    drop(mount);
+}

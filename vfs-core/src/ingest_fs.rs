@@ -414,10 +414,13 @@ impl IngestFs {
                         );
                         let (content, size, file_stats) =
                             writer.finish(&*self.mover).map_err(|e| {
-                                crate::Error::Storage(format!(
-                                    "{}: {e}",
-                                    String::from_utf8_lossy(&child_path)
-                                ))
+                                let path = String::from_utf8_lossy(&child_path);
+                                match e {
+                                    crate::Error::Storage(msg) => {
+                                        crate::Error::Storage(format!("{path}: {msg}"))
+                                    }
+                                    other => crate::Error::Storage(format!("{path}: {other}")),
+                                }
                             })?;
                         ingest::add_stats(&mut stats, &file_stats);
                         node_of(node, content, size)
