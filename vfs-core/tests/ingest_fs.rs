@@ -200,7 +200,7 @@ fn ensure_open(
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(40))]
+    #![proptest_config(ProptestConfig::with_cases(96))]
 
     #[test]
     fn writes_truncates_and_renames_commit_what_a_model_holds(
