@@ -17,7 +17,7 @@ pub enum IngestCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Unmount and commit nothing; packs already written stay for the
+    /// Unmount and commit nothing; what was stored stays in packs for the
     /// next backup to reuse.
     Abort { mountpoint: PathBuf },
 }

@@ -443,10 +443,16 @@ impl IngestFs {
         )
     }
 
-    /// Ends the ingest without a restore point. Packs already written stay
-    /// in the repository for the next backup to reuse.
+    /// Ends the ingest without a restore point. The pack being filled is
+    /// written too, so the next backup of the same data finds all of it
+    /// but the files' last unstored bytes (a crash loses that pack).
     pub fn abort(&self) {
-        let _ = self.seal();
+        if self.seal().is_ok() {
+            self.stop_settler();
+            if let Err(e) = self.mover.flush() {
+                tracing::warn!("writing the last pack of an aborted ingest failed: {e}");
+            }
+        }
         self.stop_mover();
         tracing::debug!("ingest aborted: nothing committed");
     }
