@@ -366,7 +366,8 @@ impl IngestFs {
                 m.stats.logical_bytes,
                 m.stats.added_bytes()
             ),
-            Err(e) => tracing::error!("the ingest's commit failed: {e}"),
+            // The caller reports it.
+            Err(e) => tracing::debug!("the ingest's commit failed: {e}"),
         }
         outcome
     }
@@ -872,8 +873,10 @@ impl FsModel for IngestFs {
             r
         };
         if let Err(e) = result {
-            self.counters.failed_writes.fetch_add(1, Ordering::Relaxed);
-            tracing::error!("a write of {} bytes at {offset} failed: {e}", data.len());
+            // The first failure is logged; after it, most writes fail alike.
+            if self.counters.failed_writes.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::error!("a write of {} bytes at {offset} failed: {e}", data.len());
+            }
             return Err(fs_error(e));
         }
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
