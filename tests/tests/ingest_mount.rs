@@ -416,6 +416,14 @@ fn header_rewrites_reads_while_writing_and_namespace_changes_are_committed() {
         whole == model,
         "the whole file reads back before the commit"
     );
+    // A file still open refuses the commit, and the mount goes on.
+    repo.flr(["ingest", "commit"])
+        .arg(&mount.path)
+        .run()
+        .failure()
+        .stderr_has(&["busy", "close the files open"]);
+    assert!(is_mounted(&mount.path));
+    reader.read_exact_at(&mut head, 0).unwrap();
     drop(reader);
 
     let reply = commit(&repo, mount);
