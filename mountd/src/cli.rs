@@ -153,6 +153,11 @@ enum Command {
         #[command(subcommand)]
         command: SessionCommand,
     },
+    /// Ingest mounts (`flr mount --ingest`): commit or abort.
+    Ingest {
+        #[command(subcommand)]
+        command: crate::ingest_cmd::IngestCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -250,6 +255,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Unmount { session } => crate::remote::unmount(&socket, &session),
         Command::Mounts { json } => crate::remote::mounts(&socket, json),
         Command::Status { json } => crate::remote::status(&socket, json),
+        Command::Ingest { command } => crate::ingest_cmd::run(command),
         Command::Session { state_dir, command } => crate::sessions::run(
             &state_dir.unwrap_or_else(mountd::writable::default_state_dir),
             command,

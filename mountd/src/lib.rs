@@ -18,8 +18,11 @@
 //! - [`client`]: a small blocking HTTP/1.1 client over the Unix socket.
 //! - [`writable`]: writable sessions: opening one over a restore point,
 //!   committing it, and the control socket `flr session` reaches it by.
+//! - [`ingest`]: the control socket of an ingest mount (`flr mount
+//!   --ingest`), through which `flr ingest commit|abort` end it.
 
 pub mod client;
 pub mod daemon;
 pub mod devices;
+pub mod ingest;
 pub mod writable;

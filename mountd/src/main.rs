@@ -8,10 +8,12 @@
 //! service of the `mountd` library; `mounts`, `unmount`, `status` (and
 //! `mount` when a daemon runs) talk to it over its socket ([`remote`]).
 //! `session` lists, commits and discards writable sessions ([`sessions`]).
+//! `ingest` commits or aborts an ingest mount ([`ingest_cmd`]).
 
 mod cli;
 mod device_cmd;
 mod export;
+mod ingest_cmd;
 mod logging;
 mod mount;
 mod progress;

@@ -5,14 +5,22 @@
 //!
 //! `--writable` mounts one restore point as a writable session (see
 //! `mountd::writable`); unmounting discards it unless `--keep`.
+//!
+//! `--ingest` mounts an empty filesystem that backs up what is written
+//! into it (`vfs_core::ingest_fs`): an unmount or `flr ingest commit`
+//! commits one restore point of `--job`; `flr ingest abort`, a signal or
+//! a crash commits nothing.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use mountd::ingest::{self as ingest_control, Ending};
 use mountd::writable;
 use vfs_core::fs::{FsOptions, MountFilter, RepoFs};
+use vfs_core::ingest_fs::{IngestFs, IngestOptions};
 use vfs_core::repo::RestorePointName;
 use vfs_core::session::{self, SessionOptions};
 
@@ -42,7 +50,8 @@ pub struct MountArgs {
     /// Where to mount; created if missing. Default /mnt/flr, or a daemon
     /// session when a daemon runs.
     mountpoint: Option<PathBuf>,
-    /// Show only this job's restore points.
+    /// Show only this job's restore points (with --ingest: the job the
+    /// restore point is committed to).
     #[arg(long)]
     job: Option<String>,
     /// Show only this restore point (JOB/TIMESTAMP).
@@ -89,12 +98,28 @@ pub struct MountArgs {
     /// Writable: refuse to start a session with less free space than this.
     #[arg(long, default_value = "256M", value_parser = crate::cli::size_arg)]
     min_free: u64,
+    /// Mount an empty filesystem that backs up whatever is written into
+    /// it: unmounting (or `flr ingest commit MOUNTPOINT`) commits one
+    /// restore point of --job.
+    #[arg(
+        long,
+        requires = "job",
+        conflicts_with_all = ["writable", "restore_point", "resume"]
+    )]
+    ingest: bool,
+    /// Ingest: the user (name or uid) who owns the mount's root, so that
+    /// a backup tool running as that user can write there.
+    #[arg(long, requires = "ingest")]
+    owner: Option<String>,
 }
 
 pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
     let writable = args.writable || args.resume.is_some();
     if args.resume.is_some() && args.mountpoint.is_none() {
         bail!("--resume needs a MOUNTPOINT");
+    }
+    if args.ingest && args.mountpoint.is_none() {
+        bail!("--ingest needs a MOUNTPOINT");
     }
     if args.mountpoint.is_none() {
         if mountd::client::is_running(socket) {
@@ -136,6 +161,9 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
     if writable {
         return run_writable(&args, mountpoint);
     }
+    if args.ingest {
+        return run_ingest(&args, mountpoint);
+    }
     let repo_path = args.repo.as_deref().expect("required without --resume");
     let repo = Arc::new(crate::cli::open_repo(repo_path)?);
     let filter = MountFilter {
@@ -173,6 +201,7 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
     serve(
         &mount,
         mountpoint,
+        None,
         &format!(
             "mounted {} at {}",
             repo_path.display(),
@@ -195,9 +224,15 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
     Ok(exit::OK)
 }
 
-/// Serves a mount until it is unmounted: signals unmount it, and so does
-/// anyone from outside. Prints the ready line a background parent waits for.
-fn serve(mount: &backends::fuse::FuseMount, mountpoint: &Path, message: &str) -> Result<()> {
+/// Serves a mount until it is unmounted: signals unmount it (and set
+/// `signalled`), and so does anyone from outside. Prints the ready line a
+/// background parent waits for.
+fn serve(
+    mount: &backends::fuse::FuseMount,
+    mountpoint: &Path,
+    signalled: Option<Arc<AtomicBool>>,
+    message: &str,
+) -> Result<()> {
     let unmount = mount.unmounter();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -207,6 +242,9 @@ fn serve(mount: &backends::fuse::FuseMount, mountpoint: &Path, message: &str) ->
     let signal_thread = std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             say!("flr: signal {sig}: unmounting");
+            if let Some(flag) = &signalled {
+                flag.store(true, Ordering::SeqCst);
+            }
             // A busy mount (a process has files open) is detached: new
             // opens fail, open files keep working until they are closed.
             if let Err(e) = unmount.unmount().or_else(|_| unmount.detach()) {
@@ -306,6 +344,7 @@ fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
     serve(
         &mount,
         mountpoint,
+        None,
         &format!(
             "writable session {id} of {rp} mounted at {}; changes go to {}",
             mountpoint.display(),
@@ -344,6 +383,181 @@ fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
         say!("flr: session {id} discarded");
     }
     Ok(exit::OK)
+}
+
+/// `flr mount --ingest`: an empty filesystem whose files are backed up as
+/// they are written. The unmount commits one restore point of `--job`;
+/// `flr ingest abort` and signals end it without one.
+fn run_ingest(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
+    let repo_path = args.repo.as_deref().expect("required without --resume");
+    let job = args.job.clone().expect("required by --ingest");
+    vfs_core::manifest::validate_job_name(&job)?;
+    let (root_uid, root_gid) = match &args.owner {
+        Some(user) => lookup_user(user)?,
+        None => own_ids(),
+    };
+    let repo = Arc::new(crate::cli::open_repo(repo_path)?);
+    let fs = IngestFs::new(
+        repo,
+        IngestOptions {
+            root_uid,
+            root_gid,
+            root_mode: 0o755,
+            batch_bytes: vfs_core::ingest::BATCH_BYTES,
+            space_path: Some(repo_path.to_path_buf()),
+        },
+    )
+    .context("cannot start the ingest")?;
+    let opts = backends::fuse::FuseOptions {
+        threads: args.threads.max(1),
+        allow_other: !args.private,
+        auto_unmount: true,
+        fs_name: format!("flr-ingest:{}", repo_path.display()),
+    };
+    let mount = match backends::fuse::mount(fs.clone(), mountpoint, &opts) {
+        Ok(m) => m,
+        Err(e) => {
+            fs.abort();
+            return Err(e).with_context(|| format!("cannot mount at {}", mountpoint.display()));
+        }
+    };
+
+    // A commit or abort through the control socket unmounts, then waits
+    // here for the outcome.
+    let asked: Arc<parking_lot::Mutex<Option<Ending>>> = Arc::default();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<std::result::Result<String, String>>();
+    let done_rx = parking_lot::Mutex::new(done_rx);
+    let unmounter = mount.unmounter();
+    let asked_here = asked.clone();
+    let shown = mountpoint.display().to_string();
+    let control = ingest_control::serve_control(mountpoint, move |ending| {
+        *asked_here.lock() = Some(ending);
+        let unmounted = match ending {
+            // Files still open could still be written: no commit then.
+            Ending::Commit => unmount_when_idle(&unmounter),
+            Ending::Abort => unmounter.unmount().or_else(|_| unmounter.detach()),
+        };
+        if let Err(e) = unmounted {
+            *asked_here.lock() = None;
+            bail!("{e}; close the files open under {shown} and try again");
+        }
+        match done_rx.lock().recv() {
+            Ok(Ok(payload)) => Ok(payload),
+            Ok(Err(e)) => bail!("{e}"),
+            Err(_) => bail!("the mount process ended first"),
+        }
+    })
+    .map_err(|e| say!("flr: warning: {e:#}; `flr ingest commit|abort` cannot reach this mount"))
+    .ok();
+    let signalled = Arc::new(AtomicBool::new(false));
+    serve(
+        &mount,
+        mountpoint,
+        Some(signalled.clone()),
+        &format!(
+            "ingest into job {job} of {} mounted at {}; unmount or `flr ingest commit {}` commits it",
+            repo_path.display(),
+            mountpoint.display(),
+            mountpoint.display()
+        ),
+    )?;
+    mount.unmount().ok();
+    let ending = match *asked.lock() {
+        Some(e) => e,
+        None if signalled.load(Ordering::SeqCst) => Ending::Abort,
+        None => Ending::Commit,
+    };
+    let c = &fs.counters;
+    use std::sync::atomic::Ordering::Relaxed;
+    say!(
+        "flr: unmounted {}: {} writes, {} written, {} rewrites, {} failed writes",
+        mountpoint.display(),
+        c.writes.load(Relaxed),
+        crate::cli::human(c.bytes_written.load(Relaxed)),
+        c.rewrites.load(Relaxed),
+        c.failed_writes.load(Relaxed),
+    );
+    let outcome = match ending {
+        Ending::Abort => {
+            fs.abort();
+            say!("flr: ingest aborted: nothing committed");
+            Ok(String::new())
+        }
+        Ending::Commit => {
+            let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default();
+            match fs.commit(&job, &hostname) {
+                Ok(m) => {
+                    let s = &m.stats;
+                    say!(
+                        "flr: committed restore point {}: {} files, {} written, {} added",
+                        m.full_name(),
+                        s.files,
+                        crate::cli::human(s.logical_bytes),
+                        crate::cli::human(s.added_bytes()),
+                    );
+                    Ok(serde_json::json!({
+                        "restore_point": m.full_name(),
+                        "stats": crate::cli::stats_json(s),
+                    })
+                    .to_string())
+                }
+                Err(e) => Err(format!(
+                    "the ingest's commit failed, nothing was committed: {e}"
+                )),
+            }
+        }
+    };
+    let _ = done_tx.send(outcome.clone());
+    // A commit's reply goes out before this process ends.
+    if let Some(c) = control {
+        c.finish();
+    }
+    match outcome {
+        Ok(_) => Ok(exit::OK),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+/// Unmounts, waiting a few seconds while the mount is busy: the kernel
+/// holds a mount busy until the releases of files just closed are
+/// answered. Still busy after that: files are open, and the error says so.
+fn unmount_when_idle(unmounter: &backends::fuse::FuseUnmounter) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match unmounter.unmount() {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ResourceBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A user's uid and gid, from a name in /etc/passwd or a number.
+fn lookup_user(user: &str) -> Result<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let numeric = user.parse::<u32>().ok();
+    for line in passwd.lines() {
+        let fields: Vec<&str> = line.split(':').collect();
+        if fields.len() < 4 {
+            continue;
+        }
+        let (Ok(uid), Ok(gid)) = (fields[2].parse::<u32>(), fields[3].parse::<u32>()) else {
+            continue;
+        };
+        if fields[0] == user || numeric == Some(uid) {
+            return Ok((uid, gid));
+        }
+    }
+    match numeric {
+        Some(uid) => Ok((uid, uid)),
+        None => bail!("--owner {user}: no such user in /etc/passwd"),
+    }
 }
 
 /// Re-runs this command in the foreground as a child in its own session,

@@ -686,6 +686,14 @@ impl FileWriter {
         Ok(())
     }
 
+    /// Stores every chunk of the tail that is final, keeping at most one
+    /// chunk's worth in memory: for a file closed but kept open for later
+    /// rewrites, so that many such files do not each hold a whole batch.
+    /// The file's chunking stays what it would have been.
+    pub fn settle<R: Deref<Target = Repository>>(&mut self, mover: &Mover<R>) -> Result<()> {
+        self.cut(mover, false)
+    }
+
     /// Bytes held before cutting: the batch size, and at least two of the
     /// largest chunks (a content-defined cut needs that much to be final).
     fn threshold(&self) -> usize {

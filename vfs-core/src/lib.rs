@@ -20,6 +20,9 @@
 //!   chunk, and readahead.
 //! - [`session`]: writable sessions, a copy-on-write layer over one
 //!   restore point that keeps changed byte ranges in a session directory.
+//! - [`ingest`] and [`ingest_fs`]: writing into the repository from many
+//!   streams at once; [`ingest_fs::IngestFs`] is a write-only filesystem
+//!   whose files become one restore point when it is committed.
 
 pub mod backup;
 pub mod cache;
@@ -31,6 +34,7 @@ pub mod format;
 pub mod fs;
 pub mod ids;
 pub mod ingest;
+pub mod ingest_fs;
 pub mod local_store;
 pub mod manifest;
 pub mod repair;
