@@ -368,7 +368,7 @@ fn an_export_killed_during_staging_is_cleaned_up_by_the_next() {
     let rp = repo.backup("pg", &[&data]).restore_point;
     let staging = tmp.path().join("staging");
     let out = tmp.path().join("out");
-    let child = repo
+    let mut child = repo
         .cmd("export")
         .arg(&rp)
         .args([
@@ -400,6 +400,7 @@ fn an_export_killed_during_staging_is_cleaned_up_by_the_next() {
     };
     send_signal(child.id(), "KILL");
     assert!(wait_for_exit(child.id(), Duration::from_secs(10)));
+    let _ = child.wait();
     assert!(std::fs::read_dir(&staging).unwrap().next().is_some());
 
     // The next export removes it all: server, mount, staged files.
