@@ -594,8 +594,19 @@ impl Drop for Cleanup {
 }
 
 /// Waits for a child, killing it when `stop` is set.
-fn wait_child(mut child: Child, what: &str, stop: &AtomicBool) -> Result<()> {
+fn wait_child(child: Child, what: &str, stop: &AtomicBool) -> Result<()> {
+    wait_child_with(child, what, stop, &mut || {})
+}
+
+/// [`wait_child`], calling `tick` every few milliseconds while it runs.
+fn wait_child_with(
+    mut child: Child,
+    what: &str,
+    stop: &AtomicBool,
+    tick: &mut dyn FnMut(),
+) -> Result<()> {
     loop {
+        tick();
         if let Some(st) = child.try_wait()? {
             if st.success() {
                 return Ok(());
@@ -912,15 +923,26 @@ pub fn run(mut args: ExportArgs) -> Result<u8> {
                 .stderr(Stdio::piped())
                 .spawn()?;
             cleanup.pg = Some((bin.clone(), db.clone(), plan.owner.0));
-            let started_pg = wait_child(
+            // The postmaster's pid goes into the state as soon as it shows,
+            // so a run killed during a long recovery is still cleaned up.
+            let record = |state: &mut State| {
+                if state.postmaster.is_none() {
+                    let pid = std::fs::read_to_string(db.join("postmaster.pid"))
+                        .ok()
+                        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()));
+                    if pid.is_some() {
+                        state.postmaster = pid;
+                        let _ = write_state(&dir, state);
+                    }
+                }
+            };
+            let started_pg = wait_child_with(
                 child,
                 "starting PostgreSQL on the session (recovery)",
                 &stop,
+                &mut || record(&mut cleanup.state),
             );
-            if let Ok(text) = std::fs::read_to_string(db.join("postmaster.pid")) {
-                cleanup.state.postmaster = text.lines().next().and_then(|l| l.trim().parse().ok());
-                write_state(&dir, &cleanup.state)?;
-            }
+            record(&mut cleanup.state);
             if let Err(e) = started_pg {
                 let tail = std::fs::read_to_string(&log).unwrap_or_default();
                 let tail: Vec<&str> = tail.lines().rev().take(8).collect();
