@@ -92,10 +92,19 @@ pub fn run(args: DevicesArgs) -> Result<u8> {
     ])
     .context("cannot install signal handlers")?;
     let flag = cancel.clone();
+    let dirs: Vec<PathBuf> = set.databases.iter().map(|d| d.dir.clone()).collect();
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::warn!("signal {sig}: stopping; no restore point will be committed");
             flag.store(true, Ordering::SeqCst);
+            // A device whose writer holds its pipe open without writing
+            // keeps its reader waiting: give the rest a while to stop,
+            // then remove the pipes and end here.
+            std::thread::sleep(Duration::from_secs(5));
+            for dir in &dirs {
+                let _ = mountd::devices::clear_stale_dir_of(dir);
+            }
+            std::process::exit(exit::ERROR as i32);
         }
     });
 

@@ -160,6 +160,16 @@ fn clear_stale(dir: &Path, database: &str) -> Result<usize> {
     Ok(pipes)
 }
 
+/// Removes one database's devices directory of this process (its pipes
+/// and pid file), as the run ends abruptly.
+pub fn clear_stale_dir_of(dir: &Path) -> Result<usize> {
+    let database = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    clear_stale(dir, &database)
+}
+
 /// Clears every database directory below `dir` (one run's) that a dead
 /// process left, then `dir` itself if empty; returns the pipes removed.
 pub fn clear_stale_dir(dir: &Path) -> Result<usize> {

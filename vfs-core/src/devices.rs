@@ -277,7 +277,11 @@ fn read_device(
         "device {} (database {}, stream {})",
         status.label, status.database, status.stream
     );
-    let stopped = || Error::Cancelled(format!("{what}: stopped, as its database failed"));
+    let stopped = || {
+        Error::Cancelled(format!(
+            "{what}: stopped: the backup was cancelled, or another device of its database failed"
+        ))
+    };
     let reader = match (device.open)(stop) {
         Ok(r) => r,
         Err(_) if stop() => return Err(stopped()),
