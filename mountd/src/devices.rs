@@ -100,7 +100,9 @@ fn chown(path: &Path, owner: Owner) -> Result<()> {
         .with_context(|| format!("cannot give {} to uid {}", path.display(), owner.uid))
 }
 
-fn process_alive(pid: i32) -> bool {
+/// Whether process `pid` runs; a zombie (killed, not yet reaped by its
+/// parent) has ended.
+pub fn process_alive(pid: u32) -> bool {
     // A zombie (killed, not yet reaped by its parent) has ended.
     let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     if state
@@ -112,7 +114,7 @@ fn process_alive(pid: i32) -> bool {
     use nix::errno::Errno;
     pid > 0
         && matches!(
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None),
             Ok(()) | Err(Errno::EPERM)
         )
 }
@@ -123,9 +125,9 @@ fn process_alive(pid: i32) -> bool {
 fn clear_stale(dir: &Path, database: &str) -> Result<usize> {
     let pid_file = dir.join(PID_FILE);
     if let Ok(text) = std::fs::read_to_string(&pid_file) {
-        let pid: i32 = text.trim().parse().unwrap_or(0);
+        let pid: u32 = text.trim().parse().unwrap_or(0);
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if process_alive(pid) && comm.trim() == "flr" && pid != std::process::id() as i32 {
+        if process_alive(pid) && comm.trim() == "flr" && pid != std::process::id() {
             bail!(
                 "the devices of database {database} in {} are in use by flr (pid {pid})",
                 dir.display()

@@ -458,23 +458,6 @@ fn write_state(dir: &Path, state: &State) -> Result<()> {
     Ok(())
 }
 
-fn pid_alive(pid: u32) -> bool {
-    // A zombie (killed, not yet reaped by its parent) has ended.
-    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    if state
-        .rsplit_once(')')
-        .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
-    {
-        return false;
-    }
-    use nix::errno::Errno;
-    pid > 0
-        && matches!(
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None),
-            Ok(()) | Err(Errno::EPERM)
-        )
-}
-
 /// Removes what exports killed outright left in `staging` (and in the
 /// target, their partial directories): their server, mount and files.
 pub fn clear_leftovers(staging: &Path, target: Option<&Path>) {
@@ -489,16 +472,19 @@ pub fn clear_leftovers(staging: &Path, target: Option<&Path>) {
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
                 .unwrap_or_default();
-            if state.pid != 0 && pid_alive(state.pid) {
+            if state.pid != 0 && mountd::devices::process_alive(state.pid) {
                 continue;
             }
-            if let Some(pm) = state.postmaster.filter(|&p| pid_alive(p)) {
+            if let Some(pm) = state
+                .postmaster
+                .filter(|&p| mountd::devices::process_alive(p))
+            {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pm as i32),
                     nix::sys::signal::Signal::SIGKILL,
                 );
                 let until = Instant::now() + Duration::from_secs(10);
-                while pid_alive(pm) && Instant::now() < until {
+                while mountd::devices::process_alive(pm) && Instant::now() < until {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
@@ -522,7 +508,10 @@ pub fn clear_leftovers(staging: &Path, target: Option<&Path>) {
                 let Some(pid) = name.strip_prefix(".flr-partial-") else {
                     continue;
                 };
-                if pid.parse().is_ok_and(|p: u32| !pid_alive(p)) {
+                if pid
+                    .parse()
+                    .is_ok_and(|p: u32| !mountd::devices::process_alive(p))
+                {
                     let _ = std::fs::remove_dir_all(e.path());
                     tracing::warn!(
                         "removed {} left by an export that did not finish",

@@ -266,11 +266,16 @@ impl PgServer {
     /// Runs `sql` with `psql` against database `postgres`, stopping at the
     /// first error; does not assert.
     pub fn try_query(&self, sql: &str) -> Run {
+        self.try_query_in("postgres", sql)
+    }
+
+    /// [`Self::try_query`] in database `db`.
+    pub fn try_query_in(&self, db: &str, sql: &str) -> Run {
         run_cmd(
             Command::new(pg_program("psql"))
                 .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
                 .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-                .args(["-U", "postgres", "-d", "postgres"]),
+                .args(["-U", "postgres", "-d", db]),
             Some(sql),
         )
     }
@@ -279,13 +284,7 @@ impl PgServer {
     /// output, trimmed; panics with the server log on error.
     #[track_caller]
     pub fn query_in(&self, db: &str, sql: &str) -> String {
-        let r = run_cmd(
-            Command::new(pg_program("psql"))
-                .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-                .args(["-U", "postgres", "-d", db]),
-            Some(sql),
-        );
+        let r = self.try_query_in(db, sql);
         assert!(
             r.status.success(),
             "query in {db} failed on {}: {r}\n--- server log ---\n{}",
@@ -299,14 +298,7 @@ impl PgServer {
     /// separated by `|`), trimmed; panics with the server log on error.
     #[track_caller]
     pub fn query(&self, sql: &str) -> String {
-        let r = self.try_query(sql);
-        assert!(
-            r.status.success(),
-            "query failed on {}: {r}\n--- server log ---\n{}",
-            self.data.display(),
-            self.log_tail()
-        );
-        r.stdout.trim().to_string()
+        self.query_in("postgres", sql)
     }
 
     /// Runs `pgbench ARGS... postgres` against this server (as root: the
