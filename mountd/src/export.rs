@@ -738,6 +738,15 @@ impl<W: Write> Write for CountingWriter<W> {
 
 pub fn run(mut args: ExportArgs) -> Result<u8> {
     let started = Instant::now();
+    if args.to.to_string_lossy().contains("://") {
+        return Err(check_failed(
+            "target",
+            format!(
+                "{} is a URL; only local directories are export targets in this version (remote targets through another host's daemon are not built yet)",
+                args.to.display()
+            ),
+        ));
+    }
     // Programs run from `/`: every path handed to them is absolute.
     args.to = std::path::absolute(&args.to)?;
     args.staging = args

@@ -289,6 +289,24 @@ fn each_failed_check_names_itself_and_writes_nothing() {
     );
     assert!(left.is_empty());
 
+    // A remote target, which this version does not serve: refused, not
+    // taken for a local directory named `flr:`.
+    let remote = export(
+        &repo,
+        &rp,
+        "pgdata",
+        "files",
+        Path::new("flr://backup-host:8474/srv"),
+        &staging,
+        &[],
+    );
+    let run = remote.expect_code(1);
+    assert!(
+        run.stderr.contains("check `target` failed") && run.stderr.contains("URL"),
+        "{run}"
+    );
+    assert!(!Path::new("flr:").exists());
+
     // A target that is not empty.
     let busy = tmp.path().join("busy");
     flr_e2e::mkdir(&busy);
