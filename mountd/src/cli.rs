@@ -341,12 +341,6 @@ fn init(path: &Path, encrypt: bool, level: i32, page_level: i32) -> Result<u8> {
     Ok(exit::OK)
 }
 
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
 #[cfg(unix)]
 fn own_ids() -> (u32, u32) {
     use std::os::unix::fs::MetadataExt;
@@ -410,7 +404,7 @@ fn run_backup(
     let opts = BackupOptions {
         job,
         chunker,
-        hostname: hostname(),
+        hostname: mountd::hostname(),
         progress,
     };
     let manifest = backup::backup(&repo, source, &opts)

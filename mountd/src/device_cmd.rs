@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use mountd::devices::{pipe_opener, DeviceSet, Owner, Writer};
+use mountd::devices::{DeviceSet, Owner, Writer};
 use serde_json::json;
-use vfs_core::backup::{own_root, Progress};
-use vfs_core::devices::{self, Database, Device, DeviceStatus, StreamFormat};
+use vfs_core::backup::Progress;
+use vfs_core::devices::{self, StreamFormat};
 
 use crate::exit;
 use crate::progress::ProgressDisplay;
@@ -109,36 +109,17 @@ pub fn run(args: DevicesArgs) -> Result<u8> {
     });
 
     let mut writers = Vec::new();
-    let mut statuses = Vec::new();
-    let mut databases = Vec::new();
-    let root_time = vfs_core::backup::now_secs();
-    for db in &set.databases {
-        let mut root = own_root(root_time);
-        (root.uid, root.gid) = (owner.uid, owner.gid);
-        root.mode = 0o700;
-        let mut list = Vec::new();
-        for (i, path) in db.pipes.iter().enumerate() {
-            let writer = match &args.exec {
-                Some(cmd) => {
-                    let w = Writer::spawn(cmd, path, &db.database, i)?;
-                    writers.push(w.clone());
-                    Some(w)
-                }
-                None => None,
-            };
-            let status = DeviceStatus::new(path.display().to_string(), db.database.clone(), i);
-            statuses.push(status.clone());
-            list.push(Device {
-                status,
-                open: pipe_opener(path.clone(), args.timeout.map(Duration::from_secs), writer),
-            });
-        }
-        databases.push(Database {
-            job: db.database.clone(),
-            root,
-            devices: list,
-        });
-    }
+    let timeout = args.timeout.map(Duration::from_secs);
+    let (databases, statuses) = set.databases(owner, timeout, |db, i, path| {
+        Ok(match &args.exec {
+            Some(cmd) => {
+                let w = Writer::spawn(cmd, path, db, i)?;
+                writers.push(w.clone());
+                Some(w)
+            }
+            None => None,
+        })
+    })?;
 
     // One bar for all devices.
     let total = Arc::new(Progress::default());
@@ -158,13 +139,8 @@ pub fn run(args: DevicesArgs) -> Result<u8> {
         })
     };
     let display = ProgressDisplay::start(total, "devices", !args.quiet && !args.json);
-    let outcomes = devices::backup_databases(
-        &repo,
-        databases,
-        args.format,
-        &crate::cli::hostname(),
-        &cancel,
-    );
+    let outcomes =
+        devices::backup_databases(&repo, databases, args.format, &mountd::hostname(), &cancel);
     done.store(true, Ordering::Relaxed);
     let _ = summer.join();
     drop(display);

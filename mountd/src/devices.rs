@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use parking_lot::{Condvar, Mutex};
-use vfs_core::devices::Opener;
+use vfs_core::devices::{Database, Device, DeviceStatus, Opener};
 
 /// The file in each database's directory naming the serving process.
 const PID_FILE: &str = ".flr-devices.pid";
@@ -263,6 +263,41 @@ impl DeviceSet {
                 .enumerate()
                 .map(move |(i, p)| (d.database.as_str(), i, p.as_path()))
         })
+    }
+
+    /// The databases to back up through these pipes: each restore point's
+    /// root is `owner`'s (mode 0700, as a data directory needs), each pipe
+    /// waits `timeout` for its writer, and `writer` gives the `--exec`
+    /// command of a pipe, if any. Returns them with every device's status.
+    pub fn databases(
+        &self,
+        owner: Owner,
+        timeout: Option<Duration>,
+        mut writer: impl FnMut(&str, usize, &Path) -> Result<Option<Arc<Writer>>>,
+    ) -> Result<(Vec<Database>, Vec<Arc<DeviceStatus>>)> {
+        let now = vfs_core::backup::now_secs();
+        let mut statuses = Vec::new();
+        let mut databases = Vec::new();
+        for db in &self.databases {
+            let mut root = vfs_core::backup::own_root(now);
+            (root.uid, root.gid, root.mode) = (owner.uid, owner.gid, 0o700);
+            let mut devices = Vec::new();
+            for (i, path) in db.pipes.iter().enumerate() {
+                let w = writer(&db.database, i, path)?;
+                let status = DeviceStatus::new(path.display().to_string(), db.database.clone(), i);
+                statuses.push(status.clone());
+                devices.push(Device {
+                    status,
+                    open: pipe_opener(path.clone(), timeout, w),
+                });
+            }
+            databases.push(Database {
+                job: db.database.clone(),
+                root,
+                devices,
+            });
+        }
+        Ok((databases, statuses))
     }
 
     /// Removes the pipes and their directories (idempotent).

@@ -21,6 +21,14 @@
 //! - [`ingest`]: the control socket of an ingest mount (`flr mount
 //!   --ingest`), through which `flr ingest commit|abort` end it.
 
+/// This host's name, recorded in each restore point it commits (empty if
+/// unreadable).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 pub mod client;
 pub mod daemon;
 pub mod devices;

@@ -483,31 +483,26 @@ fn run_ingest(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
             say!("flr: ingest aborted: nothing committed");
             Ok(String::new())
         }
-        Ending::Commit => {
-            let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|s| s.trim().to_string())
-                .unwrap_or_default();
-            match fs.commit(&job, &hostname) {
-                Ok(m) => {
-                    let s = &m.stats;
-                    say!(
-                        "flr: committed restore point {}: {} files, {} written, {} added",
-                        m.full_name(),
-                        s.files,
-                        crate::cli::human(s.logical_bytes),
-                        crate::cli::human(s.added_bytes()),
-                    );
-                    Ok(serde_json::json!({
-                        "restore_point": m.full_name(),
-                        "stats": crate::cli::stats_json(s),
-                    })
-                    .to_string())
-                }
-                Err(e) => Err(format!(
-                    "the ingest's commit failed, nothing was committed: {e}"
-                )),
+        Ending::Commit => match fs.commit(&job, &mountd::hostname()) {
+            Ok(m) => {
+                let s = &m.stats;
+                say!(
+                    "flr: committed restore point {}: {} files, {} written, {} added",
+                    m.full_name(),
+                    s.files,
+                    crate::cli::human(s.logical_bytes),
+                    crate::cli::human(s.added_bytes()),
+                );
+                Ok(serde_json::json!({
+                    "restore_point": m.full_name(),
+                    "stats": crate::cli::stats_json(s),
+                })
+                .to_string())
             }
-        }
+            Err(e) => Err(format!(
+                "the ingest's commit failed, nothing was committed: {e}"
+            )),
+        },
     };
     let _ = done_tx.send(outcome.clone());
     // A commit's reply goes out before this process ends.

@@ -113,9 +113,7 @@ pub fn commit(cow: &Arc<CowFs>, job: &str) -> Result<Committed> {
     let opts = BackupOptions {
         job: job.to_string(),
         chunker: None,
-        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default(),
+        hostname: crate::hostname(),
         progress: Arc::new(Progress::default()),
     };
     let (manifest, skipped) = cow

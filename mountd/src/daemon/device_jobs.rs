@@ -17,12 +17,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use vfs_core::backup::own_root;
-use vfs_core::devices::{self, Database, Device, DeviceState, DeviceStatus, StreamFormat};
+use vfs_core::devices::{self, DeviceState, DeviceStatus, StreamFormat};
 
 use super::api::ApiError;
 use super::{log, unix_now, Daemon};
-use crate::devices::{pipe_opener, DeviceSet, Owner};
+use crate::devices::{DeviceSet, Owner};
 
 /// Finished device jobs kept for `GET /devices`.
 const KEEP_FINISHED: usize = 200;
@@ -319,27 +318,9 @@ pub async fn start(daemon: &Arc<Daemon>, req: DeviceRequest) -> Result<DeviceJob
     let set = DeviceSet::create(&dir, &req.databases, req.streams, req.owner)
         .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     let cancel = Arc::new(AtomicBool::new(false));
-    let mut statuses = Vec::new();
-    let mut databases = Vec::new();
-    let now = vfs_core::backup::now_secs();
-    for db in &set.databases {
-        let mut root = own_root(now);
-        (root.uid, root.gid, root.mode) = (req.owner.uid, req.owner.gid, 0o700);
-        let mut list = Vec::new();
-        for (i, path) in db.pipes.iter().enumerate() {
-            let status = DeviceStatus::new(path.display().to_string(), db.database.clone(), i);
-            statuses.push(status.clone());
-            list.push(Device {
-                status,
-                open: pipe_opener(path.clone(), req.timeout, None),
-            });
-        }
-        databases.push(Database {
-            job: db.database.clone(),
-            root,
-            devices: list,
-        });
-    }
+    let (databases, statuses) = set
+        .databases(req.owner, req.timeout, |_, _, _| Ok(None))
+        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
     let job = Arc::new(DeviceJob {
         id: id.clone(),
         repository: req.repository.clone(),
@@ -361,10 +342,8 @@ pub async fn start(daemon: &Arc<Daemon>, req: DeviceRequest) -> Result<DeviceJob
     let format = req.format;
     tokio::task::spawn_blocking(move || {
         let mut set = set;
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_default();
-        let outcomes = devices::backup_databases(&repo, databases, format, &host, &cancel);
+        let outcomes =
+            devices::backup_databases(&repo, databases, format, &crate::hostname(), &cancel);
         set.remove();
         let _ = std::fs::remove_dir(&dir);
         let mut results = BTreeMap::new();
