@@ -34,6 +34,13 @@ use crate::repo::{
     pack_key, IndexEntry, IndexFile, PackTable, Repository, RestorePointName, PAGE_CHUNK_MAX,
 };
 
+/// Buffers of written packs kept for new ones: the writer holds one, the
+/// channel one, and one is being filled.
+const SPARE_PACKS: usize = 2;
+
+/// Batch buffers of finished files kept for the next files.
+const SPARE_TAILS: usize = 4;
+
 /// Bytes a stream gathers before it cuts and stores them: large enough to
 /// keep both cores busy between hand-offs, small enough that memory stays a
 /// few batches per stream.
@@ -41,9 +48,12 @@ pub const BATCH_BYTES: usize = 4 << 20;
 
 /// Reads a stream ahead on its own thread, in blocks, into a channel that
 /// holds `depth` of them: reading (a pipe, standard input) overlaps with
-/// chunking and storing, and memory stays `block * (depth + 2)`.
+/// chunking and storing, and memory stays `block * (depth + 2)`. Blocks
+/// the reader has used go back to the thread, so no block is allocated
+/// (nor its pages faulted in) more than once.
 pub struct ReadAhead {
     rx: crossbeam_channel::Receiver<std::io::Result<Vec<u8>>>,
+    spent: crossbeam_channel::Sender<Vec<u8>>,
     block: Vec<u8>,
     at: usize,
     done: bool,
@@ -51,38 +61,38 @@ pub struct ReadAhead {
 
 impl ReadAhead {
     pub fn new(mut reader: Box<dyn std::io::Read + Send>, block: usize, depth: usize) -> Self {
+        use std::io::Read;
         let (tx, rx) = crossbeam_channel::bounded(depth);
+        let (spent, reuse) = crossbeam_channel::bounded::<Vec<u8>>(depth + 2);
         std::thread::spawn(move || loop {
-            let mut buf = vec![0u8; block];
-            let mut got = 0;
-            let mut end = false;
-            while got < block {
-                match reader.read(&mut buf[got..]) {
-                    Ok(0) => {
-                        end = true;
-                        break;
-                    }
-                    Ok(n) => got += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        // The bytes before the failure first, so that it
-                        // is reported where it happened.
-                        buf.truncate(got);
-                        if got > 0 && tx.send(Ok(buf)).is_err() {
-                            return;
-                        }
-                        let _ = tx.send(Err(e));
+            let mut buf = reuse
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(block));
+            buf.clear();
+            // `read_to_end` fills the spare capacity without zeroing it
+            // first, and keeps what it read before a failure.
+            let read = (&mut reader).take(block as u64).read_to_end(&mut buf);
+            let got = buf.len();
+            match read {
+                Ok(_) => {
+                    if (got > 0 && tx.send(Ok(buf)).is_err()) || got < block {
                         return;
                     }
                 }
-            }
-            buf.truncate(got);
-            if (got > 0 && tx.send(Ok(buf)).is_err()) || end {
-                return;
+                Err(e) => {
+                    // The bytes before the failure first, so that it is
+                    // reported where it happened.
+                    if got > 0 && tx.send(Ok(buf)).is_err() {
+                        return;
+                    }
+                    let _ = tx.send(Err(e));
+                    return;
+                }
             }
         });
         ReadAhead {
             rx,
+            spent,
             block: Vec::new(),
             at: 0,
             done: false,
@@ -98,7 +108,10 @@ impl std::io::Read for ReadAhead {
             }
             match self.rx.recv() {
                 Ok(Ok(b)) => {
-                    self.block = b;
+                    let used = std::mem::replace(&mut self.block, b);
+                    if used.capacity() > 0 {
+                        let _ = self.spent.try_send(used);
+                    }
                     self.at = 0;
                 }
                 Ok(Err(e)) => {
@@ -139,8 +152,13 @@ struct PackBuilder {
 }
 
 impl PackBuilder {
-    fn new(target: usize) -> Self {
-        let mut buf = Vec::with_capacity(target.min(format::PACK_TARGET_SIZE) + (1 << 20));
+    /// A pack in `spare`'s buffer, if there is one: a fresh 33 MiB buffer
+    /// per pack is a page fault for every page it fills.
+    fn new(target: usize, spare: &mut Vec<Vec<u8>>) -> Self {
+        let mut buf = spare.pop().unwrap_or_else(|| {
+            Vec::with_capacity(target.min(format::PACK_TARGET_SIZE) + (1 << 20))
+        });
+        buf.clear();
         buf.extend_from_slice(&format::pack_header());
         PackBuilder {
             buf,
@@ -179,6 +197,8 @@ struct State {
     /// disk stops every stream and commits nothing.
     failure: Option<String>,
     closed: bool,
+    /// Buffers of written packs, for the next packs.
+    spare_packs: Vec<Vec<u8>>,
 }
 
 /// The shared data mover of an ingest; `R` is how it holds the repository
@@ -186,6 +206,8 @@ struct State {
 pub struct Mover<R: Deref<Target = Repository>> {
     repo: R,
     state: Mutex<State>,
+    /// Batch buffers of finished files, for the next files' tails.
+    spare_tails: Mutex<Vec<Vec<u8>>>,
     changed: Condvar,
     pack_tx: crossbeam_channel::Sender<PackBuilder>,
     pack_rx: crossbeam_channel::Receiver<PackBuilder>,
@@ -204,7 +226,7 @@ impl<R: Deref<Target = Repository>> Mover<R> {
         Mover {
             repo,
             state: Mutex::new(State {
-                pack: PackBuilder::new(target),
+                pack: PackBuilder::new(target, &mut Vec::new()),
                 pending: IdSet::default(),
                 next_ticket: 0,
                 active: Default::default(),
@@ -212,7 +234,9 @@ impl<R: Deref<Target = Repository>> Mover<R> {
                 written: 0,
                 failure: None,
                 closed: false,
+                spare_packs: Vec::new(),
             }),
+            spare_tails: Mutex::new(Vec::new()),
             changed: Condvar::new(),
             pack_tx,
             pack_rx,
@@ -252,12 +276,17 @@ impl<R: Deref<Target = Repository>> Mover<R> {
             let failed = self.state.lock().failure.is_some();
             let ids: Vec<ChunkId> = pack.entries.iter().map(|e| e.id).collect();
             let outcome = if failed {
-                Ok(())
+                Ok(None)
             } else {
                 write_pack(&self.repo, pack)
             };
             let mut st = self.state.lock();
             st.written += 1;
+            let outcome = outcome.map(|buf| {
+                if let Some(buf) = buf.filter(|_| st.spare_packs.len() < SPARE_PACKS) {
+                    st.spare_packs.push(buf);
+                }
+            });
             if outcome.is_ok() && !failed {
                 // The index has them now.
                 for id in &ids {
@@ -414,7 +443,8 @@ impl<R: Deref<Target = Repository>> Mover<R> {
             stats.new_chunks += members.len() as u64;
             stats.new_chunk_bytes += bytes.len() as u64;
             if st.pack.buf.len() >= target {
-                let full = std::mem::replace(&mut st.pack, PackBuilder::new(target));
+                let next = PackBuilder::new(target, &mut st.spare_packs);
+                let full = std::mem::replace(&mut st.pack, next);
                 st.sent += 1;
                 // The channel holds one pack: waiting here (lock released,
                 // so other streams go on cutting and hashing) is the
@@ -442,7 +472,8 @@ impl<R: Deref<Target = Repository>> Mover<R> {
         Self::failed(&st)?;
         if !st.pack.entries.is_empty() {
             let target = self.repo.pack_target();
-            let full = std::mem::replace(&mut st.pack, PackBuilder::new(target));
+            let next = PackBuilder::new(target, &mut st.spare_packs);
+            let full = std::mem::replace(&mut st.pack, next);
             st.sent += 1;
             let sent = parking_lot::MutexGuard::unlocked(&mut st, || self.pack_tx.send(full));
             if sent.is_err() {
@@ -454,6 +485,20 @@ impl<R: Deref<Target = Repository>> Mover<R> {
             self.changed.wait(&mut st);
         }
         Self::failed(&st)
+    }
+
+    /// An empty buffer for a file's tail, recycled if one is spare.
+    fn tail_buffer(&self) -> Vec<u8> {
+        self.spare_tails.lock().pop().unwrap_or_default()
+    }
+
+    /// Keeps a finished file's buffer for the next file.
+    fn recycle_tail(&self, mut buf: Vec<u8>) {
+        let mut spare = self.spare_tails.lock();
+        if buf.capacity() > 0 && spare.len() < SPARE_TAILS {
+            buf.clear();
+            spare.push(buf);
+        }
     }
 
     /// A chunk's bytes, whether or not its pack is written yet (a pending
@@ -473,14 +518,14 @@ impl<R: Deref<Target = Repository>> Mover<R> {
 /// other frames make another pack. Both writes are create-only: an existing
 /// object is accepted only if identical in meaning (another backup wrote
 /// the very same pack), never replaced.
-fn write_pack(repo: &Repository, pack: PackBuilder) -> Result<()> {
+fn write_pack(repo: &Repository, pack: PackBuilder) -> Result<Option<Vec<u8>>> {
     let PackBuilder {
         mut buf,
         entries,
         owners,
     } = pack;
     if entries.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let frames = (buf.len() - format::PACK_HEADER_LEN) as u64;
     let table_at = buf.len();
@@ -509,7 +554,7 @@ fn write_pack(repo: &Repository, pack: PackBuilder) -> Result<()> {
         given += part;
         share.0.fetch_add(part, Ordering::Relaxed);
     }
-    Ok(())
+    Ok(Some(buf))
 }
 
 thread_local! {
@@ -563,20 +608,30 @@ fn encode_frame(
     level: i32,
     keys: Option<&crate::crypto::Keys>,
 ) -> (Vec<u8>, u8, u32) {
-    let plain: Vec<u8> = if let [k] = members {
-        batch.data[batch.chunks[*k].clone()].to_vec()
+    // New chunks of one file mostly lie side by side in the batch: their
+    // frame is then a slice of it, not a copy.
+    let ranges = || members.iter().map(|&k| batch.chunks[k].clone());
+    let contiguous = ranges()
+        .zip(ranges().skip(1))
+        .all(|(a, b)| a.end == b.start);
+    let joined;
+    let plain: &[u8] = if contiguous {
+        let first = batch.chunks[members[0]].start;
+        let last = batch.chunks[*members.last().expect("a frame has members")].end;
+        &batch.data[first..last]
     } else {
-        let mut v = Vec::with_capacity(members.iter().map(|&k| batch.chunks[k].len()).sum());
-        for &k in members {
-            v.extend_from_slice(&batch.data[batch.chunks[k].clone()]);
+        let mut v = Vec::with_capacity(ranges().map(|r| r.len()).sum());
+        for r in ranges() {
+            v.extend_from_slice(&batch.data[r]);
         }
-        v
+        joined = v;
+        &joined
     };
     let raw_len = plain.len() as u32;
-    let mut stored = compress(level, &plain);
+    let mut stored = compress(level, plain);
     let mut flags = CHUNK_ZSTD;
     if stored.len() >= plain.len() {
-        stored = plain;
+        stored = plain.to_vec();
         flags = 0;
     }
     if let Some(k) = keys {
@@ -661,23 +716,29 @@ impl FileWriter {
         if used == 0 {
             return Ok(());
         }
-        let rest = self.tail.split_off(used);
+        // The batch borrows the whole tail and gives it back: the bytes
+        // past the last cut move to its front, so one buffer serves every
+        // batch of the file (a fresh one per batch cost a page fault per
+        // 4 KiB, and growing it a copy).
         let batch = ChunkBatch {
-            data: std::mem::replace(&mut self.tail, rest),
+            data: std::mem::take(&mut self.tail),
             chunks: ranges,
             offset: self.frontier,
         };
-        let stored = match mover.store(&batch, &mut self.stats, &self.share) {
+        let stored = mover.store(&batch, &mut self.stats, &self.share);
+        let mut data = batch.data;
+        let stored = match stored {
             Ok(s) => s,
             Err(e) => {
                 // Keep the bytes: the write that failed is reported, and
                 // the file is as it was before it.
-                let mut data = batch.data;
-                data.extend_from_slice(&self.tail);
                 self.tail = data;
                 return Err(e);
             }
         };
+        data.copy_within(used.., 0);
+        data.truncate(data.len() - used);
+        self.tail = data;
         for (id, len) in stored.chunks {
             self.starts.push(self.frontier);
             self.chunks.push((id, len));
@@ -691,7 +752,9 @@ impl FileWriter {
     /// rewrites, so that many such files do not each hold a whole batch.
     /// The file's chunking stays what it would have been.
     pub fn settle<R: Deref<Target = Repository>>(&mut self, mover: &Mover<R>) -> Result<()> {
-        self.cut(mover, false)
+        self.cut(mover, false)?;
+        self.tail.shrink_to_fit();
+        Ok(())
     }
 
     /// Bytes held before cutting: the batch size, and at least two of the
@@ -792,6 +855,9 @@ impl FileWriter {
             let at = (from - self.frontier) as usize;
             let overlap = (self.tail.len() - at).min(data.len());
             self.tail[at..at + overlap].copy_from_slice(&data[..overlap]);
+            if self.tail.capacity() == 0 && overlap < data.len() {
+                self.tail = mover.tail_buffer();
+            }
             // Append the rest a batch at a time.
             for piece in data[overlap..].chunks(self.batch_bytes) {
                 self.tail.extend_from_slice(piece);
@@ -862,6 +928,7 @@ impl FileWriter {
         mover: &Mover<R>,
     ) -> Result<(Content, u64, BackupStats)> {
         self.cut(mover, true)?;
+        mover.recycle_tail(std::mem::take(&mut self.tail));
         let size = self.frontier;
         let mut stats = self.stats;
         stats.logical_bytes += size;
