@@ -556,11 +556,7 @@ fn run_restore(
     let repo = open_repo(repo_path)?;
     let name: RestorePointName = repo.resolve(spec)?;
     // Taken before the manifest is read, so `flr forget` keeps it.
-    let _reader = vfs_core::lock::LockGuard::acquire(
-        &repo,
-        vfs_core::lock::LockKind::Reader,
-        vec![name.to_string()],
-    )?;
+    let _reader = vfs_core::lock::acquire_reader(&repo, vec![name.to_string()]);
     let manifest = repo.load_manifest(&name)?;
     let progress = Arc::new(Progress::default());
     let display = ProgressDisplay::start(progress.clone(), "restore", !quiet && !json);

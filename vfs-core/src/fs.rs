@@ -364,8 +364,9 @@ pub struct RepoFs {
     options: FsOptions,
     pub counters: Arc<FsCounters>,
     /// Names the restore points this mount serves, so `flr forget` keeps
-    /// them (see [`crate::lock`]).
-    reader_lock: crate::lock::LockGuard,
+    /// them (see [`crate::lock`]). `None` when the repository cannot be
+    /// written (a read-only copy): the mount serves it all the same.
+    reader_lock: Option<crate::lock::LockGuard>,
 }
 
 fn parse_timestamp_name(name: &str) -> Option<i64> {
@@ -394,16 +395,15 @@ impl RepoFs {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        let reader_lock = crate::lock::LockGuard::acquire(
+        let reader_lock = crate::lock::acquire_reader(
             &repo,
-            crate::lock::LockKind::Reader,
             options
                 .filter
                 .restore_point
                 .iter()
                 .map(|r| r.to_string())
                 .collect(),
-        )?;
+        );
         let mut synthetic = HashMap::new();
         synthetic.insert(ROOT_INO, Synthetic::Root);
         let cache = Arc::new(ChunkCache::new(options.cache_bytes));
@@ -505,7 +505,11 @@ impl RepoFs {
             .filter(|n| filter.restore_point.as_ref().is_none_or(|r| r == *n))
             .map(|n| n.to_string())
             .collect();
-        if let Err(e) = self.reader_lock.set_restore_points(served) {
+        if let Some(Err(e)) = self
+            .reader_lock
+            .as_ref()
+            .map(|l| l.set_restore_points(served))
+        {
             tracing::warn!("updating this mount's reader lock: {e}");
         }
         // A restore point committed since the index was read refers to

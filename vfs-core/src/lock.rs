@@ -449,6 +449,22 @@ impl Drop for LockGuard {
     }
 }
 
+/// A reader lock if one can be taken. Reading needs no lock, so a
+/// repository this process cannot write (a read-only copy) is still
+/// served; `flr forget` then cannot know, and a warning says so.
+pub fn acquire_reader(repo: &Repository, restore_points: Vec<String>) -> Option<LockGuard> {
+    match LockGuard::acquire(repo, LockKind::Reader, restore_points) {
+        Ok(lock) => Some(lock),
+        Err(e) => {
+            tracing::warn!(
+                "cannot take a reader lock in {} ({e}); `flr forget` will not know these restore points are in use",
+                repo.store().location()
+            );
+            None
+        }
+    }
+}
+
 /// A prune's list of packs to delete later (`pending/<id>.packs`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingPacks {
