@@ -115,6 +115,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove restore points by a retention policy (restic's rules, per
+    /// job, periods in UTC); mounted restore points are kept.
+    Forget(crate::gc_cmd::ForgetArgs),
+    /// Delete packs no restore point uses and repack mostly unused ones;
+    /// safe while backups run (deletion waits for them).
+    Prune(crate::gc_cmd::PruneArgs),
+    /// Remove stale locks (or, with --remove-all, every lock).
+    Unlock(crate::gc_cmd::UnlockArgs),
     /// Repair repository metadata from the data itself.
     Repair {
         #[command(subcommand)]
@@ -250,6 +258,9 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Repair {
             command: RepairCommand::Index { repo, json },
         } => run_repair_index(&repo, json),
+        Command::Forget(args) => crate::gc_cmd::run_forget(args),
+        Command::Prune(args) => crate::gc_cmd::run_prune(args),
+        Command::Unlock(args) => crate::gc_cmd::run_unlock(args),
         Command::Mount(args) => crate::mount::run(args, &socket),
         Command::Daemon { config, .. } => crate::remote::daemon(config, cli.socket),
         Command::Unmount { session } => crate::remote::unmount(&socket, &session),
@@ -544,6 +555,8 @@ fn run_restore(
 ) -> Result<u8> {
     let repo = open_repo(repo_path)?;
     let name: RestorePointName = repo.resolve(spec)?;
+    // Taken before the manifest is read, so `flr forget` keeps it.
+    let _reader = vfs_core::lock::acquire_reader(&repo, vec![name.to_string()]);
     let manifest = repo.load_manifest(&name)?;
     let progress = Arc::new(Progress::default());
     let display = ProgressDisplay::start(progress.clone(), "restore", !quiet && !json);

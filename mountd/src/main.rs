@@ -13,6 +13,7 @@
 mod cli;
 mod device_cmd;
 mod export;
+mod gc_cmd;
 mod ingest_cmd;
 mod logging;
 mod mount;

@@ -132,8 +132,9 @@ pub fn backup_databases(
 ) -> Vec<Outcome> {
     let started = Instant::now();
     let start_secs = crate::backup::now_secs();
-    Mover::scoped(repo, |mover| {
-        std::thread::scope(|s| {
+    let jobs: Vec<String> = databases.iter().map(|d| d.job.clone()).collect();
+    let outcomes = Mover::scoped(repo, |mover| {
+        Ok(std::thread::scope(|s| {
             let running: Vec<_> = databases
                 .into_iter()
                 .map(|db| {
@@ -155,7 +156,17 @@ pub fn backup_databases(
                     }),
                 })
                 .collect()
-        })
+        }))
+    });
+    // Without a writer lock nothing was read: every database fails alike.
+    outcomes.unwrap_or_else(|e| {
+        let why = e.to_string();
+        jobs.into_iter()
+            .map(|job| Outcome {
+                job,
+                result: Err(Error::Storage(why.clone())),
+            })
+            .collect()
     })
 }
 

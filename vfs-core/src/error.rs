@@ -58,6 +58,9 @@ pub enum Error {
     /// a part it belongs with failed; the message says which.
     #[error("{0}")]
     Cancelled(String),
+    /// A lock in the repository stands in the way, or was lost.
+    #[error("{0}")]
+    Locked(String),
 }
 
 impl Error {

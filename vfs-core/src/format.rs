@@ -8,6 +8,9 @@
 //! packs/<2 hex>/<pack id>.pack PACK_HEADER | stored frames | Envelope(PACK_TABLE) | PACK_TRAILER
 //! index/<pack id>.idx          Envelope(INDEX): the entries of that one pack (a copy of its table)
 //! restore-points/<job>/<ts>.rp Envelope(MANIFEST): one restore point
+//! locks/<lock id>.<n>          Envelope(LOCK): a writer, reader or prune lock, refresh n
+//! pending/<id>.packs           Envelope(PENDING): packs a prune will delete later
+//! pending/<id>.writers         Envelope(PENDING_WRITERS): writer locks it waits for
 //! tmp/                         objects being written; never read
 //! ```
 //!
@@ -28,6 +31,13 @@ pub const REPO_VERSION: u32 = 2;
 pub const CONFIG_MAGIC: [u8; 8] = *b"FLRCONF\0";
 pub const INDEX_MAGIC: [u8; 8] = *b"FLRINDX\0";
 pub const MANIFEST_MAGIC: [u8; 8] = *b"FLRMANI\0";
+/// A lock (`locks/<lock id>.<refresh number>`), see [`crate::lock`].
+pub const LOCK_MAGIC: [u8; 8] = *b"FLRLOCK\0";
+/// A prune's list of packs waiting for deletion (`pending/<id>.packs`).
+pub const PENDING_MAGIC: [u8; 8] = *b"FLRPDEL\0";
+/// The writer locks that existed when a pending list took effect
+/// (`pending/<id>.writers`).
+pub const PENDING_WRITERS_MAGIC: [u8; 8] = *b"FLRPWRT\0";
 pub const PACK_MAGIC: [u8; 8] = *b"FLRPACK\0";
 /// The envelope of a pack's own entry table, stored inside the pack.
 pub const PACK_TABLE_MAGIC: [u8; 8] = *b"FLRPTAB\0";

@@ -363,6 +363,10 @@ pub struct RepoFs {
     readahead: Option<crossbeam_channel::Sender<ReadaheadJob>>,
     options: FsOptions,
     pub counters: Arc<FsCounters>,
+    /// Names the restore points this mount serves, so `flr forget` keeps
+    /// them (see [`crate::lock`]). `None` when the repository cannot be
+    /// written (a read-only copy): the mount serves it all the same.
+    reader_lock: Option<crate::lock::LockGuard>,
 }
 
 fn parse_timestamp_name(name: &str) -> Option<i64> {
@@ -391,6 +395,15 @@ impl RepoFs {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
+        let reader_lock = crate::lock::acquire_reader(
+            &repo,
+            options
+                .filter
+                .restore_point
+                .iter()
+                .map(|r| r.to_string())
+                .collect(),
+        );
         let mut synthetic = HashMap::new();
         synthetic.insert(ROOT_INO, Synthetic::Root);
         let cache = Arc::new(ChunkCache::new(options.cache_bytes));
@@ -440,6 +453,7 @@ impl RepoFs {
             readahead,
             options,
             counters,
+            reader_lock,
         });
         fs.refresh(true)?;
         if let Some(rp) = &fs.options.filter.restore_point {
@@ -484,6 +498,20 @@ impl RepoFs {
             .map(|r| r.job.as_str())
             .or(filter.job.as_deref());
         let names = self.repo.list_restore_points(job)?;
+        // Named in the reader lock before they are shown, so none is
+        // forgotten once a reader may have opened it.
+        let served: Vec<String> = names
+            .iter()
+            .filter(|n| filter.restore_point.as_ref().is_none_or(|r| r == *n))
+            .map(|n| n.to_string())
+            .collect();
+        if let Some(Err(e)) = self
+            .reader_lock
+            .as_ref()
+            .map(|l| l.set_restore_points(served))
+        {
+            tracing::warn!("updating this mount's reader lock: {e}");
+        }
         // A restore point committed since the index was read refers to
         // chunks the in-memory index does not know yet. Its index files
         // were written before its manifest, so reading the index again now
@@ -1214,6 +1242,35 @@ impl Located {
 /// however many readers ask) and the chunk's range in it, checked against
 /// the chunk's id on every use.
 fn chunk_bytes(repo: &Repository, cache: &ChunkCache, chunk: &Located) -> FsResult<ChunkSlice> {
+    match frame_bytes(repo, cache, chunk) {
+        Ok(found) => Ok(found),
+        Err(e) => {
+            // A prune repacked the chunk and deleted its old pack: the
+            // index read again locates it in its new pack.
+            let gone = repo
+                .store()
+                .size(&crate::repo::pack_key(&chunk.pack))
+                .is_ok_and(|s| s.is_none());
+            if !gone {
+                return Err(e);
+            }
+            repo.reload_index()?;
+            let again = Located::find(repo, chunk.id)?;
+            if again.pack == chunk.pack {
+                return Err(e);
+            }
+            tracing::debug!(
+                "chunk {} moved from pack {} to {}",
+                chunk.id,
+                chunk.pack,
+                again.pack
+            );
+            frame_bytes(repo, cache, &again)
+        }
+    }
+}
+
+fn frame_bytes(repo: &Repository, cache: &ChunkCache, chunk: &Located) -> FsResult<ChunkSlice> {
     let Located {
         id,
         loc,

@@ -29,6 +29,7 @@ use crate::chunker::{self, ChunkBatch, ChunkerKind, CDC_MAX};
 use crate::error::{Error, Result};
 use crate::format::{self, CHUNK_ZSTD};
 use crate::ids::{ChunkId, IdSet, PackId};
+use crate::lock::{LockGuard, LockKind};
 use crate::manifest::{timestamp_name, BackupStats, Content, Manifest, Node, NodeKind};
 use crate::repo::{
     pack_key, IndexEntry, IndexFile, PackTable, Repository, RestorePointName, PAGE_CHUNK_MAX,
@@ -211,6 +212,8 @@ pub struct Mover<R: Deref<Target = Repository>> {
     changed: Condvar,
     pack_tx: crossbeam_channel::Sender<PackBuilder>,
     pack_rx: crossbeam_channel::Receiver<PackBuilder>,
+    /// This ingest's writer lock, taken before the index was read.
+    lock: LockGuard,
 }
 
 /// What one `store` call found.
@@ -220,10 +223,14 @@ pub struct Stored {
 }
 
 impl<R: Deref<Target = Repository>> Mover<R> {
-    pub fn new(repo: R) -> Self {
+    /// Takes a writer lock, then re-reads the index, so that nothing a
+    /// prune has listed for deletion since is reused (see [`crate::lock`]).
+    pub fn new(repo: R) -> Result<Self> {
+        let lock = LockGuard::acquire(&repo, LockKind::Writer, Vec::new())?;
+        repo.reload_index()?;
         let target = repo.pack_target();
         let (pack_tx, pack_rx) = crossbeam_channel::bounded(1);
-        Mover {
+        Ok(Mover {
             repo,
             state: Mutex::new(State {
                 pack: PackBuilder::new(target, &mut Vec::new()),
@@ -240,17 +247,24 @@ impl<R: Deref<Target = Repository>> Mover<R> {
             changed: Condvar::new(),
             pack_tx,
             pack_rx,
-        }
+            lock,
+        })
     }
 
     pub fn repo(&self) -> &Repository {
         &self.repo
     }
 
+    /// Fails unless this ingest's writer lock still holds (call before
+    /// writing a manifest).
+    pub fn check_lock(&self) -> Result<()> {
+        self.lock.check()
+    }
+
     /// Runs `f` with a mover whose writer runs on a scoped thread; the
     /// writer is closed when `f` returns, panics included (call
     /// [`Mover::flush`] inside `f` for the packs to be written).
-    pub fn scoped<T>(repo: R, f: impl FnOnce(&Mover<R>) -> T) -> T
+    pub fn scoped<T>(repo: R, f: impl FnOnce(&Mover<R>) -> Result<T>) -> Result<T>
     where
         R: Sync,
     {
@@ -260,7 +274,7 @@ impl<R: Deref<Target = Repository>> Mover<R> {
                 self.0.close();
             }
         }
-        let mover = Mover::new(repo);
+        let mover = Mover::new(repo)?;
         std::thread::scope(|s| {
             s.spawn(|| mover.run_writer());
             let _close = CloseOnDrop(&mover);
@@ -361,7 +375,7 @@ impl<R: Deref<Target = Repository>> Mover<R> {
                 stats.chunks += 1;
                 if let Some(id) = id {
                     stats.read_bytes += r.len() as u64;
-                    if !index.chunks.contains_key(id) && st.pending.insert(*id) {
+                    if !index.has_for_dedup(id) && st.pending.insert(*id) {
                         new.push(k);
                     }
                 }
@@ -1145,6 +1159,8 @@ pub fn commit<R: Deref<Target = Repository>>(
         nodes,
     };
     manifest.validate("new restore point")?;
+    mover.check_lock()?;
+    rescue_pending_packs(repo, &manifest)?;
     let estimate = repo.encode_meta(format::MANIFEST_MAGIC, &manifest).len() as u64;
     manifest.stats.new_meta_bytes += estimate;
     loop {
@@ -1163,4 +1179,39 @@ pub fn commit<R: Deref<Target = Repository>>(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Writes again the index files of packs on a prune's pending list that
+/// `manifest` uses (this writer reused them before they were listed, or
+/// wrote them itself), so the repository verifies clean as soon as the
+/// manifest is written. The prune that decides about them keeps them too.
+fn rescue_pending_packs(repo: &Repository, manifest: &Manifest) -> Result<()> {
+    let pending = crate::lock::pending_pack_set(repo)?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let mut used = std::collections::HashSet::new();
+    {
+        let index = repo.index().read();
+        for node in &manifest.nodes {
+            for id in node.content.ids() {
+                if let Some(loc) = index.chunks.get(&id) {
+                    let pack = index.packs[loc.pack as usize];
+                    if pending.contains(&pack) {
+                        used.insert(pack);
+                    }
+                }
+            }
+        }
+    }
+    for pack in used {
+        let (pack_len, entries) = repo.read_pack_table(&pack)?;
+        repo.put_index_file(&IndexFile {
+            pack,
+            pack_len,
+            entries,
+        })?;
+        tracing::info!("kept pack {pack}, listed for deletion by a prune, which this backup uses");
+    }
+    Ok(())
 }

@@ -261,12 +261,13 @@ fn check_name(name: &[u8]) -> FsResult<()> {
 impl IngestFs {
     /// Starts an ingest into `repo`: the mover's writer runs on a thread of
     /// its own until [`IngestFs::commit`] or [`IngestFs::abort`].
-    pub fn new(repo: Arc<Repository>, options: IngestOptions) -> std::io::Result<Arc<IngestFs>> {
-        let mover = Arc::new(Mover::new(repo));
+    pub fn new(repo: Arc<Repository>, options: IngestOptions) -> crate::Result<Arc<IngestFs>> {
+        let mover = Arc::new(Mover::new(repo)?);
         let writer = mover.clone();
         let thread = std::thread::Builder::new()
             .name("flr-ingest-packs".into())
-            .spawn(move || writer.run_writer())?;
+            .spawn(move || writer.run_writer())
+            .map_err(|e| crate::Error::Storage(format!("cannot start the pack writer: {e}")))?;
         let (settle_tx, settle_rx) = crossbeam_channel::unbounded::<Arc<IngestFile>>();
         let settler = mover.clone();
         let settle_thread = std::thread::Builder::new()
@@ -277,7 +278,8 @@ impl IngestFs {
                         tracing::warn!("storing a closed file's data failed: {e}");
                     }
                 }
-            })?;
+            })
+            .map_err(|e| crate::Error::Storage(format!("cannot start the ingest: {e}")))?;
         let t = now();
         let root = Inode {
             parent: ROOT_INO,

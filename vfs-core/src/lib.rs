@@ -20,6 +20,9 @@
 //!   chunk, and readahead.
 //! - [`session`]: writable sessions, a copy-on-write layer over one
 //!   restore point that keeps changed byte ranges in a session directory.
+//! - [`lock`], [`forget`] and [`prune`]: locks of writers, readers and
+//!   prune in the store; retention; garbage collection with delayed
+//!   deletion, safe beside running writers.
 //! - [`ingest`] and [`ingest_fs`]: writing into the repository from many
 //!   streams at once; [`ingest_fs::IngestFs`] is a write-only filesystem
 //!   whose files become one restore point when it is committed.
@@ -30,13 +33,16 @@ pub mod chunker;
 pub mod crypto;
 pub mod devices;
 pub mod error;
+pub mod forget;
 pub mod format;
 pub mod fs;
 pub mod ids;
 pub mod ingest;
 pub mod ingest_fs;
 pub mod local_store;
+pub mod lock;
 pub mod manifest;
+pub mod prune;
 pub mod repair;
 pub mod repo;
 pub mod restore;

@@ -137,9 +137,29 @@ pub struct Index {
     pack_numbers: HashMap<PackId, u32>,
     /// Packs left out because they are missing or damaged, as messages.
     pub problems: Vec<String>,
+    /// Packs (by number) that a prune has listed for deletion: readable,
+    /// but never reused by a writer ([`crate::lock`] says why).
+    no_dedup: std::collections::HashSet<u32>,
 }
 
 impl Index {
+    /// Whether a writer may reuse the stored chunk `id` instead of storing
+    /// it again: it is indexed, in a pack no prune is about to delete.
+    pub fn has_for_dedup(&self, id: &ChunkId) -> bool {
+        self.chunks
+            .get(id)
+            .is_some_and(|loc| !self.no_dedup.contains(&loc.pack))
+    }
+
+    /// Keeps writers from reusing the chunks of `packs` from now on.
+    pub fn exclude_from_dedup(&mut self, packs: &[PackId]) {
+        for p in packs {
+            if let Some(n) = self.pack_numbers.get(p) {
+                self.no_dedup.insert(*n);
+            }
+        }
+    }
+
     pub fn add_pack(&mut self, file: &IndexFile) {
         let n = match self.pack_numbers.get(&file.pack) {
             Some(n) => *n,
@@ -199,6 +219,26 @@ impl RestorePointName {
 impl std::fmt::Display for RestorePointName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.job, self.name)
+    }
+}
+
+/// Encodes metadata as [`Repository::encode_meta`] does.
+#[derive(Clone)]
+pub struct MetaEncoder {
+    keys: Option<Keys>,
+    level: i32,
+}
+
+impl MetaEncoder {
+    pub fn encode<T: Serialize>(&self, magic: [u8; 8], value: &T) -> Vec<u8> {
+        let plain = postcard::to_stdvec(value).expect("metadata serializes");
+        let mut payload = zstd::bulk::compress(&plain, self.level).expect("zstd in memory");
+        let mut flags = FLAG_ZSTD;
+        if let Some(keys) = &self.keys {
+            payload = keys.seal_meta(&payload);
+            flags |= FLAG_SEALED;
+        }
+        format::seal_envelope(magic, flags, &payload)
     }
 }
 
@@ -476,9 +516,14 @@ impl Repository {
         Ok(table.entries)
     }
 
-    /// Reads every index file into memory. Index files of other writers
-    /// that appear later are picked up by calling this again.
+    /// Reads every index file into memory, replacing what was there:
+    /// index files of other writers that appeared are picked up, those a
+    /// prune removed are dropped. Packs on a prune's pending list (listed
+    /// before the index files are read, see [`crate::lock`]) stay readable
+    /// but are excluded from deduplication, and a chunk that is also in
+    /// another pack is located there.
     pub fn reload_index(&self) -> Result<()> {
+        let pending = crate::lock::pending_pack_set(self)?;
         let keys = self.store.list(INDEX_PREFIX)?;
         // Each index file, and the size of the pack it describes: a pack
         // that is missing or of the wrong length is left out of the index,
@@ -488,14 +533,29 @@ impl Repository {
             use rayon::prelude::*;
             keys.par_iter()
                 .filter(|k| k.ends_with(".idx"))
-                .map(|k| {
-                    let file = self.read_index_file(k)?;
-                    let size = self.store.size(&pack_key(&file.pack))?;
-                    Ok((file, size))
+                .filter_map(|k| {
+                    let file = match self.read_index_file(k) {
+                        Ok(file) => file,
+                        // Removed by a prune since the listing.
+                        Err(Error::NotFound(_)) => return None,
+                        Err(e) => return Some(Err(e)),
+                    };
+                    Some(
+                        self.store
+                            .size(&pack_key(&file.pack))
+                            .map(|size| (file, size)),
+                    )
                 })
                 .collect()
         };
         let mut index = Index::default();
+        // Pending packs last, so that a chunk stored twice is located in
+        // the pack that stays.
+        let (mut files, later): (Vec<_>, Vec<_>) = files.into_iter().partition(|f| {
+            f.as_ref()
+                .map_or(true, |(file, _)| !pending.contains(&file.pack))
+        });
+        files.extend(later);
         for f in files {
             let (file, size) = match f {
                 Ok(found) => found,
@@ -508,7 +568,12 @@ impl Repository {
                 Err(e) => return Err(e),
             };
             match size {
-                Some(n) if n == file.pack_len => index.add_pack(&file),
+                Some(n) if n == file.pack_len => {
+                    index.add_pack(&file);
+                    if pending.contains(&file.pack) {
+                        index.exclude_from_dedup(&[file.pack]);
+                    }
+                }
                 Some(n) => index.problems.push(format!(
                     "{}: {n} bytes, its index says {} (truncated or damaged); its {} chunks are treated as missing",
                     pack_key(&file.pack),
@@ -547,15 +612,16 @@ impl Repository {
 
     /// Encodes metadata: postcard, zstd, sealed if encrypted, enveloped.
     pub fn encode_meta<T: Serialize>(&self, magic: [u8; 8], value: &T) -> Vec<u8> {
-        let plain = postcard::to_stdvec(value).expect("metadata serializes");
-        let mut payload =
-            zstd::bulk::compress(&plain, self.config.compression_level).expect("zstd in memory");
-        let mut flags = FLAG_ZSTD;
-        if let Some(keys) = &self.keys {
-            payload = keys.seal_meta(&payload);
-            flags |= FLAG_SEALED;
+        self.meta_encoder().encode(magic, value)
+    }
+
+    /// An encoder of metadata that owns what it needs, for threads that
+    /// outlive a borrow of the repository (lock refreshers).
+    pub fn meta_encoder(&self) -> MetaEncoder {
+        MetaEncoder {
+            keys: self.keys.clone(),
+            level: self.config.compression_level,
         }
-        format::seal_envelope(magic, flags, &payload)
     }
 
     pub fn decode_meta<T: for<'de> Deserialize<'de>>(

@@ -64,10 +64,12 @@ pub fn verify(
     }
     // Packs that no index file lists: their chunks exist but nothing can
     // find them until the index is rebuilt from the packs themselves.
+    // Packs on a prune's pending list have no index file on purpose.
+    let pending = crate::lock::pending_pack_set(repo)?;
     let mut unindexed = 0;
     for key in store.list(PACKS_PREFIX)? {
         match pack_id_of_key(&key) {
-            Some(id) if indexed_packs.contains(&id) => {}
+            Some(id) if indexed_packs.contains(&id) || pending.contains(&id) => {}
             Some(_) => {
                 unindexed += 1;
                 report.unindexed_packs.push(format!(

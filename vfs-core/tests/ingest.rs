@@ -99,6 +99,7 @@ proptest! {
                     Some(ChunkerKind::Cdc { min: 1024, avg: 4096, max: 16384 }),
                     None][chunker];
         Mover::scoped(repo.clone(), |mover| {
+            let run = || -> Result<(), TestCaseError> {
             let mut model: Vec<u8> = Vec::new();
             // A small batch, so that writes cut and store often.
             let mut w = FileWriter::new(b"data.bin", kind, 40_000);
@@ -139,7 +140,9 @@ proptest! {
             }
             prop_assert_eq!(read_content(&repo, &node.content, size), model);
             Ok(())
-        })?;
+            };
+            Ok(run())
+        }).unwrap()?;
     }
 }
 
@@ -184,9 +187,10 @@ fn streams_storing_at_once_commit_their_own_bytes() {
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+            Ok(handles.into_iter().map(|h| h.join().unwrap()).collect())
         })
-    });
+    })
+    .unwrap();
     let reopened = Repository::open(store.clone(), || unreachable!()).unwrap();
     for (i, m) in manifests.iter().enumerate() {
         let node = &m.nodes[1];
@@ -210,8 +214,9 @@ fn nothing_is_visible_before_the_commit_and_an_abort_keeps_the_packs() {
         let mut w = FileWriter::new(b"x.dump", None, 1 << 20);
         w.write_at(mover, 0, &bytes).unwrap();
         // Abandoned: no finish, no commit.
-        mover.flush().unwrap();
-    });
+        mover.flush()
+    })
+    .unwrap();
     assert!(store
         .list(vfs_core::repo::RESTORE_POINTS_PREFIX)
         .unwrap()
@@ -233,8 +238,8 @@ fn nothing_is_visible_before_the_commit_and_an_abort_keeps_the_packs() {
             stats,
             &MetaShare::default(),
         )
-        .unwrap()
-    });
+    })
+    .unwrap();
     assert!(
         m.stats.new_chunk_bytes < 64 << 10,
         "{} bytes stored again",
