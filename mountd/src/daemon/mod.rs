@@ -78,9 +78,9 @@ impl RepoHandle {
             }
             return Ok(repo.clone());
         }
-        let store = vfs_core::local_store::LocalStore::open(&self.config.path)?;
+        let store = self.config.open_store()?;
         let listed = {
-            let repo = Repository::open(Arc::new(store), || self.config.password())?;
+            let repo = Repository::open(store, || self.config.password())?;
             let known = repo.list_restore_points(None)?;
             // The index was read before the listing; read it again so
             // it covers every listed restore point.
