@@ -65,6 +65,14 @@ pub struct RepoHandle {
 }
 
 impl RepoHandle {
+    /// The requests its store has sent, once open, if it is an object
+    /// store. Never waits: while the repository is being opened it has
+    /// nothing to say yet.
+    pub fn requests(&self) -> Option<vfs_core::store::RequestCounts> {
+        let opened = self.opened.try_lock()?;
+        opened.as_ref()?.0.store().requests()
+    }
+
     /// The repository, with an index that covers `rp` if it exists
     /// (re-read when `rp` was committed after the last read). Blocking.
     pub fn open_for(&self, rp: Option<&RestorePointName>) -> vfs_core::Result<Arc<Repository>> {
