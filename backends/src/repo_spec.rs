@@ -26,14 +26,17 @@ impl RepoSpec {
         if let Some(rest) = text.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
-                return Err(format!("repository {text}: no bucket named (s3://BUCKET/PREFIX)"));
+                return Err(format!(
+                    "repository {text}: no bucket named (s3://BUCKET/PREFIX)"
+                ));
             }
-            if !bucket
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            if !(3..=63).contains(&bucket.len())
+                || !bucket
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
             {
                 return Err(format!(
-                    "repository {text}: {bucket:?} is not a bucket name (lower-case letters, digits, '-' and '.')"
+                    "repository {text}: {bucket:?} is not a bucket name (3 to 63 lower-case letters, digits, '-' and '.')"
                 ));
             }
             let prefix = prefix.trim_matches('/');

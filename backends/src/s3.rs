@@ -39,8 +39,7 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::client::{
-    HttpClient, HttpConnector, HttpError, HttpRequest, HttpResponse, HttpService,
-    ReqwestConnector,
+    HttpClient, HttpConnector, HttpError, HttpRequest, HttpResponse, HttpService, ReqwestConnector,
 };
 use object_store::path::Path as ObjectPath;
 use object_store::{
@@ -298,9 +297,7 @@ impl S3Store {
     /// Connects to `location` (no request is sent until the first use).
     pub fn open(location: S3Location, settings: &S3Settings) -> Result<S3Store> {
         if location.bucket.is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "{location}: no bucket named"
-            )));
+            return Err(Error::InvalidInput(format!("{location}: no bucket named")));
         }
         let counters = Arc::new(Counters::default());
         let mut builder = AmazonS3Builder::new()
@@ -349,10 +346,7 @@ impl S3Store {
         }
         let secrets = Arc::new(settings.secrets());
         let client = builder.build().map_err(|e| {
-            Error::InvalidInput(format!(
-                "{location}: {}",
-                scrub(&e.to_string(), &secrets)
-            ))
+            Error::InvalidInput(format!("{location}: {}", scrub(&e.to_string(), &secrets)))
         })?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -413,17 +407,18 @@ impl S3Store {
             E::InvalidPath { .. } | E::NotSupported { .. } | E::NotImplemented { .. } => {
                 Failure::Final(Error::InvalidInput(format!("{what}: {message}")))
             }
+            // A 4xx answer past the cases above (a bad request, a missing
+            // bucket) is as definite as they are.
+            _ if message.contains("status code: 4") => {
+                Failure::Final(Error::io(what, std::io::Error::other(message)))
+            }
             _ => Failure::Passing(Error::io(what, std::io::Error::other(message))),
         }
     }
 
     /// Runs `attempt` until it gives a definite answer or the attempts
     /// run out, pausing longer after each passing failure.
-    fn with_retries<T: Send + 'static, F>(
-        &self,
-        key: &str,
-        attempt: impl Fn() -> F,
-    ) -> Result<T>
+    fn with_retries<T: Send + 'static, F>(&self, key: &str, attempt: impl Fn() -> F) -> Result<T>
     where
         F: Future<Output = object_store::Result<T>> + Send + 'static,
     {
@@ -520,9 +515,9 @@ impl ObjectStore for S3Store {
         }
         let path = self.path(key)?;
         let client = self.client.clone();
-        let end = offset.checked_add(len as u64).ok_or_else(|| {
-            Error::malformed(key, "range beyond the end of the object")
-        })?;
+        let end = offset
+            .checked_add(len as u64)
+            .ok_or_else(|| Error::malformed(key, "range beyond the end of the object"))?;
         let got = self.with_retries(key, || {
             let (client, path) = (client.clone(), path.clone());
             async move { client.get_range(&path, offset..end).await }
@@ -634,7 +629,11 @@ mod tests {
         ] {
             assert!(is_loopback_url(url), "{url}");
         }
-        for url in ["http://10.0.0.1:9000", "http://example.com", "http://127.0.0.1.example.com"] {
+        for url in [
+            "http://10.0.0.1:9000",
+            "http://example.com",
+            "http://127.0.0.1.example.com",
+        ] {
             assert!(!is_loopback_url(url), "{url}");
         }
     }
@@ -647,7 +646,10 @@ mod tests {
             ..Default::default()
         };
         let shown = format!("{s:?}");
-        assert!(!shown.contains("hunter2") && !shown.contains("token-xyz"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("token-xyz"),
+            "{shown}"
+        );
         assert_eq!(
             scrub("sig hunter2-secret and token-xyz", &s.secrets()),
             "sig <redacted> and <redacted>"

@@ -6,16 +6,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use backends::repo_spec::RepoSpec;
+use backends::s3::S3Settings;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use vfs_core::backup::{self, BackupOptions, Progress, Source, StdinSource};
 use vfs_core::chunker::{parse_size, ChunkerKind};
-use backends::repo_spec::RepoSpec;
-use backends::s3::S3Settings;
 use vfs_core::local_store::LocalStore;
-use vfs_core::store::RequestCounts;
 use vfs_core::repo::{Repository, RestorePointName};
 use vfs_core::restore::{self, RestoreOptions};
+use vfs_core::store::RequestCounts;
 use vfs_core::verify;
 
 use crate::exit;

@@ -203,11 +203,7 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
         &mount,
         mountpoint,
         None,
-        &format!(
-            "mounted {} at {}",
-            repo_path,
-            mountpoint.display()
-        ),
+        &format!("mounted {} at {}", repo_path, mountpoint.display()),
     )?;
     mount.unmount().ok();
     let c = &fs.counters;

@@ -111,7 +111,9 @@ pub fn mount_session(
         .as_array()
         .into_iter()
         .flatten()
-        .find(|r| r["name"].as_str() == Some(given.as_str()) || r["path"].as_str().is_some_and(same_place))
+        .find(|r| {
+            r["name"].as_str() == Some(given.as_str()) || r["path"].as_str().is_some_and(same_place)
+        })
         .and_then(|r| r["name"].as_str())
         .map(str::to_string);
     let Some(name) = name else {

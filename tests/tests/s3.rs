@@ -71,7 +71,10 @@ fn full_cycle(test: &str, password: Option<&str>) {
     seen.keep(&files.run);
     let up = files.run.json();
     let r = requests(&up);
-    assert!(count(r, "put") >= 3, "a pack, its index and a manifest: {r}");
+    assert!(
+        count(r, "put") >= 3,
+        "a pack, its index and a manifest: {r}"
+    );
     assert!(
         count(r, "bytes_up") >= files.added_bytes(),
         "bytes up {r} below the bytes added {}",
@@ -95,7 +98,11 @@ fn full_cycle(test: &str, password: Option<&str>) {
     seen.keep(&restored);
     let down = restored.json();
     assert!(count(requests(&down), "range_get") > 0, "{down}");
-    assert_eq!(count(requests(&down), "put"), 0, "a restore writes nothing: {down}");
+    assert_eq!(
+        count(requests(&down), "put"),
+        0,
+        "a restore writes nothing: {down}"
+    );
     let top = src.file_name().unwrap();
     assert_same_tree(&src, &out.join(top));
 
@@ -132,7 +139,14 @@ fn full_cycle(test: &str, password: Option<&str>) {
         .success();
         std::fs::write(w.join("db/added.txt"), b"written in a session\n").unwrap();
         let c = repo
-            .flr(["session", "commit", "s3-session", "--job", "edited", "--json"])
+            .flr([
+                "session",
+                "commit",
+                "s3-session",
+                "--job",
+                "edited",
+                "--json",
+            ])
             .arg("--state-dir")
             .arg(&state)
             .run()
@@ -174,7 +188,11 @@ fn full_cycle(test: &str, password: Option<&str>) {
     std::fs::remove_file(server.root.join("backups/flr/main").join(index)).unwrap();
     let broken = repo.verify_run(false);
     seen.keep(&broken);
-    assert_ne!(broken.json()["clean"], true, "verify missed a lost index: {broken}");
+    assert_ne!(
+        broken.json()["clean"],
+        true,
+        "verify missed a lost index: {broken}"
+    );
     let repaired = repo
         .flr(["repair", "index", "--json", "--repo"])
         .arg(&repo.path)
@@ -209,7 +227,12 @@ fn everything_works_on_an_encrypted_s3_repository() {
 #[test]
 fn a_scheme_flr_does_not_serve_is_refused_and_nothing_is_created() {
     let tmp = scratch("s3-scheme");
-    for url in ["gs://bucket/prefix", "foo://x", "S3://bucket/p", "s3:bucket"] {
+    for url in [
+        "gs://bucket/prefix",
+        "foo://x",
+        "S3://bucket/p",
+        "s3:bucket",
+    ] {
         let mut cmd = Flr::new(["init", url]).into_command();
         cmd.current_dir(tmp.path());
         let r = flr_e2e::run(&mut cmd).failure();
@@ -232,8 +255,8 @@ fn a_scheme_flr_does_not_serve_is_refused_and_nothing_is_created() {
 #[test]
 fn a_wrong_secret_fails_cleanly_without_showing_it() {
     let tmp = scratch("s3-creds");
-    let server = S3Server::start(&tmp.path().join("s3"), &["b"]);
-    let repo = server.init_repo("b", "r", None);
+    let server = S3Server::start(&tmp.path().join("s3"), &["bkt"]);
+    let repo = server.init_repo("bkt", "r", None);
     let wrong = "not-the-secret-4d1c9e";
     let src = tmp.path().join("src");
     std::fs::create_dir(&src).unwrap();
@@ -259,8 +282,14 @@ fn a_wrong_secret_fails_cleanly_without_showing_it() {
         .arg(&src)
         .run()
         .failure();
-    assert!(!r.stdout.contains(wrong) && !r.stderr.contains(wrong), "{r}");
-    assert!(r.stderr.contains("s3://b/r"), "the error names the repository: {r}");
+    assert!(
+        !r.stdout.contains(wrong) && !r.stderr.contains(wrong),
+        "{r}"
+    );
+    assert!(
+        r.stderr.contains("s3://bkt/r"),
+        "the error names the repository: {r}"
+    );
     // Nothing was committed, and the right credentials still work.
     assert!(repo.restore_point_names().is_empty());
     let ok = repo.backup("j", &[&src]);
@@ -274,11 +303,11 @@ fn a_wrong_secret_fails_cleanly_without_showing_it() {
 #[test]
 fn init_refuses_a_prefix_that_holds_objects() {
     let tmp = scratch("s3-init");
-    let server = S3Server::start(&tmp.path().join("s3"), &["b"]);
-    let repo = server.init_repo("b", "r", None);
+    let server = S3Server::start(&tmp.path().join("s3"), &["bkt"]);
+    let repo = server.init_repo("bkt", "r", None);
     let r = repo.flr(["init"]).arg(&repo.path).run().failure();
     assert!(r.stderr.contains("empty prefix"), "{r}");
     // A prefix beside it is empty.
-    let _ = server.init_repo("b", "other", None);
-    assert!(Path::new(&server.root.join("b/other/config")).is_file());
+    let _ = server.init_repo("bkt", "other", None);
+    assert!(Path::new(&server.root.join("bkt/other/config")).is_file());
 }

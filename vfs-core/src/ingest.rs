@@ -273,7 +273,10 @@ impl<R: Deref<Target = Repository>> Mover<R> {
             // The channel never disconnects (the mover holds both ends):
             // a lane that has nothing to write looks every so often whether
             // the mover was closed and everything sent is written.
-            let pack = match self.pack_rx.recv_timeout(std::time::Duration::from_millis(50)) {
+            let pack = match self
+                .pack_rx
+                .recv_timeout(std::time::Duration::from_millis(50))
+            {
                 Ok(pack) => pack,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     let st = self.state.lock();

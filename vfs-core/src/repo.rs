@@ -341,7 +341,11 @@ impl Repository {
             });
         }
         let keys = match &config.encryption {
-            Some(enc) => Some(Keys::unlock(enc, &password()?, std::path::Path::new(&location))?),
+            Some(enc) => Some(Keys::unlock(
+                enc,
+                &password()?,
+                std::path::Path::new(&location),
+            )?),
             None => None,
         };
         let hasher = match &keys {

@@ -133,7 +133,9 @@ impl RepositoryConfig {
             let text = std::fs::read_to_string(file).map_err(|e| vfs_core::Error::io(file, e))?;
             return Ok(text.trim_end_matches(['\n', '\r']).as_bytes().to_vec());
         }
-        Err(vfs_core::Error::PasswordNeeded(self.path.to_string().into()))
+        Err(vfs_core::Error::PasswordNeeded(
+            self.path.to_string().into(),
+        ))
     }
 
     /// Opens the repository's store, S3 settings completed from the
@@ -260,8 +262,14 @@ mod tests {
             ),
             ("[settings]\nmount_root = \"rel\"", "absolute"),
             ("[repositories.\"../x\"]\npath = \"/r\"", "repository name"),
-            ("[repositories.x]\npath = \"gs://b/p\"", "does not serve gs://"),
-            ("[repositories.x]\npath = \"gs://b/p\"", "does not serve gs://"),
+            (
+                "[repositories.x]\npath = \"gs://b/p\"",
+                "does not serve gs://",
+            ),
+            (
+                "[repositories.x]\npath = \"gs://b/p\"",
+                "does not serve gs://",
+            ),
         ] {
             let e = format!("{:#}", Config::parse(text).unwrap_err());
             assert!(e.contains(why), "{text}: {e}");

@@ -134,8 +134,14 @@ pub async fn render(daemon: &Daemon) -> String {
         ] {
             by_kind.push((format!("{{repository=\"{name}\",kind=\"{kind}\"}}"), n));
         }
-        bytes.push((format!("{{repository=\"{name}\",direction=\"up\"}}"), c.bytes_up));
-        bytes.push((format!("{{repository=\"{name}\",direction=\"down\"}}"), c.bytes_down));
+        bytes.push((
+            format!("{{repository=\"{name}\",direction=\"up\"}}"),
+            c.bytes_up,
+        ));
+        bytes.push((
+            format!("{{repository=\"{name}\",direction=\"down\"}}"),
+            c.bytes_down,
+        ));
         failed.push((format!("{{repository=\"{name}\"}}"), c.failed));
     }
     metric(
