@@ -168,8 +168,9 @@ mod tests {
             ("s3:bucket", "is written s3://BUCKET"),
             ("s3:///p", "no bucket"),
             ("s3://Bucket/p", "not a bucket name"),
-            ("s3://b/a//c", "empty"),
-            ("s3://b/../c", "'..'"),
+            ("s3://bkt/a//c", "empty"),
+            ("s3://b/p", "not a bucket name"),
+            ("s3://bkt/../c", "'..'"),
             ("", "empty"),
         ] {
             let err = RepoSpec::parse(text).unwrap_err();
