@@ -51,4 +51,17 @@ for tool in fsx@0.3.2 pjdfstest@0.2.2; do
         cargo install --quiet --locked --force --root "$tools" "$name" --version "$version"
     fi
 done
+# The S3 server the S3 tests and bench/s3.sh run (a file-backed S3
+# engine). Its build takes about ten minutes on two busy cores, so it is
+# cached outside the checkout, keyed by version; newer versions need a
+# newer compiler than ours.
+s3s_fs_version=0.14.1
+s3s_fs_root=/var/cache/flr-tools/s3s-fs-$s3s_fs_version
+if [ ! -x "$s3s_fs_root/bin/s3s-fs" ]; then
+    echo "setup: installing s3s-fs $s3s_fs_version (crates.io) into $s3s_fs_root" >&2
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO mkdir -p "$s3s_fs_root"
+    $SUDO cargo install --quiet --locked --root "$s3s_fs_root" s3s-fs \
+        --version "$s3s_fs_version" --features binary
+fi
 cargo build --release --workspace --all-targets

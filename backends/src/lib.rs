@@ -1,5 +1,5 @@
 //! flr's adapters to the outside world: OS mount drivers that serve the
-//! filesystem model of `vfs_core`, and (later) remote object stores.
+//! filesystem model of `vfs_core`, and remote object stores.
 //!
 //! Layers, outside in:
 //! - The kernel (FUSE on Linux; WinFsp or Dokan on Windows; NFS clients)
@@ -19,5 +19,13 @@
 //!   serves reads from its chunk cache, which fetches from the repository's
 //!   object store.
 
+//! - Object stores: [`s3::S3Store`] implements `vfs_core`'s
+//!   [`vfs_core::store::ObjectStore`] on S3-compatible storage, beside the
+//!   local directory store in `vfs_core`. [`repo_spec::RepoSpec`] is how a
+//!   user names a repository (a directory or `s3://BUCKET/PREFIX`) and
+//!   opens its store.
+
 #[cfg(target_os = "linux")]
 pub mod fuse;
+pub mod repo_spec;
+pub mod s3;

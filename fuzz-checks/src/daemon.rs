@@ -12,7 +12,6 @@
 //! `POST /sessions/{rest of the body up to a newline}/commit`); bit 2
 //! sends it as `text/plain` instead of JSON.
 
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use axum::body::Body;
@@ -50,7 +49,10 @@ fn server() -> &'static Server {
             repositories: [(
                 "r".to_string(),
                 RepositoryConfig {
-                    path: PathBuf::from("/nonexistent/flr-fuzz-repository"),
+                    path: "/nonexistent/flr-fuzz-repository"
+                        .parse()
+                        .expect("a directory is a repository spec"),
+                    s3: Default::default(),
                     password_env: None,
                     password_file: None,
                 },

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use backends::repo_spec::RepoSpec;
+use backends::s3::S3Settings;
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use vfs_core::backup::{self, BackupOptions, Progress, Source, StdinSource};
@@ -13,6 +15,7 @@ use vfs_core::chunker::{parse_size, ChunkerKind};
 use vfs_core::local_store::LocalStore;
 use vfs_core::repo::{Repository, RestorePointName};
 use vfs_core::restore::{self, RestoreOptions};
+use vfs_core::store::RequestCounts;
 use vfs_core::verify;
 
 use crate::exit;
@@ -34,9 +37,10 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a repository in a new or empty directory.
+    /// Create a repository in a new or empty directory, or under an empty
+    /// S3 prefix (`s3://BUCKET/PREFIX`).
     Init {
-        repo: PathBuf,
+        repo: RepoSpec,
         /// Encrypt chunks and metadata; the password comes from
         /// FLR_PASSWORD or is asked on the terminal.
         #[arg(long)]
@@ -50,8 +54,9 @@ enum Command {
     },
     /// Back up files and directories, or a stream from standard input.
     Backup {
+        /// A directory, or s3://BUCKET/PREFIX.
         #[arg(long)]
-        repo: PathBuf,
+        repo: RepoSpec,
         #[arg(long)]
         job: String,
         /// Read standard input and store it as one file of this name.
@@ -81,8 +86,9 @@ enum Command {
     Export(crate::export::ExportArgs),
     /// List restore points with their sizes.
     RestorePoints {
+        /// A directory, or s3://BUCKET/PREFIX.
         #[arg(long)]
-        repo: PathBuf,
+        repo: RepoSpec,
         #[arg(long)]
         job: Option<String>,
         #[arg(long)]
@@ -90,8 +96,9 @@ enum Command {
     },
     /// Write a restore point's files (or some of them) to a directory.
     Restore {
+        /// A directory, or s3://BUCKET/PREFIX.
         #[arg(long)]
-        repo: PathBuf,
+        repo: RepoSpec,
         /// JOB/TIMESTAMP, or JOB for the newest.
         restore_point: String,
         #[arg(long)]
@@ -108,8 +115,9 @@ enum Command {
     },
     /// Check the repository; with --read-data, re-read and re-hash all data.
     Verify {
+        /// A directory, or s3://BUCKET/PREFIX.
         #[arg(long)]
-        repo: PathBuf,
+        repo: RepoSpec,
         #[arg(long)]
         read_data: bool,
         #[arg(long)]
@@ -173,8 +181,9 @@ enum RepairCommand {
     /// Rebuild missing, unreadable or wrong index files from the packs'
     /// own entry tables. Never deletes or changes a pack.
     Index {
+        /// A directory, or s3://BUCKET/PREFIX.
         #[arg(long)]
-        repo: PathBuf,
+        repo: RepoSpec,
         #[arg(long)]
         json: bool,
     },
@@ -275,16 +284,15 @@ pub fn run(cli: Cli) -> Result<u8> {
 }
 
 /// The password from FLR_PASSWORD, or asked on the terminal.
-pub fn password(repo: &Path, confirm: bool) -> vfs_core::Result<Vec<u8>> {
+pub fn password(repo: &RepoSpec, confirm: bool) -> vfs_core::Result<Vec<u8>> {
     if let Ok(p) = std::env::var("FLR_PASSWORD") {
         return Ok(p.into_bytes());
     }
     if !std::io::stdin().is_terminal() {
-        return Err(vfs_core::Error::PasswordNeeded(repo.to_path_buf()));
+        return Err(vfs_core::Error::PasswordNeeded(repo.to_string().into()));
     }
     let io = |e| vfs_core::Error::io("terminal", e);
-    let first =
-        rpassword::prompt_password(format!("password for {}: ", repo.display())).map_err(io)?;
+    let first = rpassword::prompt_password(format!("password for {repo}: ")).map_err(io)?;
     if confirm {
         let again = rpassword::prompt_password("repeat password: ").map_err(io)?;
         if again != first {
@@ -297,21 +305,25 @@ pub fn password(repo: &Path, confirm: bool) -> vfs_core::Result<Vec<u8>> {
     Ok(first.into_bytes())
 }
 
-pub fn open_repo(path: &Path) -> Result<Repository> {
-    open_repo_as(path, true)
+/// Opens the store of a repository named on the command line; an S3 one
+/// is reached with the settings of the `AWS_*` environment variables.
+pub fn open_store(spec: &RepoSpec) -> Result<Arc<dyn vfs_core::store::ObjectStore>> {
+    spec.open_store(&S3Settings::from_env())
+        .with_context(|| format!("cannot open repository {spec}"))
+}
+
+pub fn open_repo(spec: &RepoSpec) -> Result<Repository> {
+    open_repo_as(spec, true)
 }
 
 /// Opens a repository that may have damaged index files (verify, repair).
-fn open_repo_for_repair(path: &Path) -> Result<Repository> {
-    open_repo_as(path, false)
+fn open_repo_for_repair(spec: &RepoSpec) -> Result<Repository> {
+    open_repo_as(spec, false)
 }
 
-fn open_repo_as(path: &Path, strict: bool) -> Result<Repository> {
-    let store = Arc::new(
-        LocalStore::open(path)
-            .with_context(|| format!("cannot open repository {}", path.display()))?,
-    );
-    let password = || password(path, false);
+fn open_repo_as(spec: &RepoSpec, strict: bool) -> Result<Repository> {
+    let store = open_store(spec)?;
+    let password = || password(spec, false);
     let repo = if strict {
         Repository::open(store, password)?
     } else {
@@ -323,31 +335,70 @@ fn open_repo_as(path: &Path, strict: bool) -> Result<Repository> {
     Ok(repo)
 }
 
-fn init(path: &Path, encrypt: bool, level: i32, page_level: i32) -> Result<u8> {
-    if path.exists() {
-        let mut entries =
-            std::fs::read_dir(path).with_context(|| format!("cannot read {}", path.display()))?;
-        if entries.next().is_some() {
+/// Removes what writers that no longer run left behind, where the store
+/// keeps such things (temporary files of a local directory; an object
+/// store has none: a PUT that never finished leaves nothing).
+pub fn clean_stale_writes(spec: &RepoSpec) {
+    if let Some(dir) = spec.local_path() {
+        if let Ok(local) = LocalStore::open(dir) {
+            local.clean_stale_temp_files();
+        }
+    }
+}
+
+/// The requests a repository's store has sent, for `--json` output:
+/// `null` for a local directory.
+pub fn requests_json(counts: Option<RequestCounts>) -> serde_json::Value {
+    match counts {
+        Some(c) => {
+            let mut v = serde_json::to_value(c).expect("counts serialize");
+            v["total"] = json!(c.total());
+            v
+        }
+        None => serde_json::Value::Null,
+    }
+}
+
+fn init(spec: &RepoSpec, encrypt: bool, level: i32, page_level: i32) -> Result<u8> {
+    match spec {
+        RepoSpec::Local(path) => {
+            if path.exists() {
+                let mut entries = std::fs::read_dir(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                if entries.next().is_some() {
+                    bail!(
+                        "{} is not empty; a repository needs a new or empty directory",
+                        path.display()
+                    );
+                }
+            } else {
+                std::fs::create_dir_all(path)
+                    .with_context(|| format!("cannot create {}", path.display()))?;
+            }
+        }
+        RepoSpec::S3(_) => {}
+    }
+    let store = open_store(spec)?;
+    if let RepoSpec::S3(_) = spec {
+        let present = store
+            .list("")
+            .with_context(|| format!("cannot list {spec}"))?;
+        if !present.is_empty() {
             bail!(
-                "{} is not empty; a repository needs a new or empty directory",
-                path.display()
+                "{spec} already holds {} objects; a repository needs an empty prefix",
+                present.len()
             );
         }
-    } else {
-        std::fs::create_dir_all(path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
     }
     let pw = if encrypt {
-        Some(password(path, true)?)
+        Some(password(spec, true)?)
     } else {
         None
     };
-    let store = LocalStore::open(path)?;
-    Repository::init_with_levels(&store, pw.as_deref(), level, page_level)?;
+    Repository::init_with_levels(store.as_ref(), pw.as_deref(), level, page_level)?;
     eprintln!(
-        "created {}repository at {}",
+        "created {}repository at {spec}",
         if encrypt { "encrypted " } else { "" },
-        path.display()
     );
     Ok(exit::OK)
 }
@@ -373,7 +424,7 @@ enum BackupInput {
 }
 
 fn run_backup(
-    repo_path: &Path,
+    repo_path: &RepoSpec,
     job: String,
     input: BackupInput,
     chunker: &str,
@@ -383,9 +434,7 @@ fn run_backup(
     let chunker = ChunkerKind::parse(chunker).map_err(anyhow::Error::msg)?;
     vfs_core::manifest::validate_job_name(&job)?;
     let repo = open_repo(repo_path)?;
-    if let Ok(local) = LocalStore::open(repo_path) {
-        local.clean_stale_temp_files();
-    }
+    clean_stale_writes(repo_path);
     let source = match input {
         BackupInput::Stdin(name) => {
             let (uid, gid) = own_ids();
@@ -428,6 +477,7 @@ fn run_backup(
             json!({
                 "restore_point": manifest.full_name(),
                 "stats": stats_json(s),
+                "requests": requests_json(repo.store().requests()),
             })
         );
     } else if !quiet {
@@ -485,7 +535,7 @@ pub fn human(n: u64) -> String {
     }
 }
 
-fn list(repo_path: &Path, job: Option<&str>, json: bool) -> Result<u8> {
+fn list(repo_path: &RepoSpec, job: Option<&str>, json: bool) -> Result<u8> {
     let repo = open_repo(repo_path)?;
     let names = repo.list_restore_points(job)?;
     let mut rows = Vec::new();
@@ -545,7 +595,7 @@ fn list(repo_path: &Path, job: Option<&str>, json: bool) -> Result<u8> {
 }
 
 fn run_restore(
-    repo_path: &Path,
+    repo_path: &RepoSpec,
     spec: &str,
     to: &Path,
     overwrite: bool,
@@ -573,7 +623,8 @@ fn run_restore(
         println!(
             "{}",
             json!({"restore_point": name.to_string(), "files": stats.files, "dirs": stats.dirs,
-                   "symlinks": stats.symlinks, "bytes": stats.bytes})
+                   "symlinks": stats.symlinks, "bytes": stats.bytes,
+                   "requests": requests_json(repo.store().requests())})
         );
     } else if !quiet {
         println!(
@@ -586,7 +637,7 @@ fn run_restore(
     Ok(exit::OK)
 }
 
-fn run_verify(repo_path: &Path, read_data: bool, json: bool) -> Result<u8> {
+fn run_verify(repo_path: &RepoSpec, read_data: bool, json: bool) -> Result<u8> {
     let repo = open_repo_for_repair(repo_path)?;
     let progress = Arc::new(Progress::default());
     let display = ProgressDisplay::start(progress.clone(), "verify", !json);
@@ -595,6 +646,7 @@ fn run_verify(repo_path: &Path, read_data: bool, json: bool) -> Result<u8> {
     if json {
         let mut v = serde_json::to_value(&report)?;
         v["clean"] = json!(report.is_clean());
+        v["requests"] = requests_json(repo.store().requests());
         println!("{v}");
     } else {
         for p in &report.unindexed_packs {
@@ -636,11 +688,13 @@ fn run_verify(repo_path: &Path, read_data: bool, json: bool) -> Result<u8> {
     })
 }
 
-fn run_repair_index(repo_path: &Path, json: bool) -> Result<u8> {
+fn run_repair_index(repo_path: &RepoSpec, json: bool) -> Result<u8> {
     let repo = open_repo_for_repair(repo_path)?;
     let report = vfs_core::repair::repair_index(&repo)?;
     if json {
-        println!("{}", serde_json::to_value(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        v["requests"] = requests_json(repo.store().requests());
+        println!("{v}");
     } else {
         for r in &report.rebuilt {
             println!(

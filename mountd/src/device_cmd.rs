@@ -18,8 +18,9 @@ use crate::progress::ProgressDisplay;
 
 #[derive(clap::Args)]
 pub struct DevicesArgs {
+    /// A directory, or s3://BUCKET/PREFIX.
     #[arg(long)]
-    repo: PathBuf,
+    repo: backends::repo_spec::RepoSpec,
     /// Parallel streams (pipes) per database.
     #[arg(long, default_value_t = 1)]
     streams: usize,
@@ -61,9 +62,7 @@ pub fn run(args: DevicesArgs) -> Result<u8> {
         None => Owner::current(),
     };
     let repo = crate::cli::open_repo(&args.repo)?;
-    if let Ok(local) = vfs_core::local_store::LocalStore::open(&args.repo) {
-        local.clean_stale_temp_files();
-    }
+    crate::cli::clean_stale_writes(&args.repo);
     let dir = args
         .dir
         .clone()

@@ -41,8 +41,9 @@ const STAGING_FLOOR: u64 = 320 << 20;
 
 #[derive(clap::Args)]
 pub struct ExportArgs {
+    /// A directory, or s3://BUCKET/PREFIX.
     #[arg(long)]
-    repo: PathBuf,
+    repo: backends::repo_spec::RepoSpec,
     /// JOB/TIMESTAMP, or JOB for the newest.
     restore_point: String,
     /// The database inside the restore point: a PostgreSQL data directory
@@ -818,7 +819,7 @@ pub fn run(mut args: ExportArgs) -> Result<u8> {
     let id = format!("export-{}", std::process::id());
     let cow = mountd::writable::open_session(
         repo.clone(),
-        &args.repo,
+        &args.repo.absolute().to_string(),
         &rp,
         &dir.join("sessions"),
         &id,
@@ -836,7 +837,7 @@ pub fn run(mut args: ExportArgs) -> Result<u8> {
         threads: 2,
         allow_other: true,
         auto_unmount: false,
-        fs_name: format!("flr-export:{}", args.repo.display()),
+        fs_name: format!("flr-export:{}", args.repo),
     };
     cleanup.mount = Some(
         backends::fuse::mount(cow.clone(), &mountpoint, &opts)

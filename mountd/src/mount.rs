@@ -45,8 +45,9 @@ const READY: &str = "flr-mount-ready";
 #[derive(clap::Args)]
 pub struct MountArgs {
     /// The repository (with --resume, default: the session's).
+    /// A directory, or s3://BUCKET/PREFIX.
     #[arg(long, required_unless_present = "resume")]
-    repo: Option<PathBuf>,
+    repo: Option<backends::repo_spec::RepoSpec>,
     /// Where to mount; created if missing. Default /mnt/flr, or a daemon
     /// session when a daemon runs.
     mountpoint: Option<PathBuf>,
@@ -125,7 +126,7 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
         if mountd::client::is_running(socket) {
             return crate::remote::mount_session(
                 socket,
-                args.repo.as_deref().expect("required without --resume"),
+                args.repo.as_ref().expect("required without --resume"),
                 args.job.as_deref(),
                 args.restore_point.as_deref(),
                 args.expires_in,
@@ -164,7 +165,7 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
     if args.ingest {
         return run_ingest(&args, mountpoint);
     }
-    let repo_path = args.repo.as_deref().expect("required without --resume");
+    let repo_path = args.repo.as_ref().expect("required without --resume");
     let repo = Arc::new(crate::cli::open_repo(repo_path)?);
     let filter = MountFilter {
         job: args.job.clone(),
@@ -194,7 +195,7 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
         threads: args.threads.max(1),
         allow_other: !args.private,
         auto_unmount: true,
-        fs_name: format!("flr:{}", repo_path.display()),
+        fs_name: format!("flr:{}", repo_path),
     };
     let mount = backends::fuse::mount(fs.clone(), mountpoint, &opts)
         .with_context(|| format!("cannot mount at {}", mountpoint.display()))?;
@@ -202,11 +203,7 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
         &mount,
         mountpoint,
         None,
-        &format!(
-            "mounted {} at {}",
-            repo_path.display(),
-            mountpoint.display()
-        ),
+        &format!("mounted {} at {}", repo_path, mountpoint.display()),
     )?;
     mount.unmount().ok();
     let c = &fs.counters;
@@ -277,7 +274,11 @@ fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
     let (repo_path, rp_text, id) = match &args.resume {
         Some(id) => {
             let info = session::read_info(&state_dir, id)?;
-            let repo = args.repo.clone().unwrap_or(info.repository);
+            let repo = match args.repo.clone() {
+                Some(r) => r,
+                None => backends::repo_spec::RepoSpec::parse(&info.repository)
+                    .map_err(anyhow::Error::msg)?,
+            };
             (repo, info.restore_point, Some(id.clone()))
         }
         None => (
@@ -292,7 +293,7 @@ fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
     let id = id.unwrap_or_else(|| writable::new_session_id(&rp));
     let cow = writable::open_session(
         repo,
-        &repo_path,
+        &repo_path.absolute().to_string(),
         &rp,
         &state_dir,
         &id,
@@ -309,7 +310,7 @@ fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
         threads: args.threads.max(1),
         allow_other: !args.private,
         auto_unmount: true,
-        fs_name: format!("flr:{}", repo_path.display()),
+        fs_name: format!("flr:{}", repo_path),
     };
     let mount = match backends::fuse::mount(cow.clone(), mountpoint, &opts) {
         Ok(m) => m,
@@ -389,7 +390,7 @@ fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
 /// they are written. The unmount commits one restore point of `--job`;
 /// `flr ingest abort` and signals end it without one.
 fn run_ingest(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
-    let repo_path = args.repo.as_deref().expect("required without --resume");
+    let repo_path = args.repo.as_ref().expect("required without --resume");
     let job = args.job.clone().expect("required by --ingest");
     vfs_core::manifest::validate_job_name(&job)?;
     let (root_uid, root_gid) = match &args.owner {
@@ -404,7 +405,7 @@ fn run_ingest(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
             root_gid,
             root_mode: 0o755,
             batch_bytes: vfs_core::ingest::BATCH_BYTES,
-            space_path: Some(repo_path.to_path_buf()),
+            space_path: repo_path.local_path().map(Path::to_path_buf),
         },
     )
     .context("cannot start the ingest")?;
@@ -412,7 +413,7 @@ fn run_ingest(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
         threads: args.threads.max(1),
         allow_other: !args.private,
         auto_unmount: true,
-        fs_name: format!("flr-ingest:{}", repo_path.display()),
+        fs_name: format!("flr-ingest:{}", repo_path),
     };
     let mount = match backends::fuse::mount(fs.clone(), mountpoint, &opts) {
         Ok(m) => m,
@@ -456,7 +457,7 @@ fn run_ingest(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
         Some(signalled.clone()),
         &format!(
             "ingest into job {job} of {} mounted at {}; unmount or `flr ingest commit {}` commits it",
-            repo_path.display(),
+            repo_path,
             mountpoint.display(),
             mountpoint.display()
         ),

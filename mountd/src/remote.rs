@@ -91,7 +91,7 @@ fn expect_ok(r: Response, what: &str) -> Result<Value> {
 /// name or its path.
 pub fn mount_session(
     socket: &Path,
-    repo: &Path,
+    repo: &backends::repo_spec::RepoSpec,
     job: Option<&str>,
     restore_point: Option<&str>,
     expires_in: Option<u64>,
@@ -101,26 +101,25 @@ pub fn mount_session(
         call(socket, "GET", "/repositories", None)?,
         "listing repositories",
     )?;
-    let wanted = repo.canonicalize().ok();
+    let given = repo.to_string();
+    let wanted = repo.local_path().and_then(|p| p.canonicalize().ok());
+    let same_place = |configured: &str| match &wanted {
+        Some(dir) => Path::new(configured).canonicalize().ok().as_ref() == Some(dir),
+        None => configured == given,
+    };
     let name = repos
         .as_array()
         .into_iter()
         .flatten()
         .find(|r| {
-            r["name"].as_str() == repo.to_str()
-                || (wanted.is_some()
-                    && r["path"]
-                        .as_str()
-                        .and_then(|p| Path::new(p).canonicalize().ok())
-                        == wanted)
+            r["name"].as_str() == Some(given.as_str()) || r["path"].as_str().is_some_and(same_place)
         })
         .and_then(|r| r["name"].as_str())
         .map(str::to_string);
     let Some(name) = name else {
         bail!(
-            "the flr daemon on {} does not serve repository {}; add it to the daemon's config, or give a MOUNTPOINT to mount without the daemon",
+            "the flr daemon on {} does not serve repository {given}; add it to the daemon's config, or give a MOUNTPOINT to mount without the daemon",
             socket.display(),
-            repo.display()
         );
     };
     let mut body = json!({ "repository": name });

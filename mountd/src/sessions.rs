@@ -63,7 +63,9 @@ fn commit(state_dir: &Path, id: &str, job: &str, json: bool) -> Result<u8> {
         }
         None => {
             // Not mounted: open the session here, commit, keep it.
-            let repo = std::sync::Arc::new(crate::cli::open_repo(&info.repository)?);
+            let spec = backends::repo_spec::RepoSpec::parse(&info.repository)
+                .map_err(anyhow::Error::msg)?;
+            let repo = std::sync::Arc::new(crate::cli::open_repo(&spec)?);
             let rp = repo.resolve(&info.restore_point)?;
             let cow = writable::open_session(
                 repo,

@@ -59,7 +59,7 @@ pub struct OpenOptions {
 /// `resume` the existing one.
 pub fn open_session(
     repo: Arc<Repository>,
-    repo_path: &Path,
+    repository: &str,
     rp: &RestorePointName,
     state_dir: &Path,
     id: &str,
@@ -87,7 +87,7 @@ pub fn open_session(
         let info = SessionInfo {
             format: vfs_core::format::SESSION_FORMAT,
             id: id.to_string(),
-            repository: std::path::absolute(repo_path).unwrap_or_else(|_| repo_path.into()),
+            repository: repository.to_string(),
             restore_point: rp.to_string(),
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

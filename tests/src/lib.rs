@@ -44,6 +44,7 @@ pub mod pjdfstest;
 pub mod postgres;
 pub mod repo;
 pub mod rng;
+pub mod s3;
 pub mod sqlite;
 pub mod tarball;
 pub mod tools;

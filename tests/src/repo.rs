@@ -15,6 +15,9 @@ use crate::flr::Flr;
 pub struct TestRepo {
     pub path: PathBuf,
     pub password: Option<String>,
+    /// Environment every command on it gets (an S3 repository's endpoint
+    /// and credentials).
+    pub env: Vec<(String, String)>,
 }
 
 /// A committed backup: its restore point and the `--json` statistics.
@@ -59,6 +62,7 @@ impl TestRepo {
         let repo = TestRepo {
             path: path.to_path_buf(),
             password: None,
+            env: Vec::new(),
         };
         repo.flr(["init"]).arg(path).run().success();
         assert!(
@@ -74,6 +78,7 @@ impl TestRepo {
         let repo = TestRepo {
             path: path.to_path_buf(),
             password: Some(password.to_string()),
+            env: Vec::new(),
         };
         repo.flr(["init"])
             .arg(path)
@@ -90,7 +95,11 @@ impl TestRepo {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        Flr::new(args).password(self.password.as_deref())
+        let mut f = Flr::new(args).password(self.password.as_deref());
+        for (k, v) in &self.env {
+            f = f.env(k, v);
+        }
+        f
     }
 
     /// `flr SUBCOMMAND --repo PATH`.

@@ -136,6 +136,7 @@ fn unreadable_file_as_unprivileged_user() {
     let repo = TestRepo {
         path: repo_dir,
         password: None,
+        env: Vec::new(),
     };
     assert!(repo.restore_point_names().is_empty());
     assert!(manifest_files(&repo).is_empty());

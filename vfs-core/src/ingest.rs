@@ -285,8 +285,46 @@ impl<R: Deref<Target = Repository>> Mover<R> {
     /// Writes full packs until [`Mover::close`]; run it on its own thread.
     /// After a failed write it keeps draining (and dropping) packs so that
     /// no stream blocks on the channel; the failure is reported to them.
-    pub fn run_writer(&self) {
-        while let Ok(pack) = self.pack_rx.recv() {
+    /// Packs go out on as many threads as the store takes writes at once
+    /// ([`crate::store::ObjectStore::write_concurrency`]): one for a local
+    /// disk, several for an object store, where each write waits a round
+    /// trip. Memory stays bounded: one pack in the channel and one per
+    /// writing thread.
+    pub fn run_writer(&self)
+    where
+        R: Sync,
+    {
+        let lanes = self.repo.store().write_concurrency().max(1);
+        if lanes == 1 {
+            self.write_lane();
+        } else {
+            std::thread::scope(|s| {
+                for _ in 0..lanes {
+                    s.spawn(|| self.write_lane());
+                }
+            });
+        }
+    }
+
+    fn write_lane(&self) {
+        loop {
+            // The channel never disconnects (the mover holds both ends):
+            // a lane that has nothing to write looks every so often whether
+            // the mover was closed and everything sent is written.
+            let pack = match self
+                .pack_rx
+                .recv_timeout(std::time::Duration::from_millis(50))
+            {
+                Ok(pack) => pack,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    let st = self.state.lock();
+                    if st.closed && st.written == st.sent {
+                        break;
+                    }
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
             let failed = self.state.lock().failure.is_some();
             let ids: Vec<ChunkId> = pack.entries.iter().map(|e| e.id).collect();
             let outcome = if failed {
@@ -1169,7 +1207,16 @@ pub fn commit<R: Deref<Target = Repository>>(
             job: manifest.job.clone(),
             name: manifest.name.clone(),
         };
-        match repo.store().put(&name.key(), &encoded) {
+        let key = name.key();
+        // Asked first, as well as refused by the create-only put: an
+        // object store that ignores `If-None-Match` would let the put
+        // replace another backup's restore point of the same second.
+        let taken = repo.store().size(&key)?.is_some();
+        match if taken {
+            Err(Error::AlreadyExists(key))
+        } else {
+            repo.store().put(&key, &encoded)
+        } {
             Ok(()) => return Ok(manifest),
             Err(Error::AlreadyExists(_)) => {
                 // Another backup of this job finished in the same second.

@@ -2,7 +2,6 @@
 //! chunks (raw and decoded as separate steps) and restore points.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -248,7 +247,8 @@ pub struct Repository {
     keys: Option<Keys>,
     hasher: ChunkHasher,
     index: RwLock<Index>,
-    location: PathBuf,
+    /// Where the repository is, for messages (a path or a URL).
+    location: String,
     /// Distinguishes this open repository from every other in this
     /// process, so per-thread state never carries a frame across them.
     instance: u64,
@@ -360,18 +360,17 @@ impl Repository {
         password: impl FnOnce() -> Result<Vec<u8>>,
         strict: bool,
     ) -> Result<Repository> {
-        let location = PathBuf::from(store.location());
+        let location = store.location();
         let raw = match store.get(CONFIG_KEY) {
             Ok(raw) => raw,
             Err(Error::NotFound(_)) => {
                 return Err(Error::NotFound(format!(
-                    "repository at {} (no config file; run `flr init` first)",
-                    location.display()
+                    "repository at {location} (no config file; run `flr init` first)"
                 )))
             }
             Err(e) => return Err(e),
         };
-        let what = format!("{}/config", location.display());
+        let what = format!("{location}/config");
         let (_, payload) = format::open_envelope(&what, format::CONFIG_MAGIC, &raw)?;
         let config: RepoConfig = parse_config(&what, payload)?;
         if config.version != format::REPO_VERSION {
@@ -382,7 +381,11 @@ impl Repository {
             });
         }
         let keys = match &config.encryption {
-            Some(enc) => Some(Keys::unlock(enc, &password()?, &location)?),
+            Some(enc) => Some(Keys::unlock(
+                enc,
+                &password()?,
+                std::path::Path::new(&location),
+            )?),
             None => None,
         };
         let hasher = match &keys {
@@ -404,7 +407,9 @@ impl Repository {
         Ok(repo)
     }
 
-    pub fn location(&self) -> &std::path::Path {
+    /// Where the repository is, for messages: a directory or an
+    /// `s3://` URL.
+    pub fn location(&self) -> &str {
         &self.location
     }
 

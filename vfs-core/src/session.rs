@@ -1289,8 +1289,9 @@ fn shrink_data_file(path: &Path, size: u64) -> FsResult<()> {
 pub struct SessionInfo {
     pub format: u32,
     pub id: String,
-    /// The repository, as given when the session was made.
-    pub repository: PathBuf,
+    /// The repository, as given when the session was made (an absolute
+    /// directory or an `s3://` URL).
+    pub repository: String,
     /// `JOB/TIMESTAMP`.
     pub restore_point: String,
     /// Unix seconds.

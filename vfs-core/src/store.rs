@@ -4,7 +4,9 @@
 //!
 //! Objects are immutable: `put` creates a whole object atomically (readers
 //! see all of it or nothing) and never replaces one: a key that exists is
-//! `AlreadyExists`, whatever its content, on every store.
+//! `AlreadyExists` on every store. A remote store may instead accept a key
+//! that already holds exactly the bytes given: a retried write whose first
+//! attempt did land must not turn into a failure.
 
 use std::collections::BTreeMap;
 use std::ops::Deref;
@@ -13,6 +15,51 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 use crate::error::{Error, Result};
+
+/// Requests a remote store sent, by kind, and the bytes they moved: a
+/// user of an object store pays per request and per byte.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RequestCounts {
+    /// Whole-object GETs.
+    pub get: u64,
+    /// GETs of a byte range.
+    pub range_get: u64,
+    pub put: u64,
+    pub list: u64,
+    pub head: u64,
+    pub delete: u64,
+    /// Other requests (multipart upload steps, for instance).
+    pub other: u64,
+    /// Requests answered with a server error (5xx, 429) or not answered
+    /// at all; each was retried or reported. Included in the counts above.
+    pub failed: u64,
+    /// Bytes of request bodies sent.
+    pub bytes_up: u64,
+    /// Bytes of response bodies, as their `Content-Length` declares.
+    pub bytes_down: u64,
+}
+
+impl RequestCounts {
+    pub fn total(&self) -> u64 {
+        self.get + self.range_get + self.put + self.list + self.head + self.delete + self.other
+    }
+
+    /// The requests sent since `earlier` was taken.
+    pub fn since(&self, earlier: &RequestCounts) -> RequestCounts {
+        RequestCounts {
+            get: self.get - earlier.get,
+            range_get: self.range_get - earlier.range_get,
+            put: self.put - earlier.put,
+            list: self.list - earlier.list,
+            head: self.head - earlier.head,
+            delete: self.delete - earlier.delete,
+            other: self.other - earlier.other,
+            failed: self.failed - earlier.failed,
+            bytes_up: self.bytes_up - earlier.bytes_up,
+            bytes_down: self.bytes_down - earlier.bytes_down,
+        }
+    }
+}
 
 /// Bytes handed out by a store, shared cheaply between readers.
 #[derive(Clone)]
@@ -29,8 +76,9 @@ pub trait ObjectStore: Send + Sync {
     /// A human-readable location, used in messages.
     fn location(&self) -> String;
     /// Stores a whole object durably under a new `key`. Fails with
-    /// `AlreadyExists` if the key exists, atomically with respect to other
-    /// writers: no write ever replaces an object (see
+    /// `AlreadyExists` if the key exists (or may return `Ok` if it holds
+    /// exactly `data`), atomically with respect to other writers where the
+    /// store can: no write ever replaces an object (see
     /// [`crate::repo::Repository::put_once`] for writes that may meet an
     /// identical object).
     fn put(&self, key: &str, data: &[u8]) -> Result<()>;
@@ -44,6 +92,16 @@ pub trait ObjectStore: Send + Sync {
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
     /// Removes an object; removing a missing object is not an error.
     fn delete(&self, key: &str) -> Result<()>;
+    /// The requests sent so far, for stores reached over a network;
+    /// `None` for a local store, which pays nothing per request.
+    fn requests(&self) -> Option<RequestCounts> {
+        None
+    }
+    /// How many whole-object writes are worth running at once: one for a
+    /// local disk, more for a store where each write waits a round trip.
+    fn write_concurrency(&self) -> usize {
+        1
+    }
 }
 
 /// An object store in memory, for tests.

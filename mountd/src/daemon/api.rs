@@ -212,7 +212,7 @@ async fn repositories(State(d): AppState) -> Json<serde_json::Value> {
     Json(
         d.repos
             .values()
-            .map(|r| json!({"name": r.name, "path": r.config.path.display().to_string()}))
+            .map(|r| json!({"name": r.name, "path": r.config.path.to_string()}))
             .collect(),
     )
 }

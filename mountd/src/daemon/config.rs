@@ -11,6 +11,14 @@
 //! [repositories.app]
 //! path = "/srv/backup/repo"
 //! password_env = "FLR_PASSWORD_APP"
+//!
+//! [repositories.offsite]
+//! path = "s3://backups/flr"
+//! [repositories.offsite.s3]       # each one left out: AWS_* variables
+//! endpoint = "https://s3.example.net"
+//! region = "eu-central-1"
+//! access_key_id = "..."
+//! secret_access_key = "..."
 //! ```
 
 use std::collections::BTreeMap;
@@ -18,6 +26,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use backends::repo_spec::RepoSpec;
+use backends::s3::S3Settings;
 use serde::Deserialize;
 
 pub const DEFAULT_SOCKET: &str = "/run/flr/mountd.sock";
@@ -95,7 +105,12 @@ impl Default for Settings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepositoryConfig {
-    pub path: PathBuf,
+    /// A directory, or `s3://BUCKET/PREFIX`.
+    pub path: RepoSpec,
+    /// How to reach an S3 repository; settings left out come from the
+    /// `AWS_*` environment variables of the daemon.
+    #[serde(default)]
+    pub s3: S3Settings,
     /// Name of an environment variable holding the password.
     pub password_env: Option<String>,
     /// File whose contents (trailing newline removed) are the password.
@@ -110,7 +125,7 @@ impl RepositoryConfig {
             return std::env::var(var).map(String::into_bytes).map_err(|_| {
                 vfs_core::Error::InvalidInput(format!(
                     "repository {} is encrypted: environment variable {var} (password_env) is not set",
-                    self.path.display()
+                    self.path
                 ))
             });
         }
@@ -118,7 +133,16 @@ impl RepositoryConfig {
             let text = std::fs::read_to_string(file).map_err(|e| vfs_core::Error::io(file, e))?;
             return Ok(text.trim_end_matches(['\n', '\r']).as_bytes().to_vec());
         }
-        Err(vfs_core::Error::PasswordNeeded(self.path.clone()))
+        Err(vfs_core::Error::PasswordNeeded(
+            self.path.to_string().into(),
+        ))
+    }
+
+    /// Opens the repository's store, S3 settings completed from the
+    /// environment.
+    pub fn open_store(&self) -> vfs_core::Result<std::sync::Arc<dyn vfs_core::store::ObjectStore>> {
+        self.path
+            .open_store(&self.s3.clone().or(S3Settings::from_env()))
     }
 }
 
@@ -201,7 +225,30 @@ mod tests {
         .unwrap();
         assert_eq!(c.cache_bytes(), 64 << 20);
         assert_eq!(c.settings.idle_timeout_secs, 60);
-        assert_eq!(c.repositories["app"].path, Path::new("/srv/repo"));
+        assert_eq!(
+            c.repositories["app"].path,
+            RepoSpec::Local("/srv/repo".into())
+        );
+    }
+
+    #[test]
+    fn an_s3_repository_takes_its_settings_and_hides_the_secret() {
+        let c = Config::parse(
+            r#"
+            [repositories.offsite]
+            path = "s3://bucket/flr"
+            [repositories.offsite.s3]
+            endpoint = "http://127.0.0.1:9000"
+            access_key_id = "AKID"
+            secret_access_key = "very-secret-key"
+            "#,
+        )
+        .unwrap();
+        let r = &c.repositories["offsite"];
+        assert_eq!(r.path.to_string(), "s3://bucket/flr");
+        assert_eq!(r.s3.access_key_id.as_deref(), Some("AKID"));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("very-secret-key"), "{shown}");
     }
 
     #[test]
@@ -215,6 +262,14 @@ mod tests {
             ),
             ("[settings]\nmount_root = \"rel\"", "absolute"),
             ("[repositories.\"../x\"]\npath = \"/r\"", "repository name"),
+            (
+                "[repositories.x]\npath = \"gs://b/p\"",
+                "does not serve gs://",
+            ),
+            (
+                "[repositories.x]\npath = \"gs://b/p\"",
+                "does not serve gs://",
+            ),
         ] {
             let e = format!("{:#}", Config::parse(text).unwrap_err());
             assert!(e.contains(why), "{text}: {e}");

@@ -115,6 +115,53 @@ pub async fn render(daemon: &Daemon) -> String {
         "Bytes written by restore jobs.",
         &one(jobs.bytes),
     );
+    // Requests to object stores, per repository: a user pays for each.
+    let mut by_kind = Vec::new();
+    let mut bytes = Vec::new();
+    let mut failed = Vec::new();
+    for (name, handle) in &daemon.repos {
+        let Some(c) = handle.requests() else {
+            continue;
+        };
+        for (kind, n) in [
+            ("get", c.get),
+            ("range_get", c.range_get),
+            ("put", c.put),
+            ("list", c.list),
+            ("head", c.head),
+            ("delete", c.delete),
+            ("other", c.other),
+        ] {
+            by_kind.push((format!("{{repository=\"{name}\",kind=\"{kind}\"}}"), n));
+        }
+        bytes.push((
+            format!("{{repository=\"{name}\",direction=\"up\"}}"),
+            c.bytes_up,
+        ));
+        bytes.push((
+            format!("{{repository=\"{name}\",direction=\"down\"}}"),
+            c.bytes_down,
+        ));
+        failed.push((format!("{{repository=\"{name}\"}}"), c.failed));
+    }
+    metric(
+        "flr_store_requests_total",
+        "counter",
+        "Requests sent to an object-store repository, by kind (retries included).",
+        &by_kind,
+    );
+    metric(
+        "flr_store_request_failures_total",
+        "counter",
+        "Object-store requests answered with a server error or not answered.",
+        &failed,
+    );
+    metric(
+        "flr_store_bytes_total",
+        "counter",
+        "Body bytes sent to (up) and received from (down) an object-store repository.",
+        &bytes,
+    );
     // The histogram: cumulative buckets in seconds.
     let _ = writeln!(
         out,

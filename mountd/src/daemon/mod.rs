@@ -65,6 +65,14 @@ pub struct RepoHandle {
 }
 
 impl RepoHandle {
+    /// The requests its store has sent, once open, if it is an object
+    /// store. Never waits: while the repository is being opened it has
+    /// nothing to say yet.
+    pub fn requests(&self) -> Option<vfs_core::store::RequestCounts> {
+        let opened = self.opened.try_lock()?;
+        opened.as_ref()?.0.store().requests()
+    }
+
     /// The repository, with an index that covers `rp` if it exists
     /// (re-read when `rp` was committed after the last read). Blocking.
     pub fn open_for(&self, rp: Option<&RestorePointName>) -> vfs_core::Result<Arc<Repository>> {
@@ -78,9 +86,9 @@ impl RepoHandle {
             }
             return Ok(repo.clone());
         }
-        let store = vfs_core::local_store::LocalStore::open(&self.config.path)?;
+        let store = self.config.open_store()?;
         let listed = {
-            let repo = Repository::open(Arc::new(store), || self.config.password())?;
+            let repo = Repository::open(store, || self.config.password())?;
             let known = repo.list_restore_points(None)?;
             // The index was read before the listing; read it again so
             // it covers every listed restore point.

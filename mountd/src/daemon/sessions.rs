@@ -348,7 +348,7 @@ fn mount_writable(
 ) -> Result<SharedMount, ApiError> {
     let cow = writable::open_session(
         repo,
-        &handle.config.path,
+        &handle.config.path.absolute().to_string(),
         &key.restore_point,
         &state_dir(daemon),
         id,
