@@ -842,10 +842,12 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// Copies a tree (files, directories, symlinks; modes, owners, times),
-/// fsyncing each file; returns the bytes copied.
-/// Copies a tree (files, directories, symlinks; modes, owners, times),
-/// fsyncing each file; returns the bytes copied.
+/// Copies a tree (files, directories, symlinks; modes, owners, times);
+/// returns the bytes copied. Not synced here: the caller syncs the
+/// target's filesystem once before the rename.
+/// Copies a tree (files, directories, symlinks; modes, owners, times);
+/// returns the bytes copied. Not synced here: the caller syncs the
+/// target's filesystem once before the rename.
 fn copy_tree(from: &Path, to: &Path, ctl: &ExportControl) -> Result<u64> {
     let meta =
         std::fs::symlink_metadata(from).with_context(|| format!("stat {}", from.display()))?;
@@ -869,9 +871,8 @@ fn copy_tree(from: &Path, to: &Path, ctl: &ExportControl) -> Result<u64> {
             std::fs::File::open(from).with_context(|| format!("cannot open {}", from.display()))?;
         let mut dst =
             std::fs::File::create(to).with_context(|| format!("cannot create {}", to.display()))?;
-        bytes += std::io::copy(&mut Counted { inner: src, ctl }, &mut dst)
+        bytes += std::io::copy(&mut counted_reader(src, ctl), &mut dst)
             .with_context(|| format!("cannot copy {}", from.display()))?;
-        dst.sync_all()?;
         std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
     } else {
         // Sockets and pipes (a server's leftovers) are not exported.
@@ -883,6 +884,15 @@ fn copy_tree(from: &Path, to: &Path, ctl: &ExportControl) -> Result<u64> {
         let _ = std::fs::File::open(to).and_then(|f| f.set_modified(mtime));
     }
     Ok(bytes)
+}
+
+/// `file` read in [`COPY_BUF`] pieces, counted: through FUSE each read is
+/// a round trip, and `io::copy` alone would read 8 KiB at a time.
+fn counted_reader(
+    file: std::fs::File,
+    ctl: &ExportControl,
+) -> std::io::BufReader<Counted<'_, std::fs::File>> {
+    std::io::BufReader::with_capacity(COPY_BUF, Counted { inner: file, ctl })
 }
 
 /// A reader that counts into the progress and ends with an error once
@@ -933,7 +943,7 @@ fn append_item<W: Write>(
         header.set_metadata(&meta);
         let file =
             std::fs::File::open(from).with_context(|| format!("cannot open {}", from.display()))?;
-        b.append_data(&mut header, name, Counted { inner: file, ctl })
+        b.append_data(&mut header, name, counted_reader(file, ctl))
             .with_context(|| format!("cannot archive {}", from.display()))?;
     }
     // Sockets and pipes (a server's leftovers) are not exported.
@@ -1141,7 +1151,8 @@ pub fn run(
         &id,
         false,
         crate::writable::OpenOptions {
-            cache_bytes: 256 << 20,
+            // One sequential pass: a small cache of decoded frames does.
+            cache_bytes: 64 << 20,
             session: SessionOptions {
                 reserve_bytes: 64 << 20,
                 min_free_bytes: 256 << 20,
@@ -1373,6 +1384,11 @@ pub fn run(
             if ctl.stopped() {
                 bail!("stopped");
             }
+            // One sync of the target's filesystem instead of one per file
+            // (a data directory has thousands), before anything is renamed.
+            let d = std::fs::File::open(&partial)?;
+            nix::unistd::syncfs(&d)
+                .with_context(|| format!("cannot sync the filesystem of {}", partial.display()))?;
             for to_name in &names {
                 let final_path = to.join(to_name);
                 if final_path.symlink_metadata().is_ok() {

@@ -372,7 +372,7 @@ fn an_export_to_a_second_daemon_arrives_checked_and_a_wrong_token_writes_nothing
     // Outside the receiver's restore targets, or climbing out of them.
     for (dir, check) in [
         (tmp.path().join("elsewhere"), "target rights"),
-        (receiver.restore.join("x/../../escape"), "target"),
+        (receiver.restore.join("x/../../escape"), "target rights"),
     ] {
         let run = repo
             .cmd("export")

@@ -136,7 +136,15 @@ impl Receives {
 /// The target checks, without writing: allowed, writable, empty unless
 /// `overwrite`, room for `bytes`. Returns the resolved directory.
 pub fn check(daemon: &Daemon, req: &ReceiveRequest) -> Result<PathBuf, ApiError> {
-    let dir = jobs::check_target(daemon, &req.dir)?;
+    // Every directory the rule refuses is "not allowed here" (403), so a
+    // sender reports one check for it.
+    let dir = jobs::check_target(daemon, &req.dir).map_err(|e| {
+        if e.status == StatusCode::BAD_REQUEST {
+            ApiError::forbidden(e.message)
+        } else {
+            e
+        }
+    })?;
     let at = crate::export::nearest_existing(&dir);
     if nix::unistd::access(&at, nix::unistd::AccessFlags::W_OK).is_err() {
         return Err(ApiError::forbidden(format!(
@@ -370,6 +378,9 @@ pub fn commit(daemon: &Daemon, id: &str, req: &CommitRequest) -> Result<Value, A
         )));
     }
     let result = (|| -> Result<Vec<String>, String> {
+        // On disk before it gets its final names.
+        let d = std::fs::File::open(&r.partial).map_err(|e| e.to_string())?;
+        nix::unistd::syncfs(&d).map_err(|e| format!("cannot sync {}: {e}", r.partial.display()))?;
         let mut names: Vec<String> = std::fs::read_dir(&r.partial)
             .map_err(|e| e.to_string())?
             .flatten()
