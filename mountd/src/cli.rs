@@ -83,7 +83,7 @@ enum Command {
     /// Take a database (a PostgreSQL data directory or a SQLite file) out
     /// of a restore point: as its files, as one archive, or as a logical
     /// dump, checked first and staged on a writable session.
-    Export(crate::export::ExportArgs),
+    Export(crate::export_cmd::ExportArgs),
     /// List restore points with their sizes.
     RestorePoints {
         /// A directory, or s3://BUCKET/PREFIX.
@@ -248,7 +248,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             run_backup(&repo, job, input, &chunker, json, quiet)
         }
         Command::Devices(args) => crate::device_cmd::run(args),
-        Command::Export(args) => crate::export::run(args),
+        Command::Export(args) => crate::export_cmd::run(args, &socket),
         Command::RestorePoints { repo, job, json } => list(&repo, job.as_deref(), json),
         Command::Restore {
             repo,
@@ -520,20 +520,7 @@ pub fn stats_json(s: &vfs_core::manifest::BackupStats) -> serde_json::Value {
     })
 }
 
-pub fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+pub use mountd::human;
 
 fn list(repo_path: &RepoSpec, job: Option<&str>, json: bool) -> Result<u8> {
     let repo = open_repo(repo_path)?;

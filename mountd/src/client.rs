@@ -57,7 +57,20 @@ pub fn request_raw(
     let mut stream = UnixStream::connect(socket)?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_write_timeout(Some(TIMEOUT))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: flr\r\nConnection: close\r\n");
+    exchange(&mut stream, method, path, "", body)
+}
+
+/// One request on an open connection: `headers` are extra header lines,
+/// each ending in CRLF; the body, if any, is JSON.
+pub fn exchange<S: Read + Write>(
+    stream: &mut S,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: Option<&str>,
+) -> io::Result<Response> {
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: flr\r\nConnection: close\r\n{headers}");
     if let Some(b) = body {
         req.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -69,6 +82,11 @@ pub fn request_raw(
         req.push_str(b);
     }
     stream.write_all(req.as_bytes())?;
+    read_response(stream)
+}
+
+/// Reads a whole response (the server closes the connection after it).
+pub fn read_response<S: Read>(stream: &mut S) -> io::Result<Response> {
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     parse_response(&raw)

@@ -1,9 +1,10 @@
-//! `flr export`: a database taken out of a restore point as its files, as
-//! one archive, or as a logical dump, in the order a DBA expects:
+//! Export: a database taken out of a restore point as its files, as one
+//! archive, or as a logical dump, in the order a DBA expects:
 //!
 //! 1. check: the restore point and the path, the engine and its programs,
-//!    free space in staging and at the target, rights, an empty target —
-//!    each failure names its check and nothing is written anywhere;
+//!    free space in staging and at the target, rights, an empty target,
+//!    and for a remote target that its daemon answers and takes the token
+//!    — each failure names its check and nothing is written anywhere;
 //! 2. mount: the restore point as a writable session whose changes go to
 //!    the staging directory (the repository never changes);
 //! 3. stage: make the database consistent on the session (PostgreSQL runs
@@ -11,26 +12,35 @@
 //!    it there (`pg_dump`, `sqlite3 .dump`);
 //! 4. transfer: into a hidden partial directory at the target, renamed
 //!    into place once complete, so no partial file ever has a final name;
+//!    to another host, as one checksummed tar stream its daemon unpacks
+//!    ([`crate::transfer`]);
 //! 5. clean up: server stopped, unmounted, session discarded, staging
-//!    removed — also after a failure or a signal. A run killed outright
-//!    leaves a `state.json` in its staging directory, and the next export
-//!    stops the server it started, detaches its mount and removes it.
+//!    removed — also after a failure, a cancel or a signal. A run killed
+//!    outright leaves a `state.json` in its staging directory, and the
+//!    next export or the next daemon start ([`clear_leftovers`]) stops the
+//!    server it started, detaches its mount and removes its files.
+//!
+//! [`run`] does one export; the command line (`flr export`) and the
+//! daemon's export jobs (`POST /exports`) both call it, with an
+//! [`ExportControl`] that carries the cancel flag and the progress.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use vfs_core::manifest::{Manifest, NodeKind};
 use vfs_core::repo::Repository;
 use vfs_core::session::SessionOptions;
 
-use crate::exit;
+use crate::transfer::{HashingWriter, RemoteTarget};
 
 /// Default staging directory.
 pub const DEFAULT_STAGING: &str = "/var/tmp/flr-staging";
@@ -39,51 +49,190 @@ pub const DEFAULT_STAGING: &str = "/var/tmp/flr-staging";
 /// floor is 256 MiB).
 const STAGING_FLOOR: u64 = 320 << 20;
 
-#[derive(clap::Args)]
-pub struct ExportArgs {
-    /// A directory, or s3://BUCKET/PREFIX.
-    #[arg(long)]
-    repo: backends::repo_spec::RepoSpec,
+/// Bytes copied between checks of the cancel flag.
+const COPY_BUF: usize = 1 << 20;
+
+pub const FORMATS: [&str; 3] = ["files", "archive", "logical"];
+pub const LOGICAL_FORMATS: [&str; 3] = ["plain", "custom", "directory"];
+
+/// Where an export goes.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// An absolute local directory.
+    Local(PathBuf),
+    /// A directory on another host's daemon.
+    Remote(RemoteTarget),
+}
+
+impl Target {
+    /// A local path (made absolute) or `flr://HOST:PORT/DIR` with the
+    /// receiving daemon's token.
+    pub fn parse(to: &str, token: Option<String>) -> Result<Target> {
+        if to.contains("://") {
+            let token = token.filter(|t| !t.is_empty()).ok_or_else(|| {
+                check_failed(
+                    "remote token",
+                    format!("{to} needs the bearer token of the daemon there (--token-file FILE or FLR_TOKEN)"),
+                )
+            })?;
+            return RemoteTarget::parse(to, token)
+                .map(Target::Remote)
+                .map_err(|e| check_failed("target", e));
+        }
+        Ok(Target::Local(std::path::absolute(to)?))
+    }
+
+    /// What the target is called in messages (never with the token).
+    pub fn display(&self) -> String {
+        match self {
+            Target::Local(p) => p.display().to_string(),
+            Target::Remote(r) => r.url(),
+        }
+    }
+}
+
+/// One export, as asked for.
+#[derive(Clone, Debug)]
+pub struct ExportRequest {
+    /// The repository (an absolute directory or an S3 spec), as the
+    /// session over it records it.
+    pub repo_path: String,
     /// JOB/TIMESTAMP, or JOB for the newest.
-    restore_point: String,
-    /// The database inside the restore point: a PostgreSQL data directory
-    /// or a SQLite file.
-    #[arg(long)]
-    path: String,
-    /// files: the database's files, consistent, ready to attach; archive:
-    /// one file (a tar of the data directory, or a SQLite backup copy);
-    /// logical: schema and data (pg_dump, sqlite3 .dump).
-    #[arg(long, value_parser = ["files", "archive", "logical"])]
-    format: String,
-    /// A local directory; what is exported goes into it under the
-    /// database's name.
-    #[arg(long)]
-    to: PathBuf,
-    /// Where the session's changes and dumps are staged (default
-    /// /var/tmp/flr-staging).
-    #[arg(long)]
-    staging: Option<PathBuf>,
-    /// Export into a target directory that is not empty (an existing item
-    /// of the same name is replaced).
-    #[arg(long)]
-    overwrite: bool,
-    /// archive: compress the tar with zstd.
-    #[arg(long)]
-    compress: bool,
-    /// logical, PostgreSQL: pg_dump's format.
-    #[arg(long, default_value = "custom", value_parser = ["plain", "custom", "directory"])]
-    logical_format: String,
-    /// logical, PostgreSQL: the databases to dump (default: all but
-    /// templates); repeatable.
-    #[arg(long = "database")]
-    databases: Vec<String>,
-    /// logical, PostgreSQL, directory format: parallel dump jobs.
-    #[arg(long, default_value_t = 1)]
-    jobs: usize,
-    #[arg(long)]
-    json: bool,
-    #[arg(long, short)]
-    quiet: bool,
+    pub restore_point: String,
+    /// A PostgreSQL data directory or a SQLite file inside the restore point.
+    pub path: String,
+    /// files, archive or logical.
+    pub format: String,
+    pub to: Target,
+    /// Staging root (absolute); default [`DEFAULT_STAGING`].
+    pub staging: Option<PathBuf>,
+    pub overwrite: bool,
+    pub compress: bool,
+    /// plain, custom or directory.
+    pub logical_format: String,
+    pub databases: Vec<String>,
+    pub jobs: usize,
+}
+
+impl ExportRequest {
+    /// Refuses values no export takes.
+    pub fn validate(&self) -> Result<(), String> {
+        if !FORMATS.contains(&self.format.as_str()) {
+            return Err(format!(
+                "format {:?}: give files, archive or logical",
+                self.format
+            ));
+        }
+        if !LOGICAL_FORMATS.contains(&self.logical_format.as_str()) {
+            return Err(format!(
+                "logical_format {:?}: give plain, custom or directory",
+                self.logical_format
+            ));
+        }
+        if self.jobs == 0 || self.jobs > 64 {
+            return Err("jobs must be between 1 and 64".into());
+        }
+        if self.path.trim_matches('/').is_empty() {
+            return Err("path names the database inside the restore point".into());
+        }
+        if let Some(s) = &self.staging {
+            if !s.is_absolute() {
+                return Err(format!("staging {} must be an absolute path", s.display()));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn staging_root(&self) -> PathBuf {
+        self.staging
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STAGING))
+    }
+}
+
+/// Time one step took.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StepTime {
+    pub step: String,
+    pub ms: u64,
+}
+
+/// Shared between a running export and whoever watches it: the cancel
+/// flag, the current step, bytes of the transfer, each finished step's
+/// time.
+#[derive(Default)]
+pub struct ExportControl {
+    /// Set to stop: children are killed, copies end at their next buffer.
+    pub stop: AtomicBool,
+    pub bytes_done: AtomicU64,
+    pub bytes_total: AtomicU64,
+    step: Mutex<Option<(String, Instant)>>,
+    steps: Mutex<Vec<StepTime>>,
+    /// When the transfer began, for its rate.
+    transfer_started: Mutex<Option<Instant>>,
+}
+
+impl ExportControl {
+    fn begin(&self, step: &str) {
+        let mut cur = self.step.lock();
+        if let Some((name, at)) = cur.take() {
+            self.steps.lock().push(StepTime {
+                step: name,
+                ms: at.elapsed().as_millis() as u64,
+            });
+        }
+        if step == "transfer" {
+            *self.transfer_started.lock() = Some(Instant::now());
+        }
+        if !step.is_empty() {
+            *cur = Some((step.to_string(), Instant::now()));
+        }
+    }
+
+    /// The step running now (None before the first and after the last).
+    pub fn step(&self) -> Option<String> {
+        self.step.lock().as_ref().map(|(s, _)| s.clone())
+    }
+
+    /// Finished steps with their times.
+    pub fn steps(&self) -> Vec<StepTime> {
+        self.steps.lock().clone()
+    }
+
+    /// Bytes per second of the transfer so far.
+    pub fn rate(&self) -> u64 {
+        match *self.transfer_started.lock() {
+            Some(at) if at.elapsed().as_secs_f64() > 0.05 => {
+                (self.bytes_done.load(Ordering::Relaxed) as f64 / at.elapsed().as_secs_f64()) as u64
+            }
+            _ => 0,
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn add(&self, n: usize) {
+        self.bytes_done.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// What an export did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExportReport {
+    pub restore_point: String,
+    pub path: String,
+    pub engine: String,
+    pub format: String,
+    pub target: String,
+    /// What was written, by full path (or URL) at the target.
+    pub written: Vec<String>,
+    pub bytes: u64,
+    pub logical_bytes: u64,
+    pub estimate_bytes: u64,
+    pub duration_ms: u64,
+    pub steps: Vec<StepTime>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -190,7 +339,7 @@ fn sizes(m: &Manifest, node: usize, sub: Option<&str>) -> (u64, u64) {
     (all, below)
 }
 
-fn free_bytes(path: &Path) -> Result<u64> {
+pub fn free_bytes(path: &Path) -> Result<u64> {
     // The nearest existing ancestor holds what will be made.
     let mut p = std::path::absolute(path)?;
     while !p.exists() {
@@ -202,7 +351,7 @@ fn free_bytes(path: &Path) -> Result<u64> {
     Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
 }
 
-fn nearest_existing(path: &Path) -> PathBuf {
+pub fn nearest_existing(path: &Path) -> PathBuf {
     let mut p = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     while !p.exists() && p.pop() {}
     p
@@ -243,7 +392,7 @@ fn pg_bin_dir(major: &str) -> PathBuf {
     }
 }
 
-fn checks(repo: &Repository, m: &Manifest, args: &ExportArgs, staging: &Path) -> Result<Plan> {
+fn checks(repo: &Repository, m: &Manifest, args: &ExportRequest, staging: &Path) -> Result<Plan> {
     // The database.
     let node = node_at(m, &args.path).ok_or_else(|| {
         check_failed(
@@ -367,47 +516,16 @@ fn checks(repo: &Repository, m: &Manifest, args: &ExportArgs, staging: &Path) ->
             ));
         }
     }
-    let target_at = nearest_existing(&args.to);
-    if nix::unistd::access(&target_at, nix::unistd::AccessFlags::W_OK).is_err() {
-        return Err(check_failed(
-            "target rights",
-            format!("{} is not writable here", target_at.display()),
-        ));
-    }
-    if args.to.exists() {
-        if !args.to.is_dir() {
-            return Err(check_failed(
-                "target",
-                format!("{} exists and is not a directory", args.to.display()),
-            ));
-        }
-        let mut entries = std::fs::read_dir(&args.to)
-            .with_context(|| format!("cannot read {}", args.to.display()))?
-            .flatten()
-            .filter(|e| !e.file_name().to_string_lossy().starts_with(".flr-partial-"));
-        if entries.next().is_some() && !args.overwrite {
-            return Err(check_failed(
-                "target",
-                format!(
-                    "{} is not empty (give --overwrite to export into it anyway)",
-                    args.to.display()
-                ),
-            ));
-        }
-    }
 
     // Space, with a margin.
     let estimate = match (&engine, args.format.as_str()) {
         (Engine::Postgres { .. }, "logical") => relations,
         _ => logical,
     };
-    let staging_need = STAGING_FLOOR
-        + logical / 10
-        + if args.format == "logical" || (engine == Engine::Sqlite && args.format == "archive") {
-            estimate
-        } else {
-            0
-        };
+    let remote = matches!(args.to, Target::Remote(_));
+    let staged_copy = args.format == "logical"
+        || (args.format == "archive" && (engine == Engine::Sqlite || remote));
+    let staging_need = STAGING_FLOOR + logical / 10 + if staged_copy { estimate } else { 0 };
     let staging_free = free_bytes(staging)?;
     if staging_free < staging_need {
         return Err(check_failed(
@@ -415,23 +533,15 @@ fn checks(repo: &Repository, m: &Manifest, args: &ExportArgs, staging: &Path) ->
             format!(
                 "{} has {} free, the export needs {} there",
                 stage_at.display(),
-                crate::cli::human(staging_free),
-                crate::cli::human(staging_need)
+                crate::human(staging_free),
+                crate::human(staging_need)
             ),
         ));
     }
     let target_need = estimate + estimate / 10 + (16 << 20);
-    let target_free = free_bytes(&args.to)?;
-    if target_free < target_need {
-        return Err(check_failed(
-            "target space",
-            format!(
-                "{} has {} free, the export needs {} there",
-                target_at.display(),
-                crate::cli::human(target_free),
-                crate::cli::human(target_need)
-            ),
-        ));
+    match &args.to {
+        Target::Local(to) => check_local_target(to, args.overwrite, target_need)?,
+        Target::Remote(r) => check_remote_target(r, args.overwrite, target_need)?,
     }
     Ok(Plan {
         engine,
@@ -442,6 +552,88 @@ fn checks(repo: &Repository, m: &Manifest, args: &ExportArgs, staging: &Path) ->
     })
 }
 
+/// The caller writes the target, it is empty (unless `overwrite`) and has
+/// room for `need` bytes.
+fn check_local_target(to: &Path, overwrite: bool, need: u64) -> Result<()> {
+    let target_at = nearest_existing(to);
+    if nix::unistd::access(&target_at, nix::unistd::AccessFlags::W_OK).is_err() {
+        return Err(check_failed(
+            "target rights",
+            format!("{} is not writable here", target_at.display()),
+        ));
+    }
+    if to.exists() {
+        if !to.is_dir() {
+            return Err(check_failed(
+                "target",
+                format!("{} exists and is not a directory", to.display()),
+            ));
+        }
+        if !overwrite && !dir_is_empty(to)? {
+            return Err(check_failed(
+                "target",
+                format!(
+                    "{} is not empty (give --overwrite to export into it anyway)",
+                    to.display()
+                ),
+            ));
+        }
+    }
+    let free = free_bytes(to)?;
+    if free < need {
+        return Err(check_failed(
+            "target space",
+            format!(
+                "{} has {} free, the export needs {} there",
+                target_at.display(),
+                crate::human(free),
+                crate::human(need)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `dir` holds nothing but partial directories of exports.
+pub fn dir_is_empty(dir: &Path) -> Result<bool> {
+    Ok(!std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .flatten()
+        .any(|e| !e.file_name().to_string_lossy().starts_with(".flr-partial-")))
+}
+
+/// The same checks, made by the receiving daemon (`POST /receive/check`),
+/// which also says whether it answers and takes the token.
+fn check_remote_target(r: &RemoteTarget, overwrite: bool, need: u64) -> Result<()> {
+    let body = json!({"dir": r.dir, "overwrite": overwrite, "bytes": need});
+    let resp = r.call("POST", "/receive/check", Some(&body)).map_err(|e| {
+        check_failed(
+            "remote target",
+            format!("the flr daemon at {} does not answer: {e}", r.addr),
+        )
+    })?;
+    let check = match resp.status {
+        200 => return Ok(()),
+        401 => {
+            return Err(check_failed(
+                "remote token",
+                format!(
+                    "the flr daemon at {} refused the token (it takes its settings.tcp_token)",
+                    r.addr
+                ),
+            ))
+        }
+        403 => "target rights",
+        409 | 400 => "target",
+        507 => "target space",
+        _ => "remote target",
+    };
+    Err(check_failed(
+        check,
+        format!("{}: {}", r.url(), resp.error_message()),
+    ))
+}
+
 /// What a run writes in its staging directory so that a later run can
 /// undo it if this one is killed.
 #[derive(serde::Serialize, serde::Deserialize, Default)]
@@ -450,6 +642,9 @@ struct State {
     mountpoint: PathBuf,
     /// The postmaster this run started, if one runs.
     postmaster: Option<u32>,
+    /// The partial directory at a local target, once made.
+    #[serde(default)]
+    partial: Option<PathBuf>,
 }
 
 fn write_state(dir: &Path, state: &State) -> Result<()> {
@@ -461,7 +656,9 @@ fn write_state(dir: &Path, state: &State) -> Result<()> {
 
 /// Removes what exports killed outright left in `staging` (and in the
 /// target, their partial directories): their server, mount and files.
-pub fn clear_leftovers(staging: &Path, target: Option<&Path>) {
+/// Returns how many leftovers it removed; each removal is logged.
+pub fn clear_leftovers(staging: &Path, target: Option<&Path>) -> usize {
+    let mut removed = 0;
     if let Ok(entries) = std::fs::read_dir(staging) {
         for e in entries.flatten() {
             let dir = e.path();
@@ -473,31 +670,42 @@ pub fn clear_leftovers(staging: &Path, target: Option<&Path>) {
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
                 .unwrap_or_default();
-            if state.pid != 0 && mountd::devices::process_alive(state.pid) {
+            if state.pid != 0 && crate::devices::process_alive(state.pid) {
                 continue;
             }
             if let Some(pm) = state
                 .postmaster
-                .filter(|&p| mountd::devices::process_alive(p))
+                .filter(|&p| crate::devices::process_alive(p))
             {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pm as i32),
                     nix::sys::signal::Signal::SIGKILL,
                 );
                 let until = Instant::now() + Duration::from_secs(10);
-                while mountd::devices::process_alive(pm) && Instant::now() < until {
+                while crate::devices::process_alive(pm) && Instant::now() < until {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
             if !state.mountpoint.as_os_str().is_empty() {
                 let _ = backends::fuse::clear_stale_mount(&state.mountpoint);
             }
+            if let Some(p) = &state.partial {
+                if std::fs::remove_dir_all(p).is_ok() {
+                    tracing::warn!(
+                        "removed {} left by an export that did not finish",
+                        p.display()
+                    );
+                }
+            }
             match std::fs::remove_dir_all(&dir) {
-                Ok(()) => tracing::warn!(
-                    "removed {} left by an export that did not finish (pid {})",
-                    dir.display(),
-                    state.pid
-                ),
+                Ok(()) => {
+                    removed += 1;
+                    tracing::warn!(
+                        "removed {} left by an export that did not finish (pid {})",
+                        dir.display(),
+                        state.pid
+                    )
+                }
                 Err(e) => tracing::warn!("cannot remove {}: {e}", dir.display()),
             }
         }
@@ -506,14 +714,8 @@ pub fn clear_leftovers(staging: &Path, target: Option<&Path>) {
         if let Ok(entries) = std::fs::read_dir(target) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let Some(pid) = name.strip_prefix(".flr-partial-") else {
-                    continue;
-                };
-                if pid
-                    .parse()
-                    .is_ok_and(|p: u32| !mountd::devices::process_alive(p))
-                {
-                    let _ = std::fs::remove_dir_all(e.path());
+                if partial_is_stale(&name) && std::fs::remove_dir_all(e.path()).is_ok() {
+                    removed += 1;
                     tracing::warn!(
                         "removed {} left by an export that did not finish",
                         e.path().display()
@@ -522,6 +724,16 @@ pub fn clear_leftovers(staging: &Path, target: Option<&Path>) {
             }
         }
     }
+    removed
+}
+
+/// Whether `name` is a partial directory (`.flr-partial-PID-...`) whose
+/// process is gone.
+pub fn partial_is_stale(name: &str) -> bool {
+    name.strip_prefix(".flr-partial-")
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|pid| pid.parse::<u32>().ok())
+        .is_some_and(|pid| pid != std::process::id() && !crate::devices::process_alive(pid))
 }
 
 /// Everything a run made, undone in reverse order when dropped.
@@ -532,6 +744,8 @@ struct Cleanup {
     mount: Option<backends::fuse::FuseMount>,
     session: Option<Arc<vfs_core::session::CowFs>>,
     partial: Option<PathBuf>,
+    /// An open transfer at a remote target, abandoned on failure.
+    receive: Option<(RemoteTarget, String)>,
 }
 
 impl Cleanup {
@@ -577,6 +791,14 @@ impl Drop for Cleanup {
         if let Some(p) = self.partial.take() {
             let _ = std::fs::remove_dir_all(p);
         }
+        if let Some((r, id)) = self.receive.take() {
+            if let Err(e) = r.call("DELETE", &format!("/receive/{id}"), None) {
+                tracing::warn!(
+                    "cannot tell {} to drop transfer {id} (it drops it when the stream breaks): {e}",
+                    r.addr
+                );
+            }
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             tracing::warn!("cannot remove {}: {e}", self.dir.display());
         }
@@ -621,14 +843,18 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// Copies a tree (files, directories, symlinks; modes, owners, times),
-/// fsyncing each file; returns the bytes copied.
-fn copy_tree(from: &Path, to: &Path, stop: &AtomicBool) -> Result<u64> {
+/// Copies a tree (files, directories, symlinks; modes, owners, times);
+/// returns the bytes copied. Not synced here: the caller syncs the
+/// target's filesystem once before the rename.
+/// Copies a tree (files, directories, symlinks; modes, owners, times);
+/// returns the bytes copied. Not synced here: the caller syncs the
+/// target's filesystem once before the rename.
+fn copy_tree(from: &Path, to: &Path, ctl: &ExportControl) -> Result<u64> {
     let meta =
         std::fs::symlink_metadata(from).with_context(|| format!("stat {}", from.display()))?;
     let mut bytes = 0;
-    if stop.load(Ordering::SeqCst) {
-        bail!("interrupted by a signal");
+    if ctl.stopped() {
+        bail!("stopped");
     }
     if meta.file_type().is_symlink() {
         std::os::unix::fs::symlink(std::fs::read_link(from)?, to)
@@ -638,17 +864,16 @@ fn copy_tree(from: &Path, to: &Path, stop: &AtomicBool) -> Result<u64> {
         let mut entries: Vec<_> = std::fs::read_dir(from)?.flatten().collect();
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
-            bytes += copy_tree(&e.path(), &to.join(e.file_name()), stop)?;
+            bytes += copy_tree(&e.path(), &to.join(e.file_name()), ctl)?;
         }
         std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
     } else if meta.is_file() {
-        let mut src =
+        let src =
             std::fs::File::open(from).with_context(|| format!("cannot open {}", from.display()))?;
         let mut dst =
             std::fs::File::create(to).with_context(|| format!("cannot create {}", to.display()))?;
-        bytes += std::io::copy(&mut src, &mut dst)
+        bytes += std::io::copy(&mut counted_reader(src, ctl), &mut dst)
             .with_context(|| format!("cannot copy {}", from.display()))?;
-        dst.sync_all()?;
         std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
     } else {
         // Sockets and pipes (a server's leftovers) are not exported.
@@ -656,50 +881,93 @@ fn copy_tree(from: &Path, to: &Path, stop: &AtomicBool) -> Result<u64> {
     }
     let _ = std::os::unix::fs::lchown(to, Some(meta.uid()), Some(meta.gid()));
     if !meta.file_type().is_symlink() {
-        let mtime = filetime_of(&meta);
+        let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
         let _ = std::fs::File::open(to).and_then(|f| f.set_modified(mtime));
     }
     Ok(bytes)
 }
 
-fn filetime_of(meta: &std::fs::Metadata) -> std::time::SystemTime {
-    meta.modified().unwrap_or(std::time::UNIX_EPOCH)
+/// `file` read in [`COPY_BUF`] pieces, counted: through FUSE each read is
+/// a round trip, and `io::copy` alone would read 8 KiB at a time.
+fn counted_reader(
+    file: std::fs::File,
+    ctl: &ExportControl,
+) -> std::io::BufReader<Counted<'_, std::fs::File>> {
+    std::io::BufReader::with_capacity(COPY_BUF, Counted { inner: file, ctl })
 }
 
-/// A tar of `dir` as `name/...` (pg_basebackup's layout is the data
+/// A reader that counts into the progress and ends with an error once
+/// the export is stopped.
+struct Counted<'a, R: Read> {
+    inner: R,
+    ctl: &'a ExportControl,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.ctl.stopped() {
+            // Not `Interrupted`: copies retry that.
+            return Err(std::io::Error::other("the export was stopped"));
+        }
+        let max = buf.len().min(COPY_BUF);
+        let n = self.inner.read(&mut buf[..max])?;
+        self.ctl.add(n);
+        Ok(n)
+    }
+}
+
+/// Adds `from` to a tar as `name` (a directory with everything below it).
+fn append_item<W: Write>(
+    b: &mut tar::Builder<W>,
+    from: &Path,
+    name: &Path,
+    ctl: &ExportControl,
+) -> Result<()> {
+    if ctl.stopped() {
+        bail!("stopped");
+    }
+    let meta =
+        std::fs::symlink_metadata(from).with_context(|| format!("stat {}", from.display()))?;
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        b.append_dir(name, from)?;
+        let mut entries: Vec<_> = std::fs::read_dir(from)?.flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            append_item(b, &e.path(), &name.join(e.file_name()), ctl)?;
+        }
+    } else if ft.is_symlink() {
+        b.append_path_with_name(from, name)
+            .with_context(|| format!("cannot archive {}", from.display()))?;
+    } else if ft.is_file() {
+        let mut header = tar::Header::new_gnu();
+        header.set_metadata(&meta);
+        let file =
+            std::fs::File::open(from).with_context(|| format!("cannot open {}", from.display()))?;
+        b.append_data(&mut header, name, counted_reader(file, ctl))
+            .with_context(|| format!("cannot archive {}", from.display()))?;
+    }
+    // Sockets and pipes (a server's leftovers) are not exported.
+    Ok(())
+}
+
+/// A tar of `dir`'s contents (pg_basebackup's layout is the data
 /// directory's own), optionally zstd-compressed, written to `out`.
-fn write_archive(dir: &Path, out: &Path, compress: bool, stop: &AtomicBool) -> Result<u64> {
+fn write_archive(dir: &Path, out: &Path, compress: bool, ctl: &ExportControl) -> Result<u64> {
     let file =
         std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
     let counted = CountingWriter {
         inner: std::io::BufWriter::with_capacity(1 << 20, file),
         n: 0,
     };
-    fn fill<W: Write>(
-        b: &mut tar::Builder<W>,
-        root: &Path,
-        rel: &Path,
-        stop: &AtomicBool,
-    ) -> Result<()> {
-        if stop.load(Ordering::SeqCst) {
-            bail!("interrupted by a signal");
-        }
-        let path = root.join(rel);
-        let mut entries: Vec<_> = std::fs::read_dir(&path)?.flatten().collect();
+    let fill = |b: &mut dyn FnMut(&Path, &Path) -> Result<()>| -> Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)?.flatten().collect();
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
-            let rel = rel.join(e.file_name());
-            let ft = e.file_type()?;
-            if ft.is_dir() {
-                b.append_dir(&rel, e.path())?;
-                fill(b, root, &rel, stop)?;
-            } else if ft.is_file() || ft.is_symlink() {
-                b.append_path_with_name(e.path(), &rel)
-                    .with_context(|| format!("cannot archive {}", e.path().display()))?;
-            }
+            b(&e.path(), Path::new(&e.file_name()))?;
         }
         Ok(())
-    }
+    };
     let finish = |counted: CountingWriter<std::io::BufWriter<std::fs::File>>| -> Result<u64> {
         let n = counted.n;
         let file = counted.inner.into_inner().map_err(|e| e.into_error())?;
@@ -710,13 +978,13 @@ fn write_archive(dir: &Path, out: &Path, compress: bool, stop: &AtomicBool) -> R
         let enc = zstd::Encoder::new(counted, 3)?;
         let mut b = tar::Builder::new(enc);
         b.follow_symlinks(false);
-        fill(&mut b, dir, Path::new(""), stop)?;
+        fill(&mut |from, name| append_item(&mut b, from, name, ctl))?;
         let enc = b.into_inner()?;
         finish(enc.finish()?)
     } else {
         let mut b = tar::Builder::new(counted);
         b.follow_symlinks(false);
-        fill(&mut b, dir, Path::new(""), stop)?;
+        fill(&mut |from, name| append_item(&mut b, from, name, ctl))?;
         finish(b.into_inner()?)
     }
 }
@@ -737,65 +1005,122 @@ impl<W: Write> Write for CountingWriter<W> {
     }
 }
 
-pub fn run(mut args: ExportArgs) -> Result<u8> {
-    let started = Instant::now();
-    if args.to.to_string_lossy().contains("://") {
-        return Err(check_failed(
-            "target",
-            format!(
-                "{} is a URL; only local directories are export targets in this version (remote targets through another host's daemon are not built yet)",
-                args.to.display()
-            ),
-        ));
+/// Bytes of the files at and below `path`.
+fn tree_bytes(path: &Path) -> u64 {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(path)
+            .map(|d| d.flatten().map(|e| tree_bytes(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(m) if m.is_file() => m.len(),
+        _ => 0,
     }
-    // Programs run from `/`: every path handed to them is absolute.
-    args.to = std::path::absolute(&args.to)?;
-    args.staging = args
-        .staging
-        .as_deref()
-        .map(std::path::absolute)
-        .transpose()?;
-    let mut steps: Vec<(&str, u128)> = Vec::new();
-    let mut step_at = Instant::now();
-    let step = |name: &'static str, at: &mut Instant| {
-        let ms = at.elapsed().as_millis();
-        *at = Instant::now();
-        (name, ms)
+}
+
+/// Sends `items` to a remote target as one tar stream and has the
+/// receiver check its hash and rename them into place.
+fn send_remote(
+    r: &RemoteTarget,
+    items: &[(PathBuf, String)],
+    overwrite: bool,
+    need: u64,
+    cleanup: &mut Cleanup,
+    ctl: &ExportControl,
+) -> Result<u64> {
+    let refused = |what: &str, resp: &crate::client::Response| {
+        anyhow!(
+            "{what} {}: {} (HTTP {})",
+            r.url(),
+            resp.error_message(),
+            resp.status
+        )
     };
-    let staging_root = args
-        .staging
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_STAGING));
-    clear_leftovers(&staging_root, Some(&args.to));
+    let resp = r
+        .call(
+            "POST",
+            "/receive",
+            Some(&json!({"dir": r.dir, "overwrite": overwrite, "bytes": need})),
+        )
+        .with_context(|| format!("cannot reach the flr daemon at {}", r.addr))?;
+    if resp.status != 201 {
+        return Err(refused("cannot open a transfer to", &resp));
+    }
+    let id = resp.json()["id"]
+        .as_str()
+        .ok_or_else(|| anyhow!("{} answered POST /receive without an id", r.addr))?
+        .to_string();
+    cleanup.receive = Some((r.clone(), id.clone()));
+    let mut sent = (String::new(), 0u64);
+    let resp = r.upload(&format!("/receive/{id}"), &mut |w| {
+        let mut hashed = HashingWriter::new(w);
+        {
+            let mut b = tar::Builder::new(&mut hashed);
+            b.follow_symlinks(false);
+            for (from, name) in items {
+                append_item(&mut b, from, Path::new(name), ctl)?;
+            }
+            b.finish()?;
+        }
+        sent = hashed.finish();
+        Ok(())
+    })?;
+    if resp.status != 200 {
+        return Err(refused("the transfer was refused by", &resp));
+    }
+    let resp = r
+        .call(
+            "POST",
+            &format!("/receive/{id}/commit"),
+            Some(&json!({"blake3": sent.0, "bytes": sent.1})),
+        )
+        .with_context(|| format!("cannot reach the flr daemon at {}", r.addr))?;
+    // Committed or refused, the receiver is done with it.
+    cleanup.receive = None;
+    if resp.status != 200 {
+        return Err(refused("the transfer was not kept by", &resp));
+    }
+    Ok(sent.1)
+}
+
+/// One export, step by step; `ctl` stops it and shows its progress.
+/// Every check runs before anything is written; whatever happens after,
+/// what the run made is undone before it returns.
+pub fn run(
+    repo: Arc<Repository>,
+    args: &ExportRequest,
+    ctl: &ExportControl,
+) -> Result<ExportReport> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
+    args.validate().map_err(|e| anyhow!(e))?;
+    let staging_root = args.staging_root();
+    clear_leftovers(
+        &staging_root,
+        match &args.to {
+            Target::Local(p) => Some(p.as_path()),
+            Target::Remote(_) => None,
+        },
+    );
 
     // 1. Checks.
-    let repo = Arc::new(crate::cli::open_repo(&args.repo)?);
+    ctl.begin("check");
     let rp = repo
         .resolve(&args.restore_point)
         .map_err(|e| check_failed("restore point", e))?;
     let manifest = repo
         .load_manifest(&rp)
         .map_err(|e| check_failed("restore point", e))?;
-    let plan = checks(&repo, &manifest, &args, &staging_root)?;
-    steps.push(step("check", &mut step_at));
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])?;
-    let flag = stop.clone();
-    std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            flag.store(true, Ordering::SeqCst);
-        }
-    });
+    let plan = checks(&repo, &manifest, args, &staging_root)?;
+    if ctl.stopped() {
+        bail!("stopped before anything was written");
+    }
 
     // 2. Mount the restore point as a session staged here.
+    ctl.begin("mount");
     std::fs::create_dir_all(&staging_root)
         .with_context(|| format!("cannot create {}", staging_root.display()))?;
     let dir = staging_root.join(format!(
-        "export-{}-{}",
+        "export-{}-{}-{seq}",
         std::process::id(),
         vfs_core::backup::now_secs()
     ));
@@ -809,23 +1134,26 @@ pub fn run(mut args: ExportArgs) -> Result<u8> {
             pid: std::process::id(),
             mountpoint: mountpoint.clone(),
             postmaster: None,
+            partial: None,
         },
         pg: None,
         mount: None,
         session: None,
         partial: None,
+        receive: None,
     };
     write_state(&dir, &cleanup.state)?;
-    let id = format!("export-{}", std::process::id());
-    let cow = mountd::writable::open_session(
+    let id = format!("export-{}-{seq}", std::process::id());
+    let cow = crate::writable::open_session(
         repo.clone(),
-        &args.repo.absolute().to_string(),
+        &args.repo_path,
         &rp,
         &dir.join("sessions"),
         &id,
         false,
-        mountd::writable::OpenOptions {
-            cache_bytes: 256 << 20,
+        crate::writable::OpenOptions {
+            // One sequential pass: a small cache of decoded frames does.
+            cache_bytes: 64 << 20,
             session: SessionOptions {
                 reserve_bytes: 64 << 20,
                 min_free_bytes: 256 << 20,
@@ -837,7 +1165,7 @@ pub fn run(mut args: ExportArgs) -> Result<u8> {
         threads: 2,
         allow_other: true,
         auto_unmount: false,
-        fs_name: format!("flr-export:{}", args.repo),
+        fs_name: format!("flr-export:{}", args.repo_path),
     };
     cleanup.mount = Some(
         backends::fuse::mount(cow.clone(), &mountpoint, &opts)
@@ -846,8 +1174,8 @@ pub fn run(mut args: ExportArgs) -> Result<u8> {
     let db = mountpoint.join(args.path.trim_start_matches('/'));
     std::fs::metadata(&db)
         .with_context(|| format!("the mount does not answer at {}", db.display()))?;
-    steps.push(step("mount", &mut step_at));
 
+    ctl.begin("stage");
     // 3. Stage: consistent, or dumped.
     let name = Path::new(&args.path)
         .file_name()
@@ -869,7 +1197,7 @@ pub fn run(mut args: ExportArgs) -> Result<u8> {
                     .stdout(Stdio::null())
                     .stderr(Stdio::piped())
                     .spawn()?;
-                wait_child(child, &format!("sqlite3 {sql:?}"), &stop)
+                wait_child(child, &format!("sqlite3 {sql:?}"), &ctl.stop)
             };
             match args.format.as_str() {
                 "files" => {
@@ -894,7 +1222,7 @@ pub fn run(mut args: ExportArgs) -> Result<u8> {
                         .stdout(file)
                         .stderr(Stdio::piped())
                         .spawn()?;
-                    wait_child(child, "sqlite3 .dump", &stop)?;
+                    wait_child(child, "sqlite3 .dump", &ctl.stop)?;
                     items.push((dump, format!("{name}.sql")));
                 }
             }
@@ -938,7 +1266,7 @@ pub fn run(mut args: ExportArgs) -> Result<u8> {
             let started_pg = wait_child_with(
                 child,
                 "starting PostgreSQL on the session (recovery)",
-                &stop,
+                &ctl.stop,
                 &mut || record(&mut cleanup.state),
             );
             record(&mut cleanup.state);
@@ -982,7 +1310,7 @@ pub fn run(mut args: ExportArgs) -> Result<u8> {
                     .arg(&globals)
                     .stderr(Stdio::piped())
                     .spawn()?;
-                wait_child(child, "pg_dumpall --globals-only", &stop)?;
+                wait_child(child, "pg_dumpall --globals-only", &ctl.stop)?;
                 for d in &dbs {
                     let (flag, file) = match args.logical_format.as_str() {
                         "plain" => ("p", format!("{d}.sql")),
@@ -998,7 +1326,7 @@ pub fn run(mut args: ExportArgs) -> Result<u8> {
                         cmd.args(["-j", &args.jobs.to_string()]);
                     }
                     let child = cmd.arg(d).stderr(Stdio::piped()).spawn()?;
-                    wait_child(child, &format!("pg_dump of database {d}"), &stop)?;
+                    wait_child(child, &format!("pg_dump of database {d}"), &ctl.stop)?;
                 }
                 cleanup.stop_server()?;
                 items.push((dumps, name.clone()));
@@ -1010,84 +1338,107 @@ pub fn run(mut args: ExportArgs) -> Result<u8> {
                     items.push((db.clone(), name.clone()));
                 } else {
                     let file = format!("{name}.tar{}", if args.compress { ".zst" } else { "" });
-                    items.push((db.clone(), file));
+                    if matches!(args.to, Target::Remote(_)) {
+                        // One file to send: made here, then streamed.
+                        let staged = out.join(&file);
+                        write_archive(&db, &staged, args.compress, ctl)?;
+                        items.push((staged, file));
+                    } else {
+                        items.push((db.clone(), file));
+                    }
                 }
             }
         }
     }
-    steps.push(step("stage", &mut step_at));
 
-    // 4. Transfer: into a partial directory, renamed into place.
-    std::fs::create_dir_all(&args.to)
-        .with_context(|| format!("cannot create {}", args.to.display()))?;
-    let partial = args.to.join(format!(".flr-partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir(&partial)
-        .with_context(|| format!("cannot create {}", partial.display()))?;
-    cleanup.partial = Some(partial.clone());
-    let mut bytes = 0u64;
-    let mut written = Vec::new();
-    for (from, to_name) in &items {
-        let dest = partial.join(to_name);
-        let is_archive = matches!(plan.engine, Engine::Postgres { .. }) && args.format == "archive";
-        bytes += if is_archive {
-            write_archive(from, &dest, args.compress, &stop)?
-        } else {
-            copy_tree(from, &dest, &stop)?
-        };
-        written.push(to_name.clone());
-    }
-    for to_name in &written {
-        let final_path = args.to.join(to_name);
-        if final_path.symlink_metadata().is_ok() {
-            // Checked: only with --overwrite.
-            if final_path.is_dir() && !final_path.is_symlink() {
-                std::fs::remove_dir_all(&final_path)?;
-            } else {
-                std::fs::remove_file(&final_path)?;
+    // 4. Transfer.
+    ctl.begin("transfer");
+    let is_archive = matches!(plan.engine, Engine::Postgres { .. })
+        && args.format == "archive"
+        && matches!(args.to, Target::Local(_));
+    ctl.bytes_total.store(
+        items.iter().map(|(from, _)| tree_bytes(from)).sum(),
+        Ordering::Relaxed,
+    );
+    let names: Vec<String> = items.iter().map(|(_, n)| n.clone()).collect();
+    let (bytes, written) = match &args.to {
+        Target::Local(to) => {
+            // Into a partial directory, renamed into place.
+            std::fs::create_dir_all(to)
+                .with_context(|| format!("cannot create {}", to.display()))?;
+            let partial = to.join(format!(".flr-partial-{}-{seq}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&partial);
+            std::fs::create_dir(&partial)
+                .with_context(|| format!("cannot create {}", partial.display()))?;
+            cleanup.partial = Some(partial.clone());
+            cleanup.state.partial = Some(partial.clone());
+            write_state(&dir, &cleanup.state)?;
+            let mut bytes = 0u64;
+            for (from, to_name) in &items {
+                let dest = partial.join(to_name);
+                bytes += if is_archive {
+                    write_archive(from, &dest, args.compress, ctl)?
+                } else {
+                    copy_tree(from, &dest, ctl)?
+                };
             }
+            if ctl.stopped() {
+                bail!("stopped");
+            }
+            // One sync of the target's filesystem instead of one per file
+            // (a data directory has thousands), before anything is renamed.
+            let d = std::fs::File::open(&partial)?;
+            nix::unistd::syncfs(&d)
+                .with_context(|| format!("cannot sync the filesystem of {}", partial.display()))?;
+            for to_name in &names {
+                let final_path = to.join(to_name);
+                if final_path.symlink_metadata().is_ok() {
+                    // Checked: only with --overwrite.
+                    if final_path.is_dir() && !final_path.is_symlink() {
+                        std::fs::remove_dir_all(&final_path)?;
+                    } else {
+                        std::fs::remove_file(&final_path)?;
+                    }
+                }
+                std::fs::rename(partial.join(to_name), &final_path).with_context(|| {
+                    format!("cannot move the export to {}", final_path.display())
+                })?;
+            }
+            let _ = std::fs::remove_dir(&partial);
+            cleanup.partial = None;
+            let written = names
+                .iter()
+                .map(|n| to.join(n).display().to_string())
+                .collect();
+            (bytes, written)
         }
-        std::fs::rename(partial.join(to_name), &final_path)
-            .with_context(|| format!("cannot move the export to {}", final_path.display()))?;
-    }
-    let _ = std::fs::remove_dir(&partial);
-    cleanup.partial = None;
-    steps.push(step("transfer", &mut step_at));
+        Target::Remote(r) => {
+            let need = plan.estimate + plan.estimate / 10 + (16 << 20);
+            let bytes = send_remote(r, &items, args.overwrite, need, &mut cleanup, ctl)?;
+            let written = names
+                .iter()
+                .map(|n| format!("{}/{n}", r.url().trim_end_matches('/')))
+                .collect();
+            (bytes, written)
+        }
+    };
 
     // 5. Clean up.
+    ctl.begin("cleanup");
     drop(cleanup);
-    steps.push(step("cleanup", &mut step_at));
+    ctl.begin("");
 
-    let paths: Vec<String> = written
-        .iter()
-        .map(|n| args.to.join(n).display().to_string())
-        .collect();
-    if args.json {
-        println!(
-            "{}",
-            json!({
-                "restore_point": rp.to_string(),
-                "path": args.path,
-                "engine": plan.engine.name(),
-                "format": args.format,
-                "written": paths,
-                "bytes": bytes,
-                "logical_bytes": plan.logical,
-                "estimate_bytes": plan.estimate,
-                "duration_ms": started.elapsed().as_millis() as u64,
-                "steps": steps.iter().map(|(s, ms)| json!({"step": s, "ms": *ms as u64})).collect::<Vec<_>>(),
-            })
-        );
-    } else if !args.quiet {
-        println!(
-            "exported {} of {rp} ({}, {}) to {}: {} in {:.1}s",
-            args.path,
-            plan.engine.name(),
-            args.format,
-            paths.join(", "),
-            crate::cli::human(bytes),
-            started.elapsed().as_secs_f64()
-        );
-    }
-    Ok(exit::OK)
+    Ok(ExportReport {
+        restore_point: rp.to_string(),
+        path: args.path.clone(),
+        engine: plan.engine.name().to_string(),
+        format: args.format.clone(),
+        target: args.to.display(),
+        written,
+        bytes,
+        logical_bytes: plan.logical,
+        estimate_bytes: plan.estimate,
+        duration_ms: started.elapsed().as_millis() as u64,
+        steps: ctl.steps(),
+    })
 }

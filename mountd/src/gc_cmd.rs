@@ -1,7 +1,6 @@
 //! `flr forget`, `flr prune` and `flr unlock`: retention, garbage
 //! collection and lock clean-up (the scheme is in `vfs_core::lock`).
 
-use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -15,7 +14,7 @@ use crate::exit;
 #[derive(Args)]
 pub struct ForgetArgs {
     #[arg(long)]
-    repo: PathBuf,
+    repo: backends::repo_spec::RepoSpec,
     /// Only this job's restore points (each job is its own group).
     #[arg(long)]
     job: Option<String>,
@@ -45,7 +44,7 @@ pub struct ForgetArgs {
 #[derive(Args)]
 pub struct PruneArgs {
     #[arg(long)]
-    repo: PathBuf,
+    repo: backends::repo_spec::RepoSpec,
     /// Show what would be deleted and repacked; change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -60,7 +59,7 @@ pub struct PruneArgs {
 #[derive(Args)]
 pub struct UnlockArgs {
     #[arg(long)]
-    repo: PathBuf,
+    repo: backends::repo_spec::RepoSpec,
     /// Remove every lock, live or not (only when no flr process uses the
     /// repository).
     #[arg(long)]

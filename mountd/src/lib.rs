@@ -18,6 +18,10 @@
 //! - [`client`]: a small blocking HTTP/1.1 client over the Unix socket.
 //! - [`writable`]: writable sessions: opening one over a restore point,
 //!   committing it, and the control socket `flr session` reaches it by.
+//! - [`export`]: a database out of a restore point as files, an archive
+//!   or a logical dump (`flr export`, `POST /exports`); [`transfer`]
+//!   sends one to another host's daemon, whose [`daemon::receive`] takes
+//!   it.
 //! - [`ingest`]: the control socket of an ingest mount (`flr mount
 //!   --ingest`), through which `flr ingest commit|abort` end it.
 
@@ -29,8 +33,26 @@ pub fn hostname() -> String {
         .unwrap_or_default()
 }
 
+/// A byte count for people: `1.5 GiB`.
+pub fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 pub mod client;
 pub mod daemon;
 pub mod devices;
+pub mod export;
 pub mod ingest;
+pub mod transfer;
 pub mod writable;

@@ -12,7 +12,7 @@
 
 mod cli;
 mod device_cmd;
-mod export;
+mod export_cmd;
 mod gc_cmd;
 mod ingest_cmd;
 mod logging;

@@ -87,16 +87,12 @@ fn expect_ok(r: Response, what: &str) -> Result<Value> {
     }
 }
 
-/// `flr mount` through the daemon: the repository is named by its config
-/// name or its path.
-pub fn mount_session(
+/// The daemon's name for repository `repo` (a config name, a path or an
+/// S3 spec), if it serves it.
+pub fn daemon_repository(
     socket: &Path,
     repo: &backends::repo_spec::RepoSpec,
-    job: Option<&str>,
-    restore_point: Option<&str>,
-    expires_in: Option<u64>,
-    writable: bool,
-) -> Result<u8> {
+) -> Result<Option<String>> {
     let repos = expect_ok(
         call(socket, "GET", "/repositories", None)?,
         "listing repositories",
@@ -107,7 +103,7 @@ pub fn mount_session(
         Some(dir) => Path::new(configured).canonicalize().ok().as_ref() == Some(dir),
         None => configured == given,
     };
-    let name = repos
+    Ok(repos
         .as_array()
         .into_iter()
         .flatten()
@@ -115,10 +111,33 @@ pub fn mount_session(
             r["name"].as_str() == Some(given.as_str()) || r["path"].as_str().is_some_and(same_place)
         })
         .and_then(|r| r["name"].as_str())
-        .map(str::to_string);
-    let Some(name) = name else {
+        .map(str::to_string))
+}
+
+/// One call to the daemon, its JSON on success, its error otherwise.
+pub fn call_ok(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    what: &str,
+) -> Result<Value> {
+    expect_ok(call(socket, method, path, body)?, what)
+}
+
+/// `flr mount` through the daemon: the repository is named by its config
+/// name or its path.
+pub fn mount_session(
+    socket: &Path,
+    repo: &backends::repo_spec::RepoSpec,
+    job: Option<&str>,
+    restore_point: Option<&str>,
+    expires_in: Option<u64>,
+    writable: bool,
+) -> Result<u8> {
+    let Some(name) = daemon_repository(socket, repo)? else {
         bail!(
-            "the flr daemon on {} does not serve repository {given}; add it to the daemon's config, or give a MOUNTPOINT to mount without the daemon",
+            "the flr daemon on {} does not serve repository {repo}; add it to the daemon's config, or give a MOUNTPOINT to mount without the daemon",
             socket.display(),
         );
     };

@@ -289,23 +289,42 @@ fn each_failed_check_names_itself_and_writes_nothing() {
     );
     assert!(left.is_empty());
 
-    // A remote target, which this version does not serve: refused, not
-    // taken for a local directory named `flr:`.
-    let remote = export(
+    // A remote target without a token, and one where nothing answers:
+    // refused, not taken for a local directory named `flr:`.
+    let run = export(
         &repo,
         &rp,
         "pgdata",
         "files",
-        Path::new("flr://backup-host:8474/srv"),
+        Path::new("flr://127.0.0.1:9/srv"),
         &staging,
         &[],
-    );
-    let run = remote.expect_code(1);
+    )
+    .expect_code(1);
+    assert!(run.stderr.contains("check `remote token` failed"), "{run}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let run = repo
+        .cmd("export")
+        .arg(&rp)
+        .args(["--path", "pgdata", "--format", "files", "--to"])
+        .arg(format!("flr://127.0.0.1:{closed}/srv"))
+        .arg("--staging")
+        .arg(&staging)
+        .env("FLR_TOKEN", "0123456789abcdef0123")
+        .run()
+        .expect_code(1);
     assert!(
-        run.stderr.contains("check `target` failed") && run.stderr.contains("URL"),
+        run.stderr.contains("check `remote target` failed")
+            && run.stderr.contains("does not answer"),
         "{run}"
     );
+    assert!(!run.stderr.contains("0123456789abcdef0123"), "{run}");
     assert!(!Path::new("flr:").exists());
+    assert!(!staging.exists() || std::fs::read_dir(&staging).unwrap().next().is_none());
 
     // A target that is not empty.
     let busy = tmp.path().join("busy");

@@ -15,14 +15,16 @@ use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::{header, request::Parts, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::device_jobs::{self, DeviceRequest};
+use super::export_jobs::{self, ExportJobInfo, NewExport};
 use super::jobs::{self, JobRequest};
+use super::receive::{self, CommitRequest, ReceiveRequest};
 use super::sessions::{self, MountKey, NewSession};
 use super::{metrics, unix_now, Daemon};
 
@@ -138,6 +140,12 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/devices", get(list_devices).post(create_devices))
         .route("/devices/{id}", get(get_devices).delete(cancel_devices))
         .route("/devices/{id}/cancel", post(cancel_devices))
+        .route("/exports", get(list_exports).post(create_export))
+        .route("/exports/{id}", get(get_export).delete(cancel_export))
+        .route("/receive/check", post(receive_check))
+        .route("/receive", post(receive_open))
+        .route("/receive/{id}", put(receive_data).delete(receive_abandon))
+        .route("/receive/{id}/commit", post(receive_commit))
         .fallback(|| async { ApiError::not_found("no such endpoint; see GET /openapi.json") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -499,4 +507,78 @@ async fn cancel_devices(
     ApiPath(id): ApiPath,
 ) -> Result<(StatusCode, Json<device_jobs::DeviceJobInfo>), ApiError> {
     Ok((StatusCode::ACCEPTED, Json(d.device_jobs.cancel(&id)?)))
+}
+
+async fn create_export(
+    State(d): AppState,
+    ApiJson(req): ApiJson<NewExport>,
+) -> Result<(StatusCode, Json<ExportJobInfo>), ApiError> {
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(export_jobs::start(&d, req).await?),
+    ))
+}
+
+async fn list_exports(State(d): AppState) -> Json<Vec<ExportJobInfo>> {
+    Json(d.exports.list())
+}
+
+async fn get_export(
+    State(d): AppState,
+    ApiPath(id): ApiPath,
+) -> Result<Json<ExportJobInfo>, ApiError> {
+    Ok(Json(d.exports.get(&id)?))
+}
+
+async fn cancel_export(
+    State(d): AppState,
+    ApiPath(id): ApiPath,
+) -> Result<(StatusCode, Json<ExportJobInfo>), ApiError> {
+    Ok((StatusCode::ACCEPTED, Json(d.exports.cancel(&id)?)))
+}
+
+async fn receive_check(
+    State(d): AppState,
+    ApiJson(req): ApiJson<ReceiveRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let dir = tokio::task::spawn_blocking(move || receive::check(&d, &req))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    Ok(Json(json!({"dir": dir.display().to_string()})))
+}
+
+async fn receive_open(
+    State(d): AppState,
+    ApiJson(req): ApiJson<ReceiveRequest>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let opened = tokio::task::spawn_blocking(move || receive::open(&d, &req))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(opened)))
+}
+
+async fn receive_data(
+    State(d): AppState,
+    ApiPath(id): ApiPath,
+    body: axum::body::Body,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(receive::receive(&d, &id, body).await?))
+}
+
+async fn receive_commit(
+    State(d): AppState,
+    ApiPath(id): ApiPath,
+    ApiJson(req): ApiJson<CommitRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let done = tokio::task::spawn_blocking(move || receive::commit(&d, &id, &req))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))??;
+    Ok(Json(done))
+}
+
+async fn receive_abandon(
+    State(d): AppState,
+    ApiPath(id): ApiPath,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(receive::abandon(&d, &id)?))
 }

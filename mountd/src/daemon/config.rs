@@ -7,6 +7,7 @@
 //! cache_size = "512M"
 //! idle_timeout_secs = 3600
 //! restore_targets = ["/srv/restore"]
+//! export_staging = "/var/tmp/flr-staging"
 //!
 //! [repositories.app]
 //! path = "/srv/backup/repo"
@@ -80,6 +81,9 @@ pub struct Settings {
     /// Where `POST /devices` makes its pipes, one directory per job
     /// (default `/run/flr/devices` for root).
     pub devices_dir: Option<PathBuf>,
+    /// Where export jobs stage unless they name a directory (default
+    /// `/var/tmp/flr-staging`).
+    pub export_staging: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -98,6 +102,7 @@ impl Default for Settings {
             auto_unmount: false,
             state_dir: None,
             devices_dir: None,
+            export_staging: None,
         }
     }
 }
@@ -178,6 +183,9 @@ impl Config {
                     t.display()
                 );
             }
+        }
+        if s.export_staging.as_ref().is_some_and(|p| !p.is_absolute()) {
+            bail!("settings.export_staging must be an absolute path");
         }
         if s.restore_workers == 0 || s.fuse_threads == 0 {
             bail!("settings.restore_workers and settings.fuse_threads must be at least 1");

@@ -9,9 +9,11 @@
 pub mod api;
 pub mod config;
 pub mod device_jobs;
+pub mod export_jobs;
 pub mod glob;
 pub mod jobs;
 pub mod metrics;
+pub mod receive;
 pub mod sessions;
 
 use std::collections::BTreeMap;
@@ -109,6 +111,8 @@ pub struct Daemon {
     pub sessions: sessions::Sessions,
     pub jobs: jobs::Jobs,
     pub device_jobs: device_jobs::DeviceJobs,
+    pub exports: export_jobs::ExportJobs,
+    pub receives: receive::Receives,
     pub started: Instant,
     pub stale_cleared: Mutex<Vec<String>>,
     pub shutting_down: AtomicBool,
@@ -143,6 +147,8 @@ impl Daemon {
         Ok(Daemon {
             jobs: jobs::Jobs::new(config.settings.restore_workers),
             device_jobs: Default::default(),
+            exports: Default::default(),
+            receives: Default::default(),
             sessions: sessions::Sessions::default(),
             config,
             repos,
@@ -304,6 +310,21 @@ pub async fn run(
     *daemon.stale_cleared.lock() = cleared.iter().map(|p| p.display().to_string()).collect();
     let devices = device_jobs::devices_dir(&daemon);
     tokio::task::spawn_blocking(move || device_jobs::clear_stale(&devices)).await?;
+    let (roots, targets) = (
+        export_jobs::staging_roots(&daemon),
+        daemon.config.settings.restore_targets.clone(),
+    );
+    let removed = tokio::task::spawn_blocking(move || {
+        let staged: usize = roots
+            .iter()
+            .map(|r| crate::export::clear_leftovers(r, None))
+            .sum();
+        staged + receive::clear_stale(&targets)
+    })
+    .await?;
+    log(format!(
+        "{removed} leftover(s) of unfinished exports removed"
+    ));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -329,6 +350,17 @@ pub async fn run(
         servers.push(tokio::spawn(async move { serve.await }));
     }
     let reaper = tokio::spawn(sessions::reap(daemon.clone(), stop_rx.clone()));
+    let receive_reaper = {
+        let (d, mut rx) = (daemon.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = rx.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(REAPER_TICK * 10) => d.receives.reap(),
+                }
+            }
+        })
+    };
     log(format!(
         "ready: mount root {}, {} repositories",
         daemon.mount_root.display(),
@@ -348,9 +380,16 @@ pub async fn run(
         }
     }
     let _ = reaper.await;
+    let _ = receive_reaper.await;
+    daemon.receives.discard_all();
     daemon.jobs.cancel_all();
     daemon.device_jobs.cancel_all();
+    daemon.exports.cancel_all();
     daemon.jobs.wait_idle(JOB_STOP_TIMEOUT).await;
+    daemon.exports.wait_idle(JOB_STOP_TIMEOUT).await;
+    if daemon.exports.running() > 0 {
+        log("some export jobs did not stop in time; their leftovers are removed at the next start");
+    }
     let until = Instant::now() + JOB_STOP_TIMEOUT;
     while daemon.device_jobs.running() > 0 && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(50)).await;
