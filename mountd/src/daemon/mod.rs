@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod copy_jobs;
 pub mod device_jobs;
 pub mod glob;
 pub mod jobs;
@@ -101,6 +102,7 @@ pub struct Daemon {
     pub sessions: sessions::Sessions,
     pub jobs: jobs::Jobs,
     pub device_jobs: device_jobs::DeviceJobs,
+    pub copy_jobs: copy_jobs::CopyJobs,
     pub started: Instant,
     pub stale_cleared: Mutex<Vec<String>>,
     pub shutting_down: AtomicBool,
@@ -135,6 +137,7 @@ impl Daemon {
         Ok(Daemon {
             jobs: jobs::Jobs::new(config.settings.restore_workers),
             device_jobs: Default::default(),
+            copy_jobs: Default::default(),
             sessions: sessions::Sessions::default(),
             config,
             repos,
@@ -342,10 +345,14 @@ pub async fn run(
     let _ = reaper.await;
     daemon.jobs.cancel_all();
     daemon.device_jobs.cancel_all();
+    daemon.copy_jobs.cancel_all();
     daemon.jobs.wait_idle(JOB_STOP_TIMEOUT).await;
     let until = Instant::now() + JOB_STOP_TIMEOUT;
-    while daemon.device_jobs.running() > 0 && Instant::now() < until {
+    while (daemon.device_jobs.running() > 0 || daemon.copy_jobs.busy()) && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if daemon.copy_jobs.busy() {
+        log("a copy job did not stop in time; what it sent is found again by the next copy");
     }
     if daemon.device_jobs.running() > 0 {
         log("some device jobs did not stop in time; their pipes are cleared at the next start");
