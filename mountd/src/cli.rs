@@ -84,6 +84,9 @@ enum Command {
     /// of a restore point: as its files, as one archive, or as a logical
     /// dump, checked first and staged on a writable session.
     Export(crate::export_cmd::ExportArgs),
+    /// Copy restore points into a second repository (an archive copy),
+    /// sending only the chunks it lacks; each copy is verified there.
+    Copy(crate::copy_cmd::CopyArgs),
     /// List restore points with their sizes.
     RestorePoints {
         /// A directory, or s3://BUCKET/PREFIX.
@@ -249,6 +252,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         }
         Command::Devices(args) => crate::device_cmd::run(args),
         Command::Export(args) => crate::export_cmd::run(args, &socket),
+        Command::Copy(args) => crate::copy_cmd::run(args),
         Command::RestorePoints { repo, job, json } => list(&repo, job.as_deref(), json),
         Command::Restore {
             repo,
@@ -285,8 +289,16 @@ pub fn run(cli: Cli) -> Result<u8> {
 
 /// The password from FLR_PASSWORD, or asked on the terminal.
 pub fn password(repo: &RepoSpec, confirm: bool) -> vfs_core::Result<Vec<u8>> {
-    if let Ok(p) = std::env::var("FLR_PASSWORD") {
-        return Ok(p.into_bytes());
+    password_from(None, repo, confirm)
+}
+
+/// The password from the variable `env` if given and set, else from
+/// FLR_PASSWORD, else asked on the terminal.
+fn password_from(env: Option<&str>, repo: &RepoSpec, confirm: bool) -> vfs_core::Result<Vec<u8>> {
+    for var in env.into_iter().chain(["FLR_PASSWORD"]) {
+        if let Ok(p) = std::env::var(var) {
+            return Ok(p.into_bytes());
+        }
     }
     if !std::io::stdin().is_terminal() {
         return Err(vfs_core::Error::PasswordNeeded(repo.to_string().into()));
@@ -313,17 +325,23 @@ pub fn open_store(spec: &RepoSpec) -> Result<Arc<dyn vfs_core::store::ObjectStor
 }
 
 pub fn open_repo(spec: &RepoSpec) -> Result<Repository> {
-    open_repo_as(spec, true)
+    open_repo_as(spec, true, None)
+}
+
+/// Opens a repository whose password is read from the variable `env`
+/// first (one command with two repositories: `flr copy`).
+pub fn open_repo_with(spec: &RepoSpec, env: &str) -> Result<Repository> {
+    open_repo_as(spec, true, Some(env))
 }
 
 /// Opens a repository that may have damaged index files (verify, repair).
 fn open_repo_for_repair(spec: &RepoSpec) -> Result<Repository> {
-    open_repo_as(spec, false)
+    open_repo_as(spec, false, None)
 }
 
-fn open_repo_as(spec: &RepoSpec, strict: bool) -> Result<Repository> {
+fn open_repo_as(spec: &RepoSpec, strict: bool, env: Option<&str>) -> Result<Repository> {
     let store = open_store(spec)?;
-    let password = || password(spec, false);
+    let password = || password_from(env, spec, false);
     let repo = if strict {
         Repository::open(store, password)?
     } else {

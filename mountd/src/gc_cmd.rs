@@ -1,7 +1,6 @@
 //! `flr forget`, `flr prune` and `flr unlock`: retention, garbage
 //! collection and lock clean-up (the scheme is in `vfs_core::lock`).
 
-
 use anyhow::{bail, Result};
 use clap::Args;
 use vfs_core::forget::{forget, KeepPolicy};

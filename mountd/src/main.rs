@@ -11,6 +11,7 @@
 //! `ingest` commits or aborts an ingest mount ([`ingest_cmd`]).
 
 mod cli;
+mod copy_cmd;
 mod device_cmd;
 mod export_cmd;
 mod gc_cmd;

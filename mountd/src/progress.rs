@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use vfs_core::backup::Progress;
 
 pub struct ProgressDisplay {
+    bar: Option<ProgressBar>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -19,7 +20,11 @@ impl ProgressDisplay {
     pub fn start(progress: Arc<Progress>, verb: &'static str, show: bool) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         if !show || !std::io::stderr().is_terminal() {
-            return ProgressDisplay { stop, thread: None };
+            return ProgressDisplay {
+                bar: None,
+                stop,
+                thread: None,
+            };
         }
         let bar = ProgressBar::new(0);
         bar.set_style(
@@ -31,7 +36,9 @@ impl ProgressDisplay {
         );
         bar.set_prefix(verb);
         let flag = stop.clone();
+        let drawn = bar.clone();
         let thread = std::thread::spawn(move || {
+            let bar = drawn;
             while !flag.load(Ordering::Relaxed) {
                 bar.set_length(progress.total_bytes.load(Ordering::Relaxed));
                 bar.set_position(progress.read_bytes.load(Ordering::Relaxed));
@@ -41,8 +48,17 @@ impl ProgressDisplay {
             bar.finish_and_clear();
         });
         ProgressDisplay {
+            bar: Some(bar),
             stop,
             thread: Some(thread),
+        }
+    }
+
+    /// Prints a line on stdout without tearing the bar.
+    pub fn println(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| println!("{line}")),
+            None => println!("{line}"),
         }
     }
 }

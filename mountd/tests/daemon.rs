@@ -1208,3 +1208,120 @@ fn devices_through_the_api_take_concurrent_writers_and_commit_a_restore_point_pe
     }
     assert_error(&d.call("GET", "/devices/d-999", None), 404, "no device job");
 }
+
+/// Polls a copy job until it has finished.
+fn wait_copy(d: &Daemon, id: &str) -> Value {
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let j = d.call("GET", &format!("/copies/{id}"), None).json();
+        if ["done", "failed", "cancelled"].contains(&j["state"].as_str().unwrap()) {
+            return j;
+        }
+        assert!(Instant::now() < until, "copy job {id} did not finish: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn copy_jobs_copy_restore_points_to_another_repository_and_stop_when_cancelled() {
+    let f = fixture();
+    let archive_dir = tempfile::tempdir().unwrap();
+    let archive = archive_dir.path().join("archive");
+    run_ok(Command::new(flr()).arg("init").arg(&archive));
+    let d = Daemon::start_with_repositories("", &[("archive", &archive)]);
+    let copy = |body: Value| {
+        let r = d.call("POST", "/copies", Some(body));
+        assert_eq!(r.status, 202, "{}", r.body);
+        r.json()["id"].as_str().unwrap().to_string()
+    };
+
+    let id = copy(json!({"from": "main", "to": "archive", "job": "app"}));
+    let j = wait_copy(&d, &id);
+    assert_eq!(j["state"], "done", "{j}");
+    assert_eq!(j["restore_points"], json!([f.rp1, f.rp2]), "{j}");
+    assert_eq!(j["bytes_done"], j["bytes_total"], "{j}");
+    assert!(j["uploaded_bytes"].as_u64().unwrap() > 0, "{j}");
+    for r in j["done"].as_array().unwrap() {
+        assert_eq!(r["copied"], true, "{j}");
+        assert!(r["verified_chunks"].as_u64().unwrap() > 0, "{j}");
+    }
+    // The copy restores like the original, through the archive.
+    let target = d.restore.join("from-archive");
+    let r = d.call(
+        "POST",
+        "/restore-jobs",
+        Some(json!({"repository": "archive", "restore_point": f.rp2, "target": target})),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let rj = d.wait_job(r.json()["id"].as_str().unwrap());
+    assert_eq!(rj["state"], "done", "{rj}");
+    for file in ["app.db", "data/sub/deep.db", "data/notes.txt"] {
+        assert_eq!(
+            std::fs::read(target.join(file)).unwrap(),
+            std::fs::read(f.v2.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    // Again: nothing to send.
+    let j = wait_copy(
+        &d,
+        &copy(json!({"from": "main", "to": "archive", "job": "app"})),
+    );
+    assert_eq!(j["state"], "done", "{j}");
+    assert_eq!(j["uploaded_bytes"], 0, "{j}");
+
+    // Cancelled while sending: no restore point of the job appears.
+    let id = copy(json!({"from": "main", "to": "archive", "restore_points": ["big"]}));
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = d.call("GET", &format!("/copies/{id}"), None).json();
+        if j["state"] == "running" && j["bytes_done"].as_u64().unwrap() > 0 {
+            break;
+        }
+        assert!(j["state"] == "queued" || j["state"] == "running", "{j}");
+        assert!(Instant::now() < until, "copy job never ran: {j}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let r = d.call("DELETE", &format!("/copies/{id}"), None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let j = wait_copy(&d, &id);
+    assert_eq!(j["state"], "cancelled", "{j}");
+    let listed = d
+        .call("GET", "/repositories/archive/restore-points", None)
+        .body;
+    assert!(!listed.contains("big/"), "{listed}");
+    assert_error(
+        &d.call("DELETE", &format!("/copies/{id}"), None),
+        409,
+        "already finished",
+    );
+
+    // Requests that cannot work are refused up front.
+    assert_error(
+        &d.call(
+            "POST",
+            "/copies",
+            Some(json!({"from": "main", "to": "main"})),
+        ),
+        400,
+        "two repositories",
+    );
+    assert_error(
+        &d.call(
+            "POST",
+            "/copies",
+            Some(json!({"from": "main", "to": "nowhere"})),
+        ),
+        404,
+        "unknown repository",
+    );
+    assert_error(
+        &d.call(
+            "POST",
+            "/copies",
+            Some(json!({"from": "main", "to": "archive", "restore_points": ["app/1999-01-01T00-00-00Z"]})),
+        ),
+        404,
+        "restore point",
+    );
+}

@@ -1232,7 +1232,7 @@ pub fn commit<R: Deref<Target = Repository>>(
 /// `manifest` uses (this writer reused them before they were listed, or
 /// wrote them itself), so the repository verifies clean as soon as the
 /// manifest is written. The prune that decides about them keeps them too.
-fn rescue_pending_packs(repo: &Repository, manifest: &Manifest) -> Result<()> {
+pub(crate) fn rescue_pending_packs(repo: &Repository, manifest: &Manifest) -> Result<()> {
     let pending = crate::lock::pending_pack_set(repo)?;
     if pending.is_empty() {
         return Ok(());

@@ -13,6 +13,8 @@
 //!   open, decompress, verify), restore point manifests ([`manifest`]).
 //! - [`backup`]: files and streams -> [`chunker`] -> hash, compress, seal
 //!   on all cores -> packs and index files -> manifest, written last.
+//! - [`copy`]: restore points into a second repository (archive copies),
+//!   sending only the chunks it lacks, re-sealed with its key.
 //! - [`restore`] and [`verify`]: the reverse path and the health check;
 //!   [`repair`] rebuilds index files from the packs' own entry tables.
 //! - [`cache`] and [`fs`]: the read path of a mount: an inode table over
@@ -30,6 +32,7 @@
 pub mod backup;
 pub mod cache;
 pub mod chunker;
+pub mod copy;
 pub mod crypto;
 pub mod devices;
 pub mod error;

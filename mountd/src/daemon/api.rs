@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::copy_jobs::{self, CopyRequest};
 use super::device_jobs::{self, DeviceRequest};
 use super::export_jobs::{self, ExportJobInfo, NewExport};
 use super::jobs::{self, JobRequest};
@@ -137,6 +138,9 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
         .route("/restore-jobs", get(list_jobs).post(create_job))
         .route("/restore-jobs/{id}", get(get_job).delete(cancel_job))
         .route("/restore-jobs/{id}/cancel", post(cancel_job))
+        .route("/copies", get(list_copies).post(create_copy))
+        .route("/copies/{id}", get(get_copy).delete(cancel_copy))
+        .route("/copies/{id}/cancel", post(cancel_copy))
         .route("/devices", get(list_devices).post(create_devices))
         .route("/devices/{id}", get(get_devices).delete(cancel_devices))
         .route("/devices/{id}/cancel", post(cancel_devices))
@@ -396,6 +400,52 @@ async fn cancel_job(
     ApiPath(id): ApiPath,
 ) -> Result<(StatusCode, Json<jobs::JobInfo>), ApiError> {
     Ok((StatusCode::ACCEPTED, Json(d.jobs.cancel(&id)?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateCopy {
+    from: String,
+    to: String,
+    #[serde(default)]
+    job: Option<String>,
+    #[serde(default)]
+    restore_points: Vec<String>,
+}
+
+async fn create_copy(
+    State(d): AppState,
+    ApiJson(req): ApiJson<CreateCopy>,
+) -> Result<(StatusCode, Json<copy_jobs::CopyJobInfo>), ApiError> {
+    let info = copy_jobs::start(
+        &d,
+        CopyRequest {
+            from: req.from,
+            to: req.to,
+            job: req.job,
+            restore_points: req.restore_points,
+        },
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(info)))
+}
+
+async fn list_copies(State(d): AppState) -> Json<Vec<copy_jobs::CopyJobInfo>> {
+    Json(d.copy_jobs.list())
+}
+
+async fn get_copy(
+    State(d): AppState,
+    ApiPath(id): ApiPath,
+) -> Result<Json<copy_jobs::CopyJobInfo>, ApiError> {
+    Ok(Json(d.copy_jobs.get(&id)?))
+}
+
+async fn cancel_copy(
+    State(d): AppState,
+    ApiPath(id): ApiPath,
+) -> Result<(StatusCode, Json<copy_jobs::CopyJobInfo>), ApiError> {
+    Ok((StatusCode::ACCEPTED, Json(d.copy_jobs.cancel(&id)?)))
 }
 
 /// Who is on the other end of a Unix socket connection: devices are made

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod copy_jobs;
 pub mod device_jobs;
 pub mod export_jobs;
 pub mod glob;
@@ -113,6 +114,7 @@ pub struct Daemon {
     pub device_jobs: device_jobs::DeviceJobs,
     pub exports: export_jobs::ExportJobs,
     pub receives: receive::Receives,
+    pub copy_jobs: copy_jobs::CopyJobs,
     pub started: Instant,
     pub stale_cleared: Mutex<Vec<String>>,
     pub shutting_down: AtomicBool,
@@ -149,6 +151,7 @@ impl Daemon {
             device_jobs: Default::default(),
             exports: Default::default(),
             receives: Default::default(),
+            copy_jobs: Default::default(),
             sessions: sessions::Sessions::default(),
             config,
             repos,
@@ -385,14 +388,18 @@ pub async fn run(
     daemon.jobs.cancel_all();
     daemon.device_jobs.cancel_all();
     daemon.exports.cancel_all();
+    daemon.copy_jobs.cancel_all();
     daemon.jobs.wait_idle(JOB_STOP_TIMEOUT).await;
     daemon.exports.wait_idle(JOB_STOP_TIMEOUT).await;
     if daemon.exports.running() > 0 {
         log("some export jobs did not stop in time; their leftovers are removed at the next start");
     }
     let until = Instant::now() + JOB_STOP_TIMEOUT;
-    while daemon.device_jobs.running() > 0 && Instant::now() < until {
+    while (daemon.device_jobs.running() > 0 || daemon.copy_jobs.busy()) && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if daemon.copy_jobs.busy() {
+        log("a copy job did not stop in time; what it sent is found again by the next copy");
     }
     if daemon.device_jobs.running() > 0 {
         log("some device jobs did not stop in time; their pipes are cleared at the next start");
