@@ -51,7 +51,7 @@ for tool in fsx@0.3.2 pjdfstest@0.2.2; do
         cargo install --quiet --locked --force --root "$tools" "$name" --version "$version"
     fi
 done
-# The S3 server the S3 tests and bench/s3.sh run (a file-backed S3
+# The S3 server the S3 tests run (a file-backed S3
 # engine). Its build takes about ten minutes on two busy cores, so it is
 # cached outside the checkout, keyed by version; newer versions need a
 # newer compiler than ours.

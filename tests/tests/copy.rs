@@ -121,6 +121,7 @@ fn copies_plain_to_encrypted_and_on_to_another_key() {
     let wrong = TestRepo {
         path: c.path.clone(),
         password: Some("not it".into()),
+        env: Vec::new(),
     };
     copy(&a, &wrong, &[]).failure();
     assert_eq!(c.listing(), before);

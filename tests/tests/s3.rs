@@ -98,10 +98,11 @@ fn full_cycle(test: &str, password: Option<&str>) {
     seen.keep(&restored);
     let down = restored.json();
     assert!(count(requests(&down), "range_get") > 0, "{down}");
-    assert_eq!(
-        count(requests(&down), "put"),
-        0,
-        "a restore writes nothing: {down}"
+    // A restore writes only its reader lock (which keeps forget and
+    // prune off the restore point while it runs): one small object.
+    assert!(
+        count(requests(&down), "put") <= 1 && count(requests(&down), "bytes_up") < 4096,
+        "a restore writes nothing but its lock: {down}"
     );
     let top = src.file_name().unwrap();
     assert_same_tree(&src, &out.join(top));
