@@ -96,7 +96,6 @@ impl<'a> Copier<'a> {
     pub fn copy(
         &mut self,
         name: &RestorePointName,
-        hostname_check: bool,
         progress: &Progress,
         cancel: &AtomicBool,
     ) -> Result<CopyReport> {
@@ -107,7 +106,7 @@ impl<'a> Copier<'a> {
             ..Default::default()
         };
         if let Some(existing) = self.existing(name)? {
-            same_backup(&source, &existing, hostname_check)?;
+            same_backup(&source, &existing, true)?;
             if !self.same_ids {
                 self.pair(&source, &existing);
             }
@@ -147,10 +146,12 @@ impl<'a> Copier<'a> {
             mover.check_lock()?;
             rescue_pending_packs(to, &manifest)?;
             let encoded = to.encode_meta(format::MANIFEST_MAGIC, &manifest);
-            to.put_once(&name.key(), &encoded, |old| {
-                to.decode_meta::<Manifest>(&name.key(), format::MANIFEST_MAGIC, old)
+            let key = to.new_manifest_key(&manifest);
+            to.put_once(&key, &encoded, |old| {
+                to.decode_meta::<Manifest>(&key, format::MANIFEST_MAGIC, old)
                     .is_ok_and(|old| old == manifest)
             })?;
+            to.note_manifest_key(name, &key);
             Ok((manifest, read_here, stats, share, encoded.len() as u64))
         })?;
         report.new_chunks = stats.new_chunks;
@@ -169,7 +170,7 @@ impl<'a> Copier<'a> {
 
     /// The destination's manifest of `name`, if it has one.
     fn existing(&self, name: &RestorePointName) -> Result<Option<Manifest>> {
-        if self.to.store().size(&name.key())?.is_none() {
+        if self.to.manifest_key(name)?.is_none() {
             return Ok(None);
         }
         self.to.load_manifest(name).map(Some)
@@ -504,7 +505,7 @@ mod tests {
             .unwrap()
             .iter()
             .map(|rp| {
-                c.copy(rp, true, &Progress::default(), &AtomicBool::new(false))
+                c.copy(rp, &Progress::default(), &AtomicBool::new(false))
                     .unwrap()
             })
             .collect()
@@ -532,7 +533,7 @@ mod tests {
             let rp2 = back_up(&a, first.clone());
             let mut c = Copier::new(&a, &b);
             let r = c
-                .copy(&rp2, true, &Progress::default(), &AtomicBool::new(false))
+                .copy(&rp2, &Progress::default(), &AtomicBool::new(false))
                 .unwrap();
             assert!(r.copied);
             assert!(
@@ -555,7 +556,7 @@ mod tests {
         let rp = back_up(&a, data(3, 1 << 20));
         let mut c = Copier::new(&a, &b);
         let err = c
-            .copy(&rp, true, &Progress::default(), &AtomicBool::new(true))
+            .copy(&rp, &Progress::default(), &AtomicBool::new(true))
             .unwrap_err();
         assert!(matches!(err, Error::Cancelled(_)));
         assert!(b.list_restore_points(None).unwrap().is_empty());
@@ -571,11 +572,14 @@ mod tests {
             ..m
         };
         b.store()
-            .put(&rp.key(), &b.encode_meta(format::MANIFEST_MAGIC, &other))
+            .put(
+                &b.new_manifest_key(&other),
+                &b.encode_meta(format::MANIFEST_MAGIC, &other),
+            )
             .unwrap();
         let mut c = Copier::new(&a, &b);
         let err = c
-            .copy(&rp, true, &Progress::default(), &AtomicBool::new(false))
+            .copy(&rp, &Progress::default(), &AtomicBool::new(false))
             .unwrap_err();
         assert!(matches!(err, Error::Conflict(_)), "{err}");
     }

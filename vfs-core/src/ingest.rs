@@ -1202,29 +1202,50 @@ pub fn commit<R: Deref<Target = Repository>>(
     let estimate = repo.encode_meta(format::MANIFEST_MAGIC, &manifest).len() as u64;
     manifest.stats.new_meta_bytes += estimate;
     loop {
+        // Asked first, as well as refused by the create-only put of a key
+        // that names the manifest's contents: another backup of this job
+        // may have finished in the same second.
+        if repo.restore_point_taken(&manifest.job, &manifest.name)? {
+            manifest.time += 1;
+            manifest.name = timestamp_name(manifest.time);
+            continue;
+        }
         let encoded = repo.encode_meta(format::MANIFEST_MAGIC, &manifest);
+        let key = repo.new_manifest_key(&manifest);
+        match repo.store().put(&key, &encoded) {
+            Ok(()) => {}
+            Err(Error::AlreadyExists(_)) => {
+                manifest.time += 1;
+                manifest.name = timestamp_name(manifest.time);
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
         let name = RestorePointName {
             job: manifest.job.clone(),
             name: manifest.name.clone(),
         };
-        let key = name.key();
-        // Asked first, as well as refused by the create-only put: an
-        // object store that ignores `If-None-Match` would let the put
-        // replace another backup's restore point of the same second.
-        let taken = repo.store().size(&key)?.is_some();
-        match if taken {
-            Err(Error::AlreadyExists(key))
-        } else {
-            repo.store().put(&key, &encoded)
-        } {
-            Ok(()) => return Ok(manifest),
-            Err(Error::AlreadyExists(_)) => {
-                // Another backup of this job finished in the same second.
-                manifest.time += 1;
-                manifest.name = timestamp_name(manifest.time);
-            }
-            Err(e) => return Err(e),
+        repo.note_manifest_key(&name, &key);
+        // Two writers that looked at the same moment, on a store that
+        // does not refuse a second create: both restore points are kept,
+        // under names that tell them apart.
+        let shared: Vec<String> = repo
+            .list_restore_points(Some(&manifest.job))?
+            .into_iter()
+            .filter(|n| n.base() == manifest.name)
+            .map(|n| n.to_string())
+            .collect();
+        if shared.len() > 1 {
+            tracing::warn!(
+                "{} backups of job {:?} committed under the same time on {} \
+                 (the store does not refuse a second create); they are {}",
+                shared.len(),
+                manifest.job,
+                repo.location(),
+                shared.join(", ")
+            );
         }
+        return Ok(manifest);
     }
 }
 

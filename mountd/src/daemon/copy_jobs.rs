@@ -395,15 +395,14 @@ fn run(daemon: &Daemon, job: &CopyJob) -> vfs_core::Result<()> {
         .repo(&job.to)
         .map_err(|e| vfs_core::Error::NotFound(e.message))?
         .open_for(None)?;
-    // Packs other writers added since the daemon read the index are found,
-    // so they are not sent again.
-    to.reload_index()?;
+    // The copy's Mover reloads the index once it holds the writer lock:
+    // packs other writers added since the daemon read it are not sent again.
     let mut copier = Copier::new(&from, &to);
     for (name, size) in &job.restore_points {
         if job.cancel.load(Relaxed) {
             break;
         }
-        match copier.copy(name, true, &job.progress, &job.cancel) {
+        match copier.copy(name, &job.progress, &job.cancel) {
             Ok(report) => {
                 let mut st = job.status.lock();
                 st.bytes_before += size;
