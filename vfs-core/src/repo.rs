@@ -853,8 +853,9 @@ impl Repository {
             }
             None => RESTORE_POINTS_PREFIX.to_string(),
         };
-        let mut by_base: BTreeMap<(String, String), Vec<(Option<String>, String)>> =
-            BTreeMap::new();
+        // (job, time-name) to each (tag, key) under it.
+        type Keys = Vec<(Option<String>, String)>;
+        let mut by_base: BTreeMap<(String, String), Keys> = BTreeMap::new();
         for key in self.store.list(&prefix)? {
             if let Some((job, base, tag)) = parse_manifest_key(&key) {
                 by_base.entry((job, base)).or_default().push((tag, key));
