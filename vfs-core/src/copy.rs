@@ -7,7 +7,9 @@
 //! last, under the restore point's own name, so a copy that stops halfway
 //! leaves no visible restore point at the destination, and a rerun finds
 //! the packs already written in the destination's index and sends nothing
-//! twice.
+//! twice. A pack the stopped copy wrote without its index file (it was
+//! killed between the two writes, or with several uploads in flight) is
+//! indexed from its own table by the rerun before it sends anything.
 //!
 //! Chunk ids are hashes keyed by each repository's id key when it is
 //! encrypted, so the same bytes may have another id at the destination. If
@@ -69,6 +71,9 @@ pub struct Copier<'a> {
     map: IdMap<ChunkId>,
     /// Jobs whose earlier copies have been paired into `map`.
     paired: std::collections::HashSet<String>,
+    /// Whether packs left without index files at the destination have
+    /// been looked for (once per copy run).
+    unindexed_done: bool,
 }
 
 /// Bytes hashed by both repositories to tell whether their ids agree.
@@ -86,6 +91,7 @@ impl<'a> Copier<'a> {
             same_ids: from.hasher().id(PROBE) == to.hasher().id(PROBE),
             map: IdMap::default(),
             paired: Default::default(),
+            unindexed_done: false,
         }
     }
 
@@ -126,6 +132,10 @@ impl<'a> Copier<'a> {
 
         let to = self.to;
         let (manifest, read_here, stats, share, manifest_len) = Mover::scoped(to, |mover| {
+            if !self.unindexed_done {
+                mover.index_unindexed_packs()?;
+                self.unindexed_done = true;
+            }
             let mut send = Send {
                 copier: self,
                 mover,
