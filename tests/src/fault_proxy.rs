@@ -301,10 +301,8 @@ impl Head {
     }
 
     fn has_token(&self, name: &str, token: &str) -> bool {
-        self.header(name).is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case(token))
-        })
+        self.header(name)
+            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -369,11 +367,9 @@ fn read_body(r: &mut impl BufRead, head: &Head, bodyless: bool) -> std::io::Resu
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
             raw.extend_from_slice(size_line.as_bytes());
-            let size = usize::from_str_radix(
-                size_line.trim().split(';').next().unwrap_or("").trim(),
-                16,
-            )
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            let size =
+                usize::from_str_radix(size_line.trim().split(';').next().unwrap_or("").trim(), 16)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
             if size == 0 {
                 // Trailers, up to the blank line.
                 loop {
@@ -643,7 +639,7 @@ fn record(shared: &Shared, exchange: Exchange) {
 /// Counts `exchange` against the freeze rule, freezing when it is due.
 fn note_freeze(shared: &Shared, exchange: &Exchange) {
     let mut freeze = shared.freeze.lock().unwrap();
-        if let Some(f) = freeze.as_mut() {
+    if let Some(f) = freeze.as_mut() {
         if (f.rule)(exchange) {
             f.left = f.left.saturating_sub(1);
         }

@@ -18,8 +18,8 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::time::Instant;
 use std::time::Duration;
+use std::time::Instant;
 
 use flr_e2e::command::Run;
 use flr_e2e::fault_proxy::{Exchange, Fault, FaultPlan, FaultProxy};
@@ -93,7 +93,10 @@ fn until_ok(what: &str, mut attempt: impl FnMut() -> Run) -> Run {
             run.stderr.contains("s3://"),
             "{what}: the error names no repository: {run}"
         );
-        eprintln!("{what}: attempt {round} failed cleanly: {}", run.stderr.trim());
+        eprintln!(
+            "{what}: attempt {round} failed cleanly: {}",
+            run.stderr.trim()
+        );
     }
     panic!("{what}: failed three times through the faults");
 }
@@ -327,7 +330,11 @@ fn kill_when_frozen(what: &str, cmd: Flr, proxy: &FaultProxy, may_finish: bool) 
         );
         return false;
     }
-    assert!(frozen, "{what}: the proxy never froze ({})", proxy.summary());
+    assert!(
+        frozen,
+        "{what}: the proxy never froze ({})",
+        proxy.summary()
+    );
     true
 }
 
@@ -532,12 +539,18 @@ fn a_killed_prune_on_s3_leaves_a_clean_repository_and_a_rerun_completes() {
         );
         check(&format!("after {deletes} deletes"));
     }
-    assert!(repo.disk.packs().len() < packs_before, "the kills came too early");
+    assert!(
+        repo.disk.packs().len() < packs_before,
+        "the kills came too early"
+    );
     let report = prune(&repo.faulty, &[]);
     eprintln!("rerun: {report}");
     assert_eq!(report["packs_pending"], 0, "{report}");
     assert!(files(&repo.disk, "pending").is_empty());
-    assert!(files(&repo.disk, "locks").is_empty(), "a lock was left behind");
+    assert!(
+        files(&repo.disk, "locks").is_empty(),
+        "a lock was left behind"
+    );
     assert_eq!(repo.disk.packs().len(), 1);
     check("after the rerun");
 }

@@ -452,7 +452,7 @@ fn same_backup(source: &Manifest, there: &Manifest, hostname_check: bool) -> Res
 mod tests {
     use super::*;
     use crate::backup::{self, BackupOptions, Source, StdinSource};
-    use crate::store::MemoryStore;
+    use crate::store::{MemoryStore, ObjectStore as _};
     use std::sync::Arc;
 
     fn repo(password: Option<&[u8]>) -> Repository {
@@ -557,6 +557,37 @@ mod tests {
             let again = copy_all(&a, &b);
             assert!(again.iter().all(|r| !r.copied && r.uploaded_bytes == 0));
         }
+    }
+
+    #[test]
+    fn a_rerun_reuses_packs_left_without_index_files() {
+        // A copy that stored its packs and was killed before their index
+        // files and the manifest: the rerun indexes the packs and stores
+        // nothing again, though the destination seals anew.
+        let a = repo(None);
+        let store = Arc::new(MemoryStore::new());
+        Repository::init(store.as_ref(), Some(b"k")).unwrap();
+        let open = || Repository::open(store.clone(), || Ok(b"k".to_vec())).unwrap();
+        let rp = back_up(&a, data(11, 2 << 20));
+        let first = open();
+        let r = copy_all(&a, &first);
+        assert!(r[0].new_chunks > 0);
+        let packs = store.list(crate::repo::PACKS_PREFIX).unwrap();
+        for key in store.list(crate::repo::INDEX_PREFIX).unwrap() {
+            store.delete(&key).unwrap();
+        }
+        store.delete(&rp.key()).unwrap();
+
+        let b = open();
+        let again = copy_all(&a, &b);
+        assert!(again[0].copied);
+        assert_eq!(again[0].new_chunks, 0, "chunks were stored again");
+        assert_eq!(store.list(crate::repo::PACKS_PREFIX).unwrap(), packs);
+        assert_eq!(
+            store.list(crate::repo::INDEX_PREFIX).unwrap().len(),
+            packs.len()
+        );
+        assert_eq!(bytes_of(&b, &rp), data(11, 2 << 20));
     }
 
     #[test]
