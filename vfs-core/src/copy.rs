@@ -7,7 +7,9 @@
 //! last, under the restore point's own name, so a copy that stops halfway
 //! leaves no visible restore point at the destination, and a rerun finds
 //! the packs already written in the destination's index and sends nothing
-//! twice.
+//! twice. A pack the stopped copy wrote without its index file (it was
+//! killed between the two writes, or with several uploads in flight) is
+//! indexed from its own table by the rerun before it sends anything.
 //!
 //! Chunk ids are hashes keyed by each repository's id key when it is
 //! encrypted, so the same bytes may have another id at the destination. If
@@ -69,6 +71,9 @@ pub struct Copier<'a> {
     map: IdMap<ChunkId>,
     /// Jobs whose earlier copies have been paired into `map`.
     paired: std::collections::HashSet<String>,
+    /// Whether packs left without index files at the destination have
+    /// been looked for (once per copy run).
+    unindexed_done: bool,
 }
 
 /// Bytes hashed by both repositories to tell whether their ids agree.
@@ -86,6 +91,7 @@ impl<'a> Copier<'a> {
             same_ids: from.hasher().id(PROBE) == to.hasher().id(PROBE),
             map: IdMap::default(),
             paired: Default::default(),
+            unindexed_done: false,
         }
     }
 
@@ -125,6 +131,10 @@ impl<'a> Copier<'a> {
 
         let to = self.to;
         let (manifest, read_here, stats, share, manifest_len) = Mover::scoped(to, |mover| {
+            if !self.unindexed_done {
+                mover.index_unindexed_packs()?;
+                self.unindexed_done = true;
+            }
             let mut send = Send {
                 copier: self,
                 mover,
@@ -443,7 +453,7 @@ fn same_backup(source: &Manifest, there: &Manifest, hostname_check: bool) -> Res
 mod tests {
     use super::*;
     use crate::backup::{self, BackupOptions, Source, StdinSource};
-    use crate::store::MemoryStore;
+    use crate::store::{MemoryStore, ObjectStore as _};
     use std::sync::Arc;
 
     fn repo(password: Option<&[u8]>) -> Repository {
@@ -548,6 +558,37 @@ mod tests {
             let again = copy_all(&a, &b);
             assert!(again.iter().all(|r| !r.copied && r.uploaded_bytes == 0));
         }
+    }
+
+    #[test]
+    fn a_rerun_reuses_packs_left_without_index_files() {
+        // A copy that stored its packs and was killed before their index
+        // files and the manifest: the rerun indexes the packs and stores
+        // nothing again, though the destination seals anew.
+        let a = repo(None);
+        let store = Arc::new(MemoryStore::new());
+        Repository::init(store.as_ref(), Some(b"k")).unwrap();
+        let open = || Repository::open(store.clone(), || Ok(b"k".to_vec())).unwrap();
+        let rp = back_up(&a, data(11, 2 << 20));
+        let first = open();
+        let r = copy_all(&a, &first);
+        assert!(r[0].new_chunks > 0);
+        let packs = store.list(crate::repo::PACKS_PREFIX).unwrap();
+        for key in store.list(crate::repo::INDEX_PREFIX).unwrap() {
+            store.delete(&key).unwrap();
+        }
+        store.delete(&rp.key()).unwrap();
+
+        let b = open();
+        let again = copy_all(&a, &b);
+        assert!(again[0].copied);
+        assert_eq!(again[0].new_chunks, 0, "chunks were stored again");
+        assert_eq!(store.list(crate::repo::PACKS_PREFIX).unwrap(), packs);
+        assert_eq!(
+            store.list(crate::repo::INDEX_PREFIX).unwrap().len(),
+            packs.len()
+        );
+        assert_eq!(bytes_of(&b, &rp), data(11, 2 << 20));
     }
 
     #[test]

@@ -32,7 +32,8 @@ use crate::ids::{ChunkId, IdSet, PackId};
 use crate::lock::{LockGuard, LockKind};
 use crate::manifest::{timestamp_name, BackupStats, Content, Manifest, Node, NodeKind};
 use crate::repo::{
-    pack_key, IndexEntry, IndexFile, PackTable, Repository, RestorePointName, PAGE_CHUNK_MAX,
+    pack_key, IndexEntry, IndexFile, PackTable, Repository, RestorePointName, PACKS_PREFIX,
+    PAGE_CHUNK_MAX,
 };
 
 /// Buffers of written packs kept for new ones: the writer holds one, the
@@ -551,6 +552,57 @@ impl<R: Deref<Target = Repository>> Mover<R> {
             buf.clear();
             spare.push(buf);
         }
+    }
+
+    /// Indexes the packs that no index file lists and no prune has on a
+    /// pending list, from their own entry tables, so that this ingest
+    /// reuses their chunks: a writer killed between writing a pack and
+    /// its index file leaves such a pack (on an object store, up to one
+    /// per upload in flight). Returns how many were indexed.
+    ///
+    /// Safe beside a prune because it runs under this mover's writer lock
+    /// and lists the pending lists after taking it: a prune that lists the
+    /// pack later sees the lock and waits for it, one that listed it
+    /// before has its list in place until the pack is gone (see
+    /// [`crate::lock`]). A pack that cannot be read is left alone.
+    pub fn index_unindexed_packs(&self) -> Result<usize> {
+        let repo = &*self.repo;
+        let pending = crate::lock::pending_pack_set(repo)?;
+        let known: std::collections::HashSet<PackId> =
+            repo.index().read().packs.iter().copied().collect();
+        let mut indexed = 0;
+        for key in repo.store().list(PACKS_PREFIX)? {
+            let Some(pack) = crate::verify::pack_id_of_key(&key) else {
+                continue;
+            };
+            if known.contains(&pack) || pending.contains(&pack) {
+                continue;
+            }
+            let file = match repo.read_pack_table(&pack) {
+                Ok((pack_len, entries)) => IndexFile {
+                    pack,
+                    pack_len,
+                    entries,
+                },
+                Err(e) => {
+                    tracing::warn!("{key}: {e}; not indexed");
+                    continue;
+                }
+            };
+            match repo.put_index_file(&file) {
+                Ok(_) => {}
+                // An index file of other meaning exists: verify reports it.
+                Err(Error::Conflict(e)) => {
+                    tracing::warn!("{e}: an index file exists for this pack; not indexed");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            repo.index().write().add_pack(&file);
+            tracing::info!("indexed {key}, which an interrupted writer left without index file");
+            indexed += 1;
+        }
+        Ok(indexed)
     }
 
     /// A chunk's bytes, whether or not its pack is written yet (a pending
