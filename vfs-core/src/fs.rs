@@ -990,7 +990,10 @@ impl RepoFs {
     }
 
     pub fn release(&self, fh: u64) {
-        self.handles.lock().remove(&fh);
+        if let Some(file) = self.handles.lock().remove(&fh) {
+            // Readahead still queued for it is not wanted any more.
+            file.generation.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Files open through this filesystem right now (handles from
