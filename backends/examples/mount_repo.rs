@@ -63,6 +63,7 @@ fn main() {
                 repo,
                 FsOptions {
                     cache_bytes: 256 << 20,
+                    disk_cache: None,
                     readahead_threads: 2,
                     uid,
                     gid,

@@ -82,6 +82,7 @@ fn mount(f: &Fixture) -> FuseMount {
         open_repo(&f.repo),
         FsOptions {
             cache_bytes: 64 << 20,
+            disk_cache: None,
             readahead_threads: 1,
             uid: 0,
             gid: 0,

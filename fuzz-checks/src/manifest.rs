@@ -43,6 +43,7 @@ pub fn check(data: &[u8]) {
         repo.clone(),
         FsOptions {
             cache_bytes: 1 << 20,
+            disk_cache: None,
             readahead_threads: 0,
             uid: 0,
             gid: 0,

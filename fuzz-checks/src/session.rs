@@ -64,6 +64,7 @@ pub fn base() -> &'static SessionBase {
             fixture.repo.clone(),
             FsOptions {
                 cache_bytes: 1 << 20,
+                disk_cache: None,
                 readahead_threads: 0,
                 uid: 0,
                 gid: 0,

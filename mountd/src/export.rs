@@ -1154,6 +1154,7 @@ pub fn run(
         crate::writable::OpenOptions {
             // One sequential pass: a small cache of decoded frames does.
             cache_bytes: 64 << 20,
+            disk_cache: None,
             session: SessionOptions {
                 reserve_bytes: 64 << 20,
                 min_free_bytes: 256 << 20,

@@ -22,6 +22,8 @@
 //!   or a logical dump (`flr export`, `POST /exports`); [`transfer`]
 //!   sends one to another host's daemon, whose [`daemon::receive`] takes
 //!   it.
+//! - [`read_stats`]: a mount's read-path figures (caches, requests,
+//!   readahead) for `flr mount` and the daemon's metrics.
 //! - [`ingest`]: the control socket of an ingest mount (`flr mount
 //!   --ingest`), through which `flr ingest commit|abort` end it.
 
@@ -54,5 +56,6 @@ pub mod daemon;
 pub mod devices;
 pub mod export;
 pub mod ingest;
+pub mod read_stats;
 pub mod transfer;
 pub mod writable;

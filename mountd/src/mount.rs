@@ -61,6 +61,15 @@ pub struct MountArgs {
     /// Bytes of decoded frames (runs of chunks) to keep in memory.
     #[arg(long, default_value = "512M", value_parser = crate::cli::size_arg)]
     cache_size: u64,
+    /// Keep the stored frames fetched from the repository in this
+    /// directory, so later reads (also by later mounts) cost no request:
+    /// worth it for an S3 repository. One process at a time uses it.
+    #[arg(long)]
+    disk_cache: Option<PathBuf>,
+    /// The disk cache's bound in bytes, a hard limit (least recently used
+    /// frames are evicted).
+    #[arg(long, default_value = "10G", value_parser = crate::cli::size_arg)]
+    disk_cache_size: u64,
     /// FUSE worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -124,6 +133,9 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
     }
     if args.mountpoint.is_none() {
         if mountd::client::is_running(socket) {
+            if args.disk_cache.is_some() {
+                say!("flr: --disk-cache is ignored for a daemon session: the daemon's settings.disk_cache applies");
+            }
             return crate::remote::mount_session(
                 socket,
                 args.repo.as_ref().expect("required without --resume"),
@@ -181,11 +193,13 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
         vfs_core::manifest::validate_job_name(job)?;
     }
     let (uid, gid) = own_ids();
+    let readahead_threads = mountd::read_stats::readahead_threads(&repo);
     let fs = RepoFs::new(
         repo,
         FsOptions {
             cache_bytes: args.cache_size as usize,
-            readahead_threads: 2,
+            disk_cache: open_disk_cache(&args)?,
+            readahead_threads,
             uid,
             gid,
             filter,
@@ -206,11 +220,39 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
         &format!("mounted {} at {}", repo_path, mountpoint.display()),
     )?;
     mount.unmount().ok();
+    report_reads(&fs, mountpoint);
+    Ok(exit::OK)
+}
+
+/// `--disk-cache DIR`, opened and taken for this process.
+fn open_disk_cache(args: &MountArgs) -> Result<Option<Arc<vfs_core::disk_cache::DiskCache>>> {
+    let Some(dir) = &args.disk_cache else {
+        return Ok(None);
+    };
+    let cache = vfs_core::disk_cache::DiskCache::open(dir, args.disk_cache_size)
+        .with_context(|| format!("--disk-cache {}", dir.display()))?;
+    Ok(Some(Arc::new(cache)))
+}
+
+/// The read path's figures at unmount: a summary line, then all of them
+/// as one JSON line (`flr: read stats {...}`) for scripts.
+fn report_reads(fs: &RepoFs, mountpoint: &Path) {
     let c = &fs.counters;
     let cache = &fs.cache().counters;
     use std::sync::atomic::Ordering::Relaxed;
+    let disk = fs
+        .fetcher()
+        .disk_cache()
+        .map(|d| {
+            format!(
+                ", disk cache {} hits / {} misses",
+                d.counters.hits.load(Relaxed),
+                d.counters.misses.load(Relaxed)
+            )
+        })
+        .unwrap_or_default();
     say!(
-        "flr: unmounted {}: {} reads, {} served, {} chunk errors, cache {} hits / {} misses",
+        "flr: unmounted {}: {} reads, {} served, {} chunk errors, cache {} hits / {} misses{disk}",
         mountpoint.display(),
         c.reads.load(Relaxed),
         crate::cli::human(c.bytes_served.load(Relaxed)),
@@ -218,7 +260,7 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
         cache.hits.load(Relaxed),
         cache.misses.load(Relaxed),
     );
-    Ok(exit::OK)
+    say!("flr: read stats {}", mountd::read_stats::json(fs));
 }
 
 /// Serves a mount until it is unmounted: signals unmount it (and set
@@ -300,6 +342,7 @@ fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
         resume,
         writable::OpenOptions {
             cache_bytes: args.cache_size as usize,
+            disk_cache: open_disk_cache(args)?,
             session: SessionOptions {
                 reserve_bytes: args.reserve,
                 min_free_bytes: args.min_free,
@@ -354,6 +397,7 @@ fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
     )?;
     mount.unmount().ok();
     let keep = args.keep && !discarded.load(std::sync::atomic::Ordering::SeqCst);
+    report_reads(cow.base(), mountpoint);
     let c = &cow.counters;
     use std::sync::atomic::Ordering::Relaxed;
     say!(

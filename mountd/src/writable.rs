@@ -52,6 +52,8 @@ pub fn new_session_id(rp: &RestorePointName) -> String {
 
 pub struct OpenOptions {
     pub cache_bytes: usize,
+    /// Stored frames kept on disk (see `vfs_core::disk_cache`).
+    pub disk_cache: Option<Arc<vfs_core::disk_cache::DiskCache>>,
     pub session: SessionOptions,
 }
 
@@ -67,11 +69,13 @@ pub fn open_session(
     opts: OpenOptions,
 ) -> Result<Arc<CowFs>> {
     let (uid, gid) = own_ids();
+    let readahead_threads = crate::read_stats::readahead_threads(&repo);
     let base = RepoFs::new(
         repo,
         FsOptions {
             cache_bytes: opts.cache_bytes,
-            readahead_threads: 2,
+            disk_cache: opts.disk_cache,
+            readahead_threads,
             uid,
             gid,
             filter: MountFilter {

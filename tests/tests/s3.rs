@@ -321,3 +321,288 @@ fn init_refuses_a_prefix_that_holds_objects() {
     let _ = server.init_repo("bkt", "other", None);
     assert!(Path::new(&server.root.join("bkt/other/config")).is_file());
 }
+
+// ---- The read path of mounts on S3: disk cache, merged ranges, prefetch.
+
+/// Size of the database file the read-path tests mount: 24 MiB of 8 KiB
+/// pages, in 768 frames of 32 KiB.
+const BIG: usize = 24 << 20;
+
+/// An S3 repository holding one restore point of job `big` with a
+/// compressible `data.db` of `len` bytes; returns the file's bytes.
+fn big_file_repo(
+    tmp: &Path,
+    len: usize,
+    password: Option<&str>,
+) -> (S3Server, TestRepo, Vec<u8>, String) {
+    let server = S3Server::start(&tmp.join("s3"), &["backups"]);
+    let repo = server.init_repo("backups", "flr/read", password);
+    let src = tmp.join("src");
+    std::fs::create_dir(&src).unwrap();
+    let mut rng = flr_e2e::rng::Rng::new(0x5eed);
+    let bytes = flr_e2e::rng::text_bytes(&mut rng, len);
+    std::fs::write(src.join("data.db"), &bytes).unwrap();
+    let b = repo.backup("big", &[&src]);
+    (server, repo, bytes, b.restore_point)
+}
+
+/// The JSON figures a mount prints when it ends (`flr: read stats {...}`).
+#[track_caller]
+fn read_stats(messages: &str) -> Value {
+    let line = messages
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("flr: read stats "))
+        .unwrap_or_else(|| panic!("no read stats in the mount's messages:\n{messages}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("read stats {line}: {e}"))
+}
+
+/// Unmounts and returns the mount's read stats.
+#[track_caller]
+fn unmount_stats(mount: Mount) -> Value {
+    let log = mount.log.clone();
+    mount.unmount();
+    read_stats(&std::fs::read_to_string(log).unwrap())
+}
+
+#[track_caller]
+fn num(v: &Value, path: &str) -> u64 {
+    let mut at = v;
+    for key in path.split('.') {
+        at = &at[key];
+    }
+    at.as_u64()
+        .unwrap_or_else(|| panic!("{path} missing in {v}"))
+}
+
+/// Bytes the disk cache's files take, counted as it counts them: each
+/// file in whole 4 KiB blocks.
+fn disk_cache_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.join("tmp"), dir.join("frames")];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            // A file may be evicted between the listing and the stat.
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.len().div_ceil(4096) * 4096;
+            }
+        }
+    }
+    total
+}
+
+fn cached_frame_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for sub in std::fs::read_dir(dir.join("frames")).unwrap().flatten() {
+        for e in std::fs::read_dir(sub.path()).unwrap().flatten() {
+            out.push(e.path());
+        }
+    }
+    out.sort();
+    out
+}
+
+fn disk_cache_mount_run(test: &str, password: Option<&str>) {
+    let tmp = scratch(test);
+    let (_server, repo, bytes, rp) = big_file_repo(tmp.path(), BIG, password);
+    let cache = tmp.path().join("disk-cache");
+    let cache_arg = cache.to_str().unwrap();
+    let args = [
+        "--job",
+        "big",
+        "--disk-cache",
+        cache_arg,
+        "--disk-cache-size",
+        "1G",
+    ];
+
+    let mnt = tmp.path().join("mnt");
+    let mount = Mount::background(&repo, &mnt, &args);
+    let file = mount.join(format!("{rp}/src/data.db"));
+    assert_eq!(std::fs::read(&file).unwrap(), bytes, "first read");
+    let first = unmount_stats(mount);
+    assert!(num(&first, "requests.range_get") > 0, "{first}");
+    assert!(num(&first, "disk_cache.inserts") >= 700, "{first}");
+    assert_eq!(num(&first, "chunk_errors"), 0, "{first}");
+
+    // A second mount (another process) on the same directory: the whole
+    // file again, without one range request for data.
+    let mount = Mount::background(&repo, &mnt, &args);
+    assert_eq!(std::fs::read(&file).unwrap(), bytes, "second read");
+    let second = unmount_stats(mount);
+    assert_eq!(num(&second, "requests.range_get"), 0, "{second}");
+    assert_eq!(num(&second, "fetch.requests"), 0, "{second}");
+    assert!(num(&second, "disk_cache.hits") >= 700, "{second}");
+    assert_eq!(num(&second, "disk_cache.damaged"), 0, "{second}");
+}
+
+#[test]
+fn a_second_mount_reads_everything_from_the_disk_cache() {
+    disk_cache_mount_run("s3-disk-cache", None);
+}
+
+#[test]
+fn an_encrypted_repository_is_served_from_the_disk_cache_too() {
+    disk_cache_mount_run("s3-disk-cache-enc", Some("cache password"));
+}
+
+#[test]
+fn the_disk_cache_never_exceeds_its_bound() {
+    let tmp = scratch("s3-disk-cache-bound");
+    let (_server, repo, bytes, rp) = big_file_repo(tmp.path(), BIG, None);
+    let cache = tmp.path().join("disk-cache");
+    let bound = 3u64 << 20;
+    let mnt = tmp.path().join("mnt");
+    let mount = Mount::background(
+        &repo,
+        &mnt,
+        &[
+            "--job",
+            "big",
+            "--disk-cache",
+            cache.to_str().unwrap(),
+            "--disk-cache-size",
+            "3M",
+        ],
+    );
+    let file = mount.join(format!("{rp}/src/data.db"));
+    // Read in pieces, checking the directory between them.
+    use std::io::Read;
+    let mut f = std::fs::File::open(&file).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut peak = 0;
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        // Counted with the mount process stopped, so that no file comes
+        // and goes while the directory is walked.
+        let pid = mount.pid.expect("the mount's pid");
+        flr_e2e::command::send_signal(pid, "STOP");
+        let used = disk_cache_bytes(&cache);
+        flr_e2e::command::send_signal(pid, "CONT");
+        peak = peak.max(used);
+        assert!(
+            used <= bound,
+            "{used} bytes in the disk cache, bound {bound}"
+        );
+    }
+    assert!(got == bytes, "the bytes read differ");
+    drop(f);
+    let stats = unmount_stats(mount);
+    let used = disk_cache_bytes(&cache);
+    assert!(used <= bound, "{used} bytes after the mount, bound {bound}");
+    assert!(peak > bound / 2, "the cache was used: peak {peak}");
+    assert!(num(&stats, "disk_cache.evictions") > 0, "{stats}");
+    assert!(num(&stats, "disk_cache.used_bytes") <= bound, "{stats}");
+}
+
+#[test]
+fn damaged_disk_cache_files_are_fetched_again_never_served() {
+    let tmp = scratch("s3-disk-cache-damage");
+    let (_server, repo, bytes, rp) = big_file_repo(tmp.path(), 4 << 20, None);
+    let cache = tmp.path().join("disk-cache");
+    let args = ["--job", "big", "--disk-cache", cache.to_str().unwrap()];
+    let mnt = tmp.path().join("mnt");
+    let mount = Mount::background(&repo, &mnt, &args);
+    let file = mount.join(format!("{rp}/src/data.db"));
+    assert_eq!(std::fs::read(&file).unwrap(), bytes);
+    drop(unmount_stats(mount));
+
+    let files = cached_frame_files(&cache);
+    assert!(files.len() >= 100, "{} cached frames", files.len());
+    // A flipped byte in the stored frame, one in the header, a truncated
+    // file, an empty one (removed when the cache opens, so a plain miss),
+    // and one frame's file under another's name.
+    flr_e2e::repo::flip_byte(&files[0], 200);
+    flr_e2e::repo::flip_byte(&files[1], 9);
+    let len = std::fs::metadata(&files[2]).unwrap().len();
+    flr_e2e::repo::truncate(&files[2], len / 2);
+    flr_e2e::repo::truncate(&files[3], 0);
+    std::fs::copy(&files[5], &files[4]).unwrap();
+
+    let mount = Mount::background(&repo, &mnt, &args);
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        bytes,
+        "read over a damaged cache"
+    );
+    let log = mount.log.clone();
+    let stats = unmount_stats(mount);
+    assert_eq!(num(&stats, "chunk_errors"), 0, "{stats}");
+    assert_eq!(num(&stats, "disk_cache.damaged"), 4, "{stats}");
+    let refetched = num(&stats, "fetch.frames_fetched");
+    assert!((5..20).contains(&refetched), "{stats}");
+    let messages = std::fs::read_to_string(log).unwrap();
+    assert!(messages.contains("disk cache: dropping"), "{messages}");
+    // The damaged files were replaced by good ones: a third mount needs
+    // no request.
+    let mount = Mount::background(&repo, &mnt, &args);
+    assert_eq!(std::fs::read(&file).unwrap(), bytes);
+    let third = unmount_stats(mount);
+    assert_eq!(num(&third, "requests.range_get"), 0, "{third}");
+}
+
+#[test]
+fn a_sequential_read_merges_ranges_and_prefetches() {
+    let tmp = scratch("s3-sequential");
+    let (_server, repo, bytes, rp) = big_file_repo(tmp.path(), BIG, None);
+    let mnt = tmp.path().join("mnt");
+    let mount = Mount::background(&repo, &mnt, &["--job", "big"]);
+    let file = mount.join(format!("{rp}/src/data.db"));
+    assert!(
+        std::fs::read(&file).unwrap() == bytes,
+        "the bytes read differ"
+    );
+    let stats = unmount_stats(mount);
+    let frames = num(&stats, "fetch.frames_fetched");
+    let gets = num(&stats, "requests.range_get");
+    assert!(frames >= 700, "{stats}");
+    // 768 frames of 32 KiB: one request per frame without merging.
+    assert!(
+        gets * 8 <= frames,
+        "{gets} range GETs for {frames} frames: {stats}"
+    );
+    assert!(num(&stats, "fetch.frames_merged") > frames / 2, "{stats}");
+    assert!(
+        num(&stats, "readahead.frames") > frames / 2,
+        "prefetch fetched most frames: {stats}"
+    );
+}
+
+#[test]
+fn a_cold_random_8k_read_costs_at_most_one_get() {
+    let tmp = scratch("s3-random");
+    let len = 64 << 20;
+    let (_server, repo, bytes, rp) = big_file_repo(tmp.path(), len, None);
+    let mnt = tmp.path().join("mnt");
+    let mount = Mount::background(&repo, &mnt, &["--job", "big"]);
+    let file = mount.join(format!("{rp}/src/data.db"));
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(&file).unwrap();
+    let mut rng = flr_e2e::rng::Rng::new(81);
+    let reads = 300;
+    let mut buf = vec![0u8; 8192];
+    for _ in 0..reads {
+        let at = rng.below((len / 8192) as u64) * 8192;
+        f.read_exact_at(&mut buf, at).unwrap();
+        assert!(buf[..] == bytes[at as usize..at as usize + 8192], "at {at}");
+    }
+    drop(f);
+    let stats = unmount_stats(mount);
+    let gets = num(&stats, "requests.range_get");
+    assert!(gets > 0, "{stats}");
+    assert!(
+        gets <= reads,
+        "{gets} range GETs for {reads} reads: {stats}"
+    );
+}

@@ -7,9 +7,9 @@
 //! readers of the same frame wait for that fetch instead of repeating it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::fs::FsError;
 use crate::ids::{BuildIdHasher, ChunkId, IdMap};
@@ -19,7 +19,27 @@ const SHARDS: usize = 16;
 /// A decoded chunk, shared by the cache and every reader holding it.
 pub type ChunkData = Arc<Vec<u8>>;
 
-type Fetch = Arc<OnceLock<Result<ChunkData, FsError>>>;
+/// A frame being fetched: its result once there, for every reader that
+/// waits for it.
+#[derive(Default)]
+struct Pending {
+    result: Mutex<Option<Result<ChunkData, FsError>>>,
+    ready: Condvar,
+}
+
+impl Pending {
+    fn wait(&self) -> Result<ChunkData, FsError> {
+        let mut result = self.result.lock();
+        loop {
+            if let Some(r) = &*result {
+                return r.clone();
+            }
+            self.ready.wait(&mut result);
+        }
+    }
+}
+
+type Fetch = Arc<Pending>;
 
 struct Shard {
     lru: lru::LruCache<ChunkId, ChunkData, BuildIdHasher>,
@@ -40,6 +60,40 @@ pub struct ChunkCache {
     shards: Vec<Mutex<Shard>>,
     shard_capacity: usize,
     pub counters: CacheCounters,
+}
+
+/// The duty to fetch one frame, taken with [`ChunkCache::claim`]: readers
+/// of the frame wait for it meanwhile. Dropped unfulfilled, it fails those
+/// readers' wait, and they fetch the frame themselves.
+pub struct Claim<'a> {
+    cache: &'a ChunkCache,
+    id: ChunkId,
+    pending: Option<Fetch>,
+}
+
+impl Claim<'_> {
+    pub fn id(&self) -> &ChunkId {
+        &self.id
+    }
+
+    /// Hands the fetched frame (or the failure) to the cache and to the
+    /// readers waiting for it.
+    pub fn complete(mut self, result: Result<ChunkData, FsError>) {
+        let pending = self.pending.take().expect("completed once");
+        self.cache.complete(&self.id, &pending, result);
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            self.cache.complete(
+                &self.id,
+                &pending,
+                Err(FsError::Io("the frame's fetch was abandoned".into())),
+            );
+        }
+    }
 }
 
 impl ChunkCache {
@@ -76,42 +130,30 @@ impl ChunkCache {
         self.shards.iter().map(|s| s.lock().bytes).sum()
     }
 
-    /// Returns the chunk, fetching it with `fetch` if no one else is.
-    pub fn get_or_fetch(
-        &self,
-        id: &ChunkId,
-        fetch: impl FnOnce() -> Result<ChunkData, FsError>,
-    ) -> Result<ChunkData, FsError> {
-        let shard = self.shard(id);
-        let cell = {
-            let mut s = shard.lock();
-            if let Some(v) = s.lru.get(id) {
-                self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(v.clone());
+    /// Takes the fetch of `id` if it is neither cached nor being fetched:
+    /// the caller then fetches it (with others, in one request) and
+    /// completes the claim. Counted as a miss.
+    pub fn claim(&self, id: &ChunkId) -> Option<Claim<'_>> {
+        let mut s = self.shard(id).lock();
+        if s.lru.contains(id) || s.in_flight.contains_key(id) {
+            return None;
+        }
+        let pending: Fetch = Arc::default();
+        s.in_flight.insert(*id, pending.clone());
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        Some(Claim {
+            cache: self,
+            id: *id,
+            pending: Some(pending),
+        })
+    }
+
+    fn complete(&self, id: &ChunkId, pending: &Fetch, result: Result<ChunkData, FsError>) {
+        {
+            let mut s = self.shard(id).lock();
+            if s.in_flight.get(id).is_some_and(|p| Arc::ptr_eq(p, pending)) {
+                s.in_flight.remove(id);
             }
-            match s.in_flight.get(id) {
-                Some(cell) => {
-                    self.counters.shared_fetches.fetch_add(1, Ordering::Relaxed);
-                    cell.clone()
-                }
-                None => {
-                    let cell: Fetch = Arc::new(OnceLock::new());
-                    s.in_flight.insert(*id, cell.clone());
-                    cell
-                }
-            }
-        };
-        let mut fetched_here = false;
-        let result = cell
-            .get_or_init(|| {
-                fetched_here = true;
-                self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                fetch()
-            })
-            .clone();
-        if fetched_here {
-            let mut s = shard.lock();
-            s.in_flight.remove(id);
             // Failures are not cached: a later read tries again and is
             // counted again.
             if let Ok(data) = &result {
@@ -127,7 +169,77 @@ impl ChunkCache {
                 }
             }
         }
+        *pending.result.lock() = Some(result);
+        pending.ready.notify_all();
+    }
+
+    /// Returns the chunk, fetching it with `fetch` if no one else is. A
+    /// reader that waited for someone else's fetch and saw it fail fetches
+    /// once itself (the other may have been a prefetch that gave up).
+    pub fn get_or_fetch(
+        &self,
+        id: &ChunkId,
+        fetch: impl FnOnce() -> Result<ChunkData, FsError>,
+    ) -> Result<ChunkData, FsError> {
+        let shard = self.shard(id);
+        let (pending, mine) = {
+            let mut s = shard.lock();
+            if let Some(v) = s.lru.get(id) {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(v.clone());
+            }
+            match s.in_flight.get(id) {
+                Some(p) => {
+                    self.counters.shared_fetches.fetch_add(1, Ordering::Relaxed);
+                    (p.clone(), false)
+                }
+                None => {
+                    let p: Fetch = Arc::default();
+                    s.in_flight.insert(*id, p.clone());
+                    (p, true)
+                }
+            }
+        };
+        if !mine {
+            return match pending.wait() {
+                Ok(data) => Ok(data),
+                Err(_) => self.get_or_fetch_own(id, fetch),
+            };
+        }
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        let result = fetch();
+        self.complete(id, &pending, result.clone());
         result
+    }
+
+    /// [`Self::get_or_fetch`] after a shared fetch failed: fetches unless
+    /// it is cached or yet another fetch runs now.
+    fn get_or_fetch_own(
+        &self,
+        id: &ChunkId,
+        fetch: impl FnOnce() -> Result<ChunkData, FsError>,
+    ) -> Result<ChunkData, FsError> {
+        match self.claim(id) {
+            Some(claim) => {
+                let result = fetch();
+                claim.complete(result.clone());
+                result
+            }
+            None => {
+                let pending = {
+                    let mut s = self.shard(id).lock();
+                    if let Some(v) = s.lru.get(id) {
+                        self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                        return Ok(v.clone());
+                    }
+                    s.in_flight.get(id).cloned()
+                };
+                match pending {
+                    Some(p) => p.wait(),
+                    None => fetch(),
+                }
+            }
+        }
     }
 }
 
@@ -177,6 +289,38 @@ mod tests {
             assert_eq!(&*t.join().unwrap(), &[1u8; 10]);
         }
         assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn readers_wait_for_a_claimed_fetch_and_share_its_result() {
+        let cache = Arc::new(ChunkCache::new(1 << 20));
+        let claim = cache.claim(&id(3)).expect("nothing cached yet");
+        assert!(cache.claim(&id(3)).is_none(), "claimed once");
+        let reader = {
+            let cache = cache.clone();
+            std::thread::spawn(move || {
+                cache
+                    .get_or_fetch(&id(3), || panic!("the claim's fetch is shared"))
+                    .unwrap()
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        claim.complete(Ok(Arc::new(vec![9u8; 4])));
+        assert_eq!(&*reader.join().unwrap(), &[9u8; 4]);
+        assert!(cache.claim(&id(3)).is_none(), "cached now");
+    }
+
+    #[test]
+    fn an_abandoned_claim_lets_readers_fetch_themselves() {
+        let cache = Arc::new(ChunkCache::new(1 << 20));
+        let claim = cache.claim(&id(4)).unwrap();
+        let reader = {
+            let cache = cache.clone();
+            std::thread::spawn(move || cache.get_or_fetch(&id(4), || Ok(Arc::new(vec![5u8]))))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        drop(claim);
+        assert_eq!(&*reader.join().unwrap().unwrap(), &[5u8]);
     }
 
     #[test]

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 
 use crate::cache::{ChunkCache, ChunkData};
-use crate::ids::{ChunkId, PackId};
+use crate::disk_cache::DiskCache;
+use crate::frame_fetch::{FrameFetcher, FrameRequest};
+use crate::ids::{ChunkId, IdMap, PackId};
 use crate::manifest::{Content, Manifest, NodeKind};
 use crate::repo::{ChunkLoc, Repository, RestorePointName};
 
@@ -27,8 +29,21 @@ pub const ROOT_INO: u64 = 1;
 /// repository when a directory of them is listed.
 const REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Bytes read ahead of a sequential reader.
-const READAHEAD_BYTES: u64 = 8 << 20;
+/// Bytes read ahead of a sequential reader: the window starts at the
+/// first and doubles with each sequential read up to the second (and to a
+/// quarter of the memory cache, so prefetched frames are not evicted
+/// before they are read).
+const READAHEAD_MIN_BYTES: u64 = 1 << 20;
+const READAHEAD_MAX_BYTES: u64 = 16 << 20;
+
+/// Sequential reads in a row before readahead starts: one read at a
+/// random offset is not a pattern.
+const READAHEAD_AFTER: u32 = 2;
+
+/// How far a read may start from where the previous one ended and still
+/// count as sequential: the kernel's readahead requests for one reader
+/// can reach a multi-threaded server out of order.
+const SEQUENTIAL_SLACK: u64 = 256 << 10;
 
 /// Readahead requests waiting for a worker; beyond this they are dropped,
 /// so prefetching never delays what readers asked for.
@@ -279,6 +294,9 @@ pub struct MountFilter {
 
 pub struct FsOptions {
     pub cache_bytes: usize,
+    /// Stored frames kept on local disk (for remote stores), shared by
+    /// every mount given the same one.
+    pub disk_cache: Option<Arc<DiskCache>>,
     pub readahead_threads: usize,
     /// Owner of the synthetic directories (root, jobs, restore points).
     pub uid: u32,
@@ -292,8 +310,14 @@ pub struct FsCounters {
     pub reads: AtomicU64,
     pub bytes_served: AtomicU64,
     pub chunk_errors: AtomicU64,
+    /// Chunks readahead jobs looked at.
     pub readahead_chunks: AtomicU64,
+    /// Frames readahead fetched (nobody had them or was fetching them).
+    pub readahead_frames: AtomicU64,
+    /// Readahead jobs not queued because the workers were behind.
     pub readahead_dropped: AtomicU64,
+    /// Queued readahead jobs skipped because their reader turned random.
+    pub readahead_cancelled: AtomicU64,
     /// Read latency histogram: bucket i counts reads taking < 2^i µs.
     pub read_latency_us: [AtomicU64; 24],
     /// Sum of all read latencies in µs (the histogram's sum).
@@ -340,23 +364,30 @@ struct OpenFile {
     node: usize,
     /// End of the previous read, to detect sequential access.
     last_end: AtomicU64,
+    /// Sequential reads in a row.
+    streak: std::sync::atomic::AtomicU32,
+    /// Bumped when access turns random: queued readahead of an older
+    /// generation is skipped.
+    generation: AtomicU64,
     /// Readahead has been queued up to here.
     ahead_until: AtomicU64,
 }
 
 /// A run of chunks of one file to fetch ahead of its reader.
 struct ReadaheadJob {
-    rp: Arc<LoadedRp>,
-    node: usize,
+    file: Arc<OpenFile>,
+    generation: u64,
     chunks: std::ops::Range<usize>,
 }
 
-/// Chunks per readahead job: 256 KiB of 4 KiB pages per hand-off.
-const READAHEAD_JOB_CHUNKS: usize = 64;
+/// File bytes per readahead job: its frames are fetched together, nearby
+/// ones of a pack in one request.
+const READAHEAD_JOB_BYTES: u64 = 2 << 20;
 
 pub struct RepoFs {
     repo: Arc<Repository>,
     cache: Arc<ChunkCache>,
+    fetcher: Arc<FrameFetcher>,
     tree: RwLock<Tree>,
     handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_handle: AtomicU64,
@@ -407,29 +438,23 @@ impl RepoFs {
         let mut synthetic = HashMap::new();
         synthetic.insert(ROOT_INO, Synthetic::Root);
         let cache = Arc::new(ChunkCache::new(options.cache_bytes));
+        let fetcher = Arc::new(FrameFetcher::new(repo.clone(), options.disk_cache.clone()));
         let counters = Arc::new(FsCounters::default());
         let readahead = (options.readahead_threads > 0).then(|| {
             let (tx, rx) = crossbeam_channel::bounded::<ReadaheadJob>(READAHEAD_QUEUE);
             for n in 0..options.readahead_threads {
                 let rx = rx.clone();
-                let (repo, cache, counters) = (repo.clone(), cache.clone(), counters.clone());
+                let (repo, cache, fetcher, counters) = (
+                    repo.clone(),
+                    cache.clone(),
+                    fetcher.clone(),
+                    counters.clone(),
+                );
                 std::thread::Builder::new()
                     .name(format!("flr-readahead-{n}"))
                     .spawn(move || {
                         for job in rx {
-                            let map = ChunkMap::new(&job.rp, job.node);
-                            for k in job.chunks {
-                                let Some(id) = map.get(k).0 else { continue };
-                                let Ok(chunk) = Located::find(&repo, id) else {
-                                    continue;
-                                };
-                                if cache.contains(&chunk.frame_key) {
-                                    continue;
-                                }
-                                counters.readahead_chunks.fetch_add(1, Ordering::Relaxed);
-                                // Errors surface when a reader asks for it.
-                                let _ = chunk_bytes(&repo, &cache, &chunk);
-                            }
+                            prefetch(&job, &repo, &cache, &fetcher, &counters);
                         }
                     })
                     .expect("spawn readahead thread");
@@ -439,6 +464,7 @@ impl RepoFs {
         let fs = Arc::new(RepoFs {
             repo,
             cache,
+            fetcher,
             tree: RwLock::new(Tree {
                 next_ino: ROOT_INO + 1,
                 synthetic,
@@ -475,6 +501,12 @@ impl RepoFs {
 
     pub fn cache(&self) -> &ChunkCache {
         &self.cache
+    }
+
+    /// How frames reach the memory cache: the disk cache and the requests
+    /// to the store, with their counts.
+    pub fn fetcher(&self) -> &FrameFetcher {
+        &self.fetcher
     }
 
     /// Re-reads the list of restore points (at most every few seconds
@@ -949,6 +981,8 @@ impl RepoFs {
                 rp,
                 node: i,
                 last_end: AtomicU64::new(u64::MAX),
+                streak: Default::default(),
+                generation: AtomicU64::new(0),
                 ahead_until: AtomicU64::new(0),
             }),
         );
@@ -956,7 +990,10 @@ impl RepoFs {
     }
 
     pub fn release(&self, fh: u64) {
-        self.handles.lock().remove(&fh);
+        if let Some(file) = self.handles.lock().remove(&fh) {
+            // Readahead still queued for it is not wanted any more.
+            file.generation.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Files open through this filesystem right now (handles from
@@ -984,9 +1021,21 @@ impl RepoFs {
         let chunks = ChunkMap::new(&file.rp, file.node);
         // Sequential readers get the next chunks fetched on worker threads,
         // queued before this read's own work so both proceed together.
-        let sequential = file.last_end.swap(end, Ordering::Relaxed) == offset || offset == 0;
+        let prev_end = file.last_end.swap(end, Ordering::Relaxed);
+        let sequential = if prev_end == u64::MAX {
+            offset == 0
+        } else {
+            offset.abs_diff(prev_end) <= SEQUENTIAL_SLACK
+        };
         if sequential {
-            self.read_ahead(&file, &chunks, end);
+            let streak = file.streak.fetch_add(1, Ordering::Relaxed) + 1;
+            if streak >= READAHEAD_AFTER {
+                self.read_ahead(&file, &chunks, end, streak);
+            }
+        } else if file.streak.swap(0, Ordering::Relaxed) > 0 {
+            // Turned random: what is queued for this file is not wanted.
+            file.generation.fetch_add(1, Ordering::Relaxed);
+            file.ahead_until.store(0, Ordering::Relaxed);
         }
         // The pieces of this read: (where the chunk is stored, or None for a
         // hole; start of the chunk; range inside the chunk). Each chunk is
@@ -1017,18 +1066,42 @@ impl RepoFs {
             pos = start + to as u64;
             k += 1;
         }
+        // The frames of this read that no one holds or fetches are claimed
+        // (other readers wait for them) and fetched together: nearby
+        // frames of a pack in one request, so a cold small read costs one.
+        let mut claims = Vec::new();
+        let mut wanted = Vec::new();
+        for (place, _, _) in &pieces {
+            if let Some(Ok(chunk)) = place {
+                if let Some(claim) = self.cache.claim(&chunk.frame_key) {
+                    wanted.push(chunk.request());
+                    claims.push(claim);
+                }
+            }
+        }
+        let mut fetched_here: IdMap<ChunkData> = IdMap::default();
+        if !claims.is_empty() {
+            for (claim, frame) in claims.into_iter().zip(self.fetcher.fetch(&wanted)) {
+                let frame = frame.map(Arc::new);
+                if let Ok(f) = &frame {
+                    fetched_here.insert(*claim.id(), f.clone());
+                }
+                claim.complete(frame);
+            }
+        }
         let get = |place: &FsResult<Located>| match place {
-            Ok(chunk) => chunk_bytes(&self.repo, &self.cache, chunk),
+            Ok(chunk) => match fetched_here.get(&chunk.frame_key) {
+                Some(frame) => chunk_in(&self.repo, chunk, frame.clone()),
+                // Cached, fetched by someone else, or failed here: a
+                // failure is tried once more alone (and relocated if a
+                // prune moved the chunk).
+                None => chunk_bytes(&self.repo, &self.cache, &self.fetcher, chunk),
+            },
             Err(e) => Err(e.clone()),
         };
-        // A large read of frames not yet cached decodes them on all cores.
-        let missing = pieces
-            .iter()
-            .filter(|(place, _, _)| {
-                matches!(place, Some(Ok(chunk)) if !self.cache.contains(&chunk.frame_key))
-            })
-            .count();
-        let fetched: Vec<Option<FsResult<ChunkSlice>>> = if missing > 4 {
+        // A large read of frames not yet cached checks its chunks on all
+        // cores.
+        let fetched: Vec<Option<FsResult<ChunkSlice>>> = if fetched_here.len() > 4 {
             use rayon::prelude::*;
             pieces
                 .par_iter()
@@ -1071,26 +1144,34 @@ impl RepoFs {
         Ok(out)
     }
 
-    fn read_ahead(&self, file: &Arc<OpenFile>, chunks: &ChunkMap, end: u64) {
+    fn read_ahead(&self, file: &Arc<OpenFile>, chunks: &ChunkMap, end: u64, streak: u32) {
         let Some(tx) = &self.readahead else { return };
         let size = file.rp.manifest.nodes[file.node].size;
+        let window = (READAHEAD_MIN_BYTES << (streak - READAHEAD_AFTER).min(8))
+            .min(READAHEAD_MAX_BYTES)
+            .min(self.options.cache_bytes as u64 / 4)
+            .max(READAHEAD_JOB_BYTES);
         let queued = file.ahead_until.load(Ordering::Relaxed);
         let from = queued.max(end);
-        let until = size.min(end + READAHEAD_BYTES);
+        let until = size.min(end + window);
         // Refill when half the window is used, in one go.
-        if from >= until || queued > end + READAHEAD_BYTES / 2 {
+        if from >= until || queued > end + window / 2 {
             return;
         }
+        let generation = file.generation.load(Ordering::Relaxed);
         let mut k = chunks.index_of(from);
         while k < chunks.len() {
             let start = chunks.get(k).1;
             if start >= until {
                 break;
             }
-            let last = (k + READAHEAD_JOB_CHUNKS).min(chunks.len());
+            let mut last = k + 1;
+            while last < chunks.len() && chunks.get(last).1 < start + READAHEAD_JOB_BYTES {
+                last += 1;
+            }
             let job = ReadaheadJob {
-                rp: file.rp.clone(),
-                node: file.node,
+                file: file.clone(),
+                generation,
                 chunks: k..last,
             };
             if tx.try_send(job).is_err() {
@@ -1236,13 +1317,76 @@ impl Located {
             frame_key: loc.frame_key(&pack),
         })
     }
+
+    fn request(&self) -> FrameRequest {
+        FrameRequest {
+            chunk: self.id,
+            loc: self.loc,
+            pack: self.pack,
+            frame_key: self.frame_key,
+        }
+    }
+}
+
+/// Fetches, for a readahead job, the frames of its chunks that no one
+/// holds or fetches, together (see [`FrameFetcher::fetch`]), into the
+/// memory cache. Failures are left for a reader to meet (and report).
+fn prefetch(
+    job: &ReadaheadJob,
+    repo: &Repository,
+    cache: &ChunkCache,
+    fetcher: &FrameFetcher,
+    counters: &FsCounters,
+) {
+    if job.file.generation.load(Ordering::Relaxed) != job.generation {
+        counters.readahead_cancelled.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let map = ChunkMap::new(&job.file.rp, job.file.node);
+    let mut claims = Vec::new();
+    let mut wanted = Vec::new();
+    for k in job.chunks.clone() {
+        counters.readahead_chunks.fetch_add(1, Ordering::Relaxed);
+        let Some(id) = map.get(k).0 else { continue };
+        let Ok(chunk) = Located::find(repo, id) else {
+            continue;
+        };
+        if let Some(claim) = cache.claim(&chunk.frame_key) {
+            wanted.push(chunk.request());
+            claims.push(claim);
+        }
+    }
+    if claims.is_empty() {
+        return;
+    }
+    counters
+        .readahead_frames
+        .fetch_add(claims.len() as u64, Ordering::Relaxed);
+    for (claim, frame) in claims.into_iter().zip(fetcher.fetch(&wanted)) {
+        claim.complete(frame.map(Arc::new));
+    }
+}
+
+/// A chunk's range in its decoded frame, checked against its id.
+fn chunk_in(repo: &Repository, chunk: &Located, frame: ChunkData) -> FsResult<ChunkSlice> {
+    let range = {
+        let bytes = repo.chunk_in_frame(&chunk.id, &chunk.loc, &chunk.pack, &frame)?;
+        let start = chunk.loc.frame_offset as usize;
+        start..start + bytes.len()
+    };
+    Ok((frame, range))
 }
 
 /// A chunk's bytes: its decoded frame (from the cache, or decoded once
 /// however many readers ask) and the chunk's range in it, checked against
 /// the chunk's id on every use.
-fn chunk_bytes(repo: &Repository, cache: &ChunkCache, chunk: &Located) -> FsResult<ChunkSlice> {
-    match frame_bytes(repo, cache, chunk) {
+fn chunk_bytes(
+    repo: &Repository,
+    cache: &ChunkCache,
+    fetcher: &FrameFetcher,
+    chunk: &Located,
+) -> FsResult<ChunkSlice> {
+    match frame_bytes(repo, cache, fetcher, chunk) {
         Ok(found) => Ok(found),
         Err(e) => {
             // A prune repacked the chunk and deleted its old pack: the
@@ -1265,27 +1409,22 @@ fn chunk_bytes(repo: &Repository, cache: &ChunkCache, chunk: &Located) -> FsResu
                 chunk.pack,
                 again.pack
             );
-            frame_bytes(repo, cache, &again)
+            frame_bytes(repo, cache, fetcher, &again)
         }
     }
 }
 
-fn frame_bytes(repo: &Repository, cache: &ChunkCache, chunk: &Located) -> FsResult<ChunkSlice> {
-    let Located {
-        id,
-        loc,
-        pack,
-        frame_key,
-    } = chunk;
-    let frame = cache.get_or_fetch(frame_key, || {
-        Ok(Arc::new(repo.read_frame_at(id, loc, pack)?))
+fn frame_bytes(
+    repo: &Repository,
+    cache: &ChunkCache,
+    fetcher: &FrameFetcher,
+    chunk: &Located,
+) -> FsResult<ChunkSlice> {
+    let frame = cache.get_or_fetch(&chunk.frame_key, || {
+        let mut one = fetcher.fetch(&[chunk.request()]);
+        Ok(Arc::new(one.pop().expect("one frame asked")?))
     })?;
-    let range = {
-        let bytes = repo.chunk_in_frame(id, loc, pack, &frame)?;
-        let start = loc.frame_offset as usize;
-        start..start + bytes.len()
-    };
-    Ok((frame, range))
+    chunk_in(repo, chunk, frame)
 }
 
 fn log_error(msg: &str) {
@@ -1363,6 +1502,7 @@ mod tests {
             repo,
             FsOptions {
                 cache_bytes: 1 << 20,
+                disk_cache: None,
                 readahead_threads: 0,
                 uid: 0,
                 gid: 0,

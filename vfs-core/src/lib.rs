@@ -19,7 +19,9 @@
 //!   [`repair`] rebuilds index files from the packs' own entry tables.
 //! - [`cache`] and [`fs`]: the read path of a mount: an inode table over
 //!   restore points, a sharded byte-bounded chunk cache with one fetch per
-//!   chunk, and readahead.
+//!   chunk, and readahead. [`frame_fetch`] brings frames into that cache:
+//!   from the [`disk_cache`] of stored frames (for remote stores), else
+//!   from the store, nearby frames of a pack in one range request.
 //! - [`session`]: writable sessions, a copy-on-write layer over one
 //!   restore point that keeps changed byte ranges in a session directory.
 //! - [`lock`], [`forget`] and [`prune`]: locks of writers, readers and
@@ -35,9 +37,11 @@ pub mod chunker;
 pub mod copy;
 pub mod crypto;
 pub mod devices;
+pub mod disk_cache;
 pub mod error;
 pub mod forget;
 pub mod format;
+pub mod frame_fetch;
 pub mod fs;
 pub mod ids;
 pub mod ingest;

@@ -212,6 +212,7 @@ impl Harness {
             self.repo.clone(),
             FsOptions {
                 cache_bytes: 1 << 20,
+                disk_cache: None,
                 readahead_threads: 0,
                 uid: 0,
                 gid: 0,

@@ -61,6 +61,7 @@ fn mount_model(repo: Repository) -> Arc<RepoFs> {
         Arc::new(repo),
         FsOptions {
             cache_bytes: 1 << 20,
+            disk_cache: None,
             readahead_threads: 1,
             uid: 0,
             gid: 0,

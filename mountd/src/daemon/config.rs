@@ -5,6 +5,8 @@
 //! mount_root = "/mnt/flr"
 //! socket = "/run/flr/mountd.sock"
 //! cache_size = "512M"
+//! disk_cache = "/var/cache/flr/frames"   # one cache for every mount
+//! disk_cache_size = "10G"
 //! idle_timeout_secs = 3600
 //! restore_targets = ["/srv/restore"]
 //! export_staging = "/var/tmp/flr-staging"
@@ -54,6 +56,12 @@ pub struct Settings {
     pub socket: PathBuf,
     /// Bytes of decoded frames each mount keeps in memory (`512M`).
     pub cache_size: String,
+    /// A directory where the daemon keeps the stored frames its mounts
+    /// fetch from repositories (worth it for S3 ones), shared by all its
+    /// mounts; none by default. Only this daemon may use it.
+    pub disk_cache: Option<PathBuf>,
+    /// The disk cache's bound in bytes (`10G`), a hard limit.
+    pub disk_cache_size: String,
     /// FUSE worker threads per mount.
     pub fuse_threads: usize,
     /// A mount no file is open on and nothing has read for this long is
@@ -92,6 +100,8 @@ impl Default for Settings {
             mount_root: DEFAULT_MOUNT_ROOT.into(),
             socket: DEFAULT_SOCKET.into(),
             cache_size: "512M".into(),
+            disk_cache: None,
+            disk_cache_size: "10G".into(),
             fuse_threads: 2,
             idle_timeout_secs: 0,
             session_expiry_secs: 0,
@@ -169,10 +179,20 @@ impl Config {
         vfs_core::chunker::parse_size(&self.settings.cache_size).unwrap_or(512 << 20) as usize
     }
 
+    /// The disk cache's bound in bytes.
+    pub fn disk_cache_bytes(&self) -> u64 {
+        vfs_core::chunker::parse_size(&self.settings.disk_cache_size).unwrap_or(10 << 30)
+    }
+
     fn validate(&self) -> Result<()> {
         let s = &self.settings;
         vfs_core::chunker::parse_size(&s.cache_size)
             .map_err(|e| anyhow::anyhow!("settings.cache_size: {e}"))?;
+        vfs_core::chunker::parse_size(&s.disk_cache_size)
+            .map_err(|e| anyhow::anyhow!("settings.disk_cache_size: {e}"))?;
+        if s.disk_cache.as_ref().is_some_and(|d| !d.is_absolute()) {
+            bail!("settings.disk_cache must be an absolute path");
+        }
         if !s.mount_root.is_absolute() || !s.socket.is_absolute() {
             bail!("settings.mount_root and settings.socket must be absolute paths");
         }
@@ -220,6 +240,8 @@ mod tests {
             mount_root = "/mnt/x"
             socket = "/tmp/s.sock"
             cache_size = "64M"
+            disk_cache = "/var/cache/flr/frames"
+            disk_cache_size = "2G"
             idle_timeout_secs = 60
             restore_targets = ["/srv/restore"]
             tcp_listen = "127.0.0.1:8474"
@@ -232,6 +254,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.cache_bytes(), 64 << 20);
+        assert_eq!(c.disk_cache_bytes(), 2 << 30);
+        assert_eq!(
+            c.settings.disk_cache.as_deref(),
+            Some(Path::new("/var/cache/flr/frames"))
+        );
+        assert!(Config::parse("[settings]\ndisk_cache = \"rel\"").is_err());
+        assert!(Config::parse("[settings]\ndisk_cache_size = \"lots\"").is_err());
         assert_eq!(c.settings.idle_timeout_secs, 60);
         assert_eq!(
             c.repositories["app"].path,

@@ -19,6 +19,12 @@ pub struct ReadStats {
     pub chunk_errors: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
+    /// Range requests the mounts sent for frames, and the frames that
+    /// shared one with another.
+    pub fetch_requests: u64,
+    pub frames_fetched: u64,
+    pub frames_merged: u64,
+    pub readahead_frames: u64,
     pub latency_buckets: [u64; LATENCY_BUCKETS],
     pub latency_us_total: u64,
 }
@@ -31,6 +37,11 @@ impl ReadStats {
         self.chunk_errors += c.chunk_errors.load(Relaxed);
         self.cache_hits += fs.cache().counters.hits.load(Relaxed);
         self.cache_misses += fs.cache().counters.misses.load(Relaxed);
+        let f = &fs.fetcher().counters;
+        self.fetch_requests += f.requests.load(Relaxed);
+        self.frames_fetched += f.frames_fetched.load(Relaxed);
+        self.frames_merged += f.frames_merged.load(Relaxed);
+        self.readahead_frames += c.readahead_frames.load(Relaxed);
         for (sum, b) in self.latency_buckets.iter_mut().zip(&c.read_latency_us) {
             *sum += b.load(Relaxed);
         }
@@ -80,6 +91,79 @@ pub async fn render(daemon: &Daemon) -> String {
         "Frame lookups that fetched and decoded from the repository.",
         &one(reads.cache_misses),
     );
+    metric(
+        "flr_frame_fetch_requests_total",
+        "counter",
+        "Range requests the mounts sent to repositories for frames.",
+        &one(reads.fetch_requests),
+    );
+    metric(
+        "flr_frames_fetched_total",
+        "counter",
+        "Frames the mounts fetched from repositories.",
+        &one(reads.frames_fetched),
+    );
+    metric(
+        "flr_frames_merged_total",
+        "counter",
+        "Fetched frames that shared a range request with a nearby frame.",
+        &one(reads.frames_merged),
+    );
+    metric(
+        "flr_readahead_frames_total",
+        "counter",
+        "Frames fetched ahead of sequential readers.",
+        &one(reads.readahead_frames),
+    );
+    if let Some(d) = &daemon.disk_cache {
+        let c = &d.counters;
+        for (name, help, v) in [
+            (
+                "flr_disk_cache_hits_total",
+                "Frames served from the disk cache.",
+                c.hits.load(Relaxed),
+            ),
+            (
+                "flr_disk_cache_misses_total",
+                "Frames the disk cache did not hold (or held damaged).",
+                c.misses.load(Relaxed),
+            ),
+            (
+                "flr_disk_cache_evictions_total",
+                "Frames evicted from the disk cache to stay within its bound.",
+                c.evictions.load(Relaxed),
+            ),
+            (
+                "flr_disk_cache_damaged_total",
+                "Disk cache files found damaged, dropped and fetched again.",
+                c.damaged.load(Relaxed),
+            ),
+            (
+                "flr_disk_cache_read_bytes_total",
+                "Stored frame bytes served from the disk cache.",
+                c.bytes_read.load(Relaxed),
+            ),
+            (
+                "flr_disk_cache_written_bytes_total",
+                "Stored frame bytes written into the disk cache.",
+                c.bytes_written.load(Relaxed),
+            ),
+        ] {
+            metric(name, "counter", help, &one(v));
+        }
+        metric(
+            "flr_disk_cache_used_bytes",
+            "gauge",
+            "Bytes the disk cache holds (whole blocks).",
+            &one(d.used_bytes()),
+        );
+        metric(
+            "flr_disk_cache_capacity_bytes",
+            "gauge",
+            "The disk cache's bound.",
+            &one(d.capacity()),
+        );
+    }
     metric(
         "flr_reads_total",
         "counter",

@@ -119,6 +119,9 @@ pub struct Daemon {
     pub started: Instant,
     pub stale_cleared: Mutex<Vec<String>>,
     pub shutting_down: AtomicBool,
+    /// The disk cache of stored frames all mounts share
+    /// (`settings.disk_cache`).
+    pub disk_cache: Option<Arc<vfs_core::disk_cache::DiskCache>>,
     next_id: AtomicU64,
 }
 
@@ -147,7 +150,15 @@ impl Daemon {
                 )
             })
             .collect();
+        let disk_cache = match &config.settings.disk_cache {
+            Some(dir) => Some(Arc::new(
+                vfs_core::disk_cache::DiskCache::open(dir, config.disk_cache_bytes())
+                    .with_context(|| format!("settings.disk_cache {}", dir.display()))?,
+            )),
+            None => None,
+        };
         Ok(Daemon {
+            disk_cache,
             jobs: jobs::Jobs::new(config.settings.restore_workers),
             device_jobs: device_jobs::new_table(),
             exports: export_jobs::new_table(),

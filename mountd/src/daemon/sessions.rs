@@ -295,11 +295,13 @@ fn mount(daemon: &Arc<Daemon>, key: &MountKey) -> Result<SharedMount, ApiError> 
         return mount_writable(daemon, key, id, repo, handle, path);
     }
     let (uid, gid) = own_ids();
+    let readahead_threads = crate::read_stats::readahead_threads(&repo);
     let fs = RepoFs::new(
         repo,
         FsOptions {
             cache_bytes: daemon.config.cache_bytes(),
-            readahead_threads: 2,
+            disk_cache: daemon.disk_cache.clone(),
+            readahead_threads,
             uid,
             gid,
             filter: MountFilter {
@@ -355,6 +357,7 @@ fn mount_writable(
         false,
         writable::OpenOptions {
             cache_bytes: daemon.config.cache_bytes(),
+            disk_cache: daemon.disk_cache.clone(),
             session: SessionOptions::default(),
         },
     )

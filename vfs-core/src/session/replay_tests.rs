@@ -80,6 +80,7 @@ impl Fixture {
             self.repo.clone(),
             FsOptions {
                 cache_bytes: 1 << 20,
+                disk_cache: None,
                 readahead_threads: 0,
                 uid: 0,
                 gid: 0,
