@@ -577,7 +577,7 @@ mod tests {
         for key in store.list(crate::repo::INDEX_PREFIX).unwrap() {
             store.delete(&key).unwrap();
         }
-        store.delete(&rp.key()).unwrap();
+        first.delete_restore_point(&rp).unwrap();
 
         let b = open();
         let again = copy_all(&a, &b);
