@@ -606,3 +606,42 @@ fn a_cold_random_8k_read_costs_at_most_one_get() {
         "{gets} range GETs for {reads} reads: {stats}"
     );
 }
+
+/// A restore fetches neighbouring frames of a pack with one range GET
+/// each: a request costs a round trip and a fee, and one per frame made a
+/// 1 GiB restore from S3 take half an hour.
+#[test]
+fn a_restore_from_s3_fetches_neighbouring_frames_together() {
+    let tmp = scratch("s3-restore-ranges");
+    let server = S3Server::start(&tmp.path().join("s3"), &["backups"]);
+    let repo = server.init_repo("backups", "flr/ranges", None);
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let len: u64 = 40 << 20;
+    flr_e2e::tree::write_random_file(&src.join("big.db"), len, &mut flr_e2e::rng::Rng::new(41));
+    let rp = repo.backup("big", &[&src]);
+    let packs = server
+        .objects("backups", "flr/ranges")
+        .iter()
+        .filter(|o| o.starts_with("packs/"))
+        .count() as u64;
+    let out = tmp.path().join("out");
+    let restored = repo
+        .cmd("restore")
+        .arg(&rp.restore_point)
+        .arg("--to")
+        .arg(&out)
+        .arg("--json")
+        .run()
+        .success();
+    assert_same_tree(&src, &out.join("src"));
+    let down = restored.json();
+    let ranges = count(requests(&down), "range_get");
+    // Each request covers at most 8 MiB, and frames of two packs never
+    // share one; a request per frame would be over a thousand.
+    let bound = packs + len / (8 << 20) + 1;
+    assert!(
+        ranges > 0 && ranges <= bound,
+        "{ranges} range GETs for {packs} packs (at most {bound}): {down}"
+    );
+}

@@ -8,10 +8,12 @@
 //! the disk cache saves requests, never checks. A cached frame that does
 //! not decode is dropped from the disk cache and fetched again.
 
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::disk_cache::DiskCache;
+use crate::error::{Error, Result};
 use crate::fs::{FsError, FsResult};
 use crate::ids::{ChunkId, PackId};
 use crate::repo::{pack_key, ChunkLoc, Repository};
@@ -55,15 +57,17 @@ pub struct FetchCounters {
     pub disk_rejected: AtomicU64,
 }
 
-pub struct FrameFetcher {
-    repo: Arc<Repository>,
+/// Fetches frames of the repository `R` points to: a mount's shared one,
+/// or one borrowed for the length of a restore.
+pub struct FrameFetcher<R = Arc<Repository>> {
+    repo: R,
     disk: Option<Arc<DiskCache>>,
     max_gap: u64,
     pub counters: FetchCounters,
 }
 
-impl FrameFetcher {
-    pub fn new(repo: Arc<Repository>, disk: Option<Arc<DiskCache>>) -> FrameFetcher {
+impl<R: Deref<Target = Repository> + Sync> FrameFetcher<R> {
+    pub fn new(repo: R, disk: Option<Arc<DiskCache>>) -> FrameFetcher<R> {
         // A local store reads with pread at memory speed: merging across
         // holes would only read bytes no one wants. Adjacent frames still
         // merge (one call instead of many).
@@ -88,7 +92,15 @@ impl FrameFetcher {
     /// holds cost no request; the rest are fetched, nearby ones of a pack
     /// in one request, and kept in the disk cache once they decode.
     pub fn fetch(&self, wanted: &[FrameRequest]) -> Vec<FsResult<Vec<u8>>> {
-        let mut out: Vec<Option<FsResult<Vec<u8>>>> = vec![None; wanted.len()];
+        self.fetch_frames(wanted)
+            .into_iter()
+            .map(|r| r.map_err(FsError::from))
+            .collect()
+    }
+
+    /// [`Self::fetch`], with the repository's own errors.
+    pub fn fetch_frames(&self, wanted: &[FrameRequest]) -> Vec<Result<Vec<u8>>> {
+        let mut out: Vec<Option<Result<Vec<u8>>>> = (0..wanted.len()).map(|_| None).collect();
         let mut from_store = Vec::new();
         for (i, w) in wanted.iter().enumerate() {
             let cached = self.disk.as_ref().and_then(|d| d.get(&w.frame_key));
@@ -140,7 +152,7 @@ impl FrameFetcher {
                 runs.push(vec![i]);
             }
         }
-        let decoded: Vec<Vec<(usize, FsResult<Vec<u8>>)>> =
+        let decoded: Vec<Vec<(usize, Result<Vec<u8>>)>> =
             if runs.len() > 1 || runs.first().is_some_and(|r| r.len() > 4) {
                 use rayon::prelude::*;
                 runs.par_iter()
@@ -158,7 +170,7 @@ impl FrameFetcher {
     }
 
     /// One request for a run of frames of one pack, split and decoded.
-    fn fetch_run(&self, wanted: &[FrameRequest], run: &[usize]) -> Vec<(usize, FsResult<Vec<u8>>)> {
+    fn fetch_run(&self, wanted: &[FrameRequest], run: &[usize]) -> Vec<(usize, Result<Vec<u8>>)> {
         let pack = wanted[run[0]].pack;
         let start = wanted[run[0]].loc.offset as u64;
         let end = run
@@ -177,11 +189,23 @@ impl FrameFetcher {
             .fetch_add(run.len() as u64, Ordering::Relaxed);
         c.frames_merged
             .fetch_add(run.len() as u64 - 1, Ordering::Relaxed);
-        let bytes = match self.repo.store().get_range(&pack_key(&pack), start, len) {
+        let key = pack_key(&pack);
+        let bytes = match self.repo.store().get_range(&key, start, len) {
             Ok(b) => b,
             Err(e) => {
-                let e = FsError::from(e);
-                return run.iter().map(|&i| (i, Err(e.clone()))).collect();
+                // Each frame of the run fails alike; the first with the
+                // store's own error, the others with its message.
+                let shown = e.to_string();
+                let mut first = Some(e);
+                return run
+                    .iter()
+                    .map(|&i| {
+                        let e = first.take().unwrap_or_else(|| {
+                            Error::io(&key, std::io::Error::other(shown.clone()))
+                        });
+                        (i, Err(e))
+                    })
+                    .collect();
             }
         };
         let decode = |i: usize| {

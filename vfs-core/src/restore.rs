@@ -27,8 +27,10 @@ use rayon::prelude::*;
 
 use crate::backup::Progress;
 use crate::error::{Error, Result};
+use crate::frame_fetch::{FrameFetcher, FrameRequest};
+use crate::ids::{IdMap, PackId};
 use crate::manifest::{Manifest, NodeKind};
-use crate::repo::Repository;
+use crate::repo::{ChunkLoc, Repository};
 
 #[cfg(unix)]
 #[path = "restore/fd_dir.rs"]
@@ -40,7 +42,31 @@ mod dir_handle;
 use dir_handle::{DirHandle, Existing};
 
 /// Chunks decoded in parallel before being written in order.
-const RESTORE_BATCH: usize = 256;
+/// Logical bytes of a file restored at once: its frames are fetched
+/// together, so neighbouring ones share a request, and held until written.
+const RESTORE_BATCH_BYTES: u64 = 32 << 20;
+
+/// Most chunks in one batch.
+const RESTORE_BATCH_CHUNKS: usize = 8192;
+
+/// Consecutive runs of `chunks` of about [`RESTORE_BATCH_BYTES`] each.
+fn batches<T: Copy>(chunks: &[(T, u64, u32)]) -> impl Iterator<Item = &[(T, u64, u32)]> {
+    let mut rest = chunks;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0u64;
+        let mut n = 0;
+        while n < rest.len() && n < RESTORE_BATCH_CHUNKS && bytes < RESTORE_BATCH_BYTES {
+            bytes += rest[n].2 as u64;
+            n += 1;
+        }
+        let (batch, tail) = rest.split_at(n);
+        rest = tail;
+        Some(batch)
+    })
+}
 
 pub struct RestoreOptions {
     /// Paths inside the restore point to restore; empty means all.
@@ -375,15 +401,63 @@ fn restore_file(
     // an open file.
     let result = (|file: File| -> Result<()> {
         let chunks = node.content.chunks(node.size);
-        for batch in chunks.chunks(RESTORE_BATCH) {
+        let fetcher = FrameFetcher::new(repo, None);
+        for batch in batches(&chunks) {
             if opts.cancel.load(Ordering::Relaxed) {
                 return Err(Error::InvalidInput("restore cancelled".into()));
             }
-            let decoded: Vec<Result<Option<Vec<u8>>>> = batch
-                .par_iter()
-                .map(|(id, _, _)| id.map(|id| repo.read_chunk(&id)).transpose())
+            // The batch's frames, each once, and each chunk's frame: one
+            // request covers neighbouring frames of a pack.
+            let mut frames: Vec<FrameRequest> = Vec::new();
+            let mut frame_of: IdMap<usize> = IdMap::default();
+            let mut slots: Vec<Option<(usize, ChunkLoc, PackId)>> = Vec::with_capacity(batch.len());
+            for (id, offset, _) in batch {
+                let Some(id) = id else {
+                    slots.push(None);
+                    continue;
+                };
+                let (loc, pack) = repo
+                    .locate(id)
+                    .ok_or_else(|| with_file(Error::MissingChunk(*id), manifest, i, *offset))?;
+                let frame_key = loc.frame_key(&pack);
+                let k = *frame_of.entry(frame_key).or_insert_with(|| {
+                    frames.push(FrameRequest {
+                        chunk: *id,
+                        loc,
+                        pack,
+                        frame_key,
+                    });
+                    frames.len() - 1
+                });
+                slots.push(Some((k, loc, pack)));
+            }
+            let mut decoded = fetcher.fetch_frames(&frames);
+            // The first chunk (in file order) whose frame failed names the
+            // failure.
+            for ((_, offset, _), slot) in batch.iter().zip(&slots) {
+                if let Some((k, _, _)) = slot {
+                    if decoded[*k].is_err() {
+                        let e = std::mem::replace(&mut decoded[*k], Ok(Vec::new()))
+                            .expect_err("checked");
+                        return Err(with_file(e, manifest, i, *offset));
+                    }
+                }
+            }
+            let frames: Vec<&[u8]> = decoded
+                .iter()
+                .map(|f| f.as_deref().expect("checked"))
                 .collect();
-            for ((id, offset, len), data) in batch.iter().zip(decoded) {
+            let checked: Vec<Result<Option<&[u8]>>> = batch
+                .par_iter()
+                .zip(slots.par_iter())
+                .map(|((id, _, _), slot)| match (id, slot) {
+                    (Some(id), Some((k, loc, pack))) => {
+                        repo.chunk_in_frame(id, loc, pack, frames[*k]).map(Some)
+                    }
+                    _ => Ok(None),
+                })
+                .collect();
+            for ((id, offset, len), data) in batch.iter().zip(checked) {
                 let data = data.map_err(|e| with_file(e, manifest, i, *offset))?;
                 if let (Some(id), Some(data)) = (id, data) {
                     // The chunk matches its id, so the manifest is what
@@ -399,7 +473,7 @@ fn restore_file(
                             ),
                         ));
                     }
-                    write_at(&file, &data, *offset).map_err(|e| Error::io(&partial_path, e))?;
+                    write_at(&file, data, *offset).map_err(|e| Error::io(&partial_path, e))?;
                 }
                 opts.progress
                     .read_bytes
