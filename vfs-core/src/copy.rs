@@ -151,6 +151,7 @@ impl<'a> Copier<'a> {
                 to.decode_meta::<Manifest>(&name.key(), format::MANIFEST_MAGIC, old)
                     .is_ok_and(|old| old == manifest)
             })?;
+            to.merge_index_if_due();
             Ok((manifest, read_here, stats, share, encoded.len() as u64))
         })?;
         report.new_chunks = stats.new_chunks;

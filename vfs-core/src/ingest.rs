@@ -1217,7 +1217,10 @@ pub fn commit<R: Deref<Target = Repository>>(
         } else {
             repo.store().put(&key, &encoded)
         } {
-            Ok(()) => return Ok(manifest),
+            Ok(()) => {
+                repo.merge_index_if_due();
+                return Ok(manifest);
+            }
             Err(Error::AlreadyExists(_)) => {
                 // Another backup of this job finished in the same second.
                 manifest.time += 1;
@@ -1242,7 +1245,7 @@ pub(crate) fn rescue_pending_packs(repo: &Repository, manifest: &Manifest) -> Re
         let index = repo.index().read();
         for node in &manifest.nodes {
             for id in node.content.ids() {
-                if let Some(loc) = index.chunks.get(&id) {
+                if let Some(loc) = index.get(&id) {
                     let pack = index.packs[loc.pack as usize];
                     if pending.contains(&pack) {
                         used.insert(pack);
