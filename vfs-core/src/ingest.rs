@@ -407,13 +407,20 @@ impl<R: Deref<Target = Repository>> Mover<R> {
         let ticket;
         {
             let index = self.repo.index().read();
+            // On all cores, before the state lock: a lookup that misses
+            // the filter stays in memory, one that hits reads the merged
+            // index file.
+            let known: Vec<bool> = ids
+                .par_iter()
+                .map(|id| id.is_some_and(|id| index.has_for_dedup(&id)))
+                .collect();
             let mut st = self.state.lock();
             Self::failed(&st)?;
             for (k, (r, id)) in batch.chunks.iter().zip(&ids).enumerate() {
                 stats.chunks += 1;
                 if let Some(id) = id {
                     stats.read_bytes += r.len() as u64;
-                    if !index.has_for_dedup(id) && st.pending.insert(*id) {
+                    if !known[k] && st.pending.insert(*id) {
                         new.push(k);
                     }
                 }

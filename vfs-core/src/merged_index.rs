@@ -426,6 +426,44 @@ impl MergedIndex {
         let hi = le32(&self.bytes, self.fanout_at + 4 * bucket) as usize;
         self.verify(lo, hi)?;
         let (mut a, mut z) = (lo, hi);
+        if lo < hi {
+            // Ids are uniform hashes, spread evenly over the bucket's key
+            // range: a guess from the key lands a few entries off, and a
+            // gallop from it bounds the binary search to that distance.
+            let shift = 64 - self.fanout_bits;
+            let within = (prefix(id) as u128) & ((1u128 << shift) - 1);
+            let g = lo + ((within * (hi - lo) as u128) >> shift) as usize;
+            let mut step = 1;
+            if self.id_at(g) < &id.0[..] {
+                a = g + 1;
+                loop {
+                    let probe = a + step - 1;
+                    if probe >= hi {
+                        break;
+                    }
+                    if self.id_at(probe) >= &id.0[..] {
+                        z = probe;
+                        break;
+                    }
+                    a = probe + 1;
+                    step *= 2;
+                }
+            } else {
+                z = g;
+                loop {
+                    if z - lo < step {
+                        break;
+                    }
+                    let probe = z - step;
+                    if self.id_at(probe) < &id.0[..] {
+                        a = probe + 1;
+                        break;
+                    }
+                    z = probe;
+                    step *= 2;
+                }
+            }
+        }
         while a < z {
             let m = a + (z - a) / 2;
             if self.id_at(m) < &id.0[..] {
