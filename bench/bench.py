@@ -243,9 +243,20 @@ class Tool:
     def __init__(self, ctx):
         self.ctx = ctx
         self.repo = os.path.join(ctx.repos, self.name)
+        # where the repository's bytes live on this machine (for S3: the
+        # server's directory of the bucket prefix)
+        self.store_dir = self.repo
 
     def env(self):
         return {}
+
+    def marker_path(self):
+        """Where a finished backup of the dataset is recorded (None: never reused)."""
+        return os.path.join(self.store_dir, ".bench-dataset")
+
+    def counter(self):
+        """Request counters of the path to the repository (None: not counted)."""
+        return None
 
     def init_cmd(self):
         raise NotImplementedError
@@ -254,7 +265,7 @@ class Tool:
         raise NotImplementedError
 
     def stored_bytes(self):
-        return du_bytes(self.repo)
+        return du_bytes(self.store_dir)
 
 
 class Restic(Tool):
@@ -372,13 +383,13 @@ def point_src(ctx, version_path):
 def run_backups(ctx, tool, timed=True):
     """Full (v1) then incremental (v2) into one fresh repository."""
     res = {}
-    if os.path.exists(tool.repo):
-        shutil.rmtree(tool.repo)
+    if os.path.exists(tool.store_dir):
+        shutil.rmtree(tool.store_dir)
     if isinstance(tool, Restic) and os.path.exists(tool.cache):
         shutil.rmtree(tool.cache)
     if isinstance(tool, Borg):
         shutil.rmtree(tool.env()["BORG_BASE_DIR"], ignore_errors=True)
-    os.makedirs(os.path.dirname(tool.repo), exist_ok=True)
+    os.makedirs(os.path.dirname(tool.store_dir), exist_ok=True)
     r = run(tool.init_cmd(), log_name=f"{tool.name}-init", logs_dir=ctx.logs, env=tool.env(),
             cwd=ctx.src_dir, timeout=600)
     if r["rc"] != 0:
@@ -391,6 +402,7 @@ def run_backups(ctx, tool, timed=True):
         if not drop_caches():
             ctx.notes.add("could not drop the page cache (not root?): cold numbers are not cold")
         log(f"backup {tool.name} {phase}")
+        c0 = tool.counter()
         r = run(tool.backup_cmd(label), log_name=f"{tool.name}-backup-{phase}", logs_dir=ctx.logs,
                 env=tool.env(), cwd=ctx.src_dir, timeout=ctx.backup_timeout, capture=True)
         ok = r["rc"] == 0 or (isinstance(tool, Flr) and r["rc"] == 3)
@@ -403,6 +415,8 @@ def run_backups(ctx, tool, timed=True):
         after = tool.stored_bytes()
         entry = {"wall_s": r["wall"], "mb_s": db_bytes / MB / r["wall"], "cpu_s": r["cpu"],
                  "rss_mib": r["maxrss_mib"], "stored_bytes": after, "added_bytes": after - before}
+        if c0 is not None:
+            entry["counted"] = counter_diff(tool.counter(), c0)
         if isinstance(tool, Flr):
             try:
                 entry["json"] = json.loads(r["out"].strip().splitlines()[-1])
@@ -410,15 +424,26 @@ def run_backups(ctx, tool, timed=True):
                 entry["json_error"] = "no JSON on stdout"
             if r["rc"] == 3:
                 entry["warning"] = "exit 3: changed while reading"
-        if isinstance(tool, Flr) and os.path.isdir(os.path.join(tool.repo, "index")):
-            entry["index_bytes"] = du_bytes(os.path.join(tool.repo, "index"))
+        if isinstance(tool, Flr) and os.path.isdir(os.path.join(tool.store_dir, "index")):
+            entry["index_bytes"] = du_bytes(os.path.join(tool.store_dir, "index"))
         res[phase] = entry
         before = after
     if not timed:
         res["untimed"] = True
-    with open(os.path.join(tool.repo, ".bench-dataset"), "w") as f:
-        f.write(ctx.meta["sha256_v2"] + "\n")
+    if tool.marker_path():
+        with open(tool.marker_path(), "w") as f:
+            f.write(ctx.meta["sha256_v2"] + "\n")
     return res
+
+
+def counter_diff(after, before):
+    """Requests and bytes between two snapshots of a counting proxy."""
+    kinds = {k: v - before["kinds"].get(k, 0) for k, v in after["kinds"].items()}
+    return {"total": after["total"] - before["total"],
+            "kinds": {k: v for k, v in kinds.items() if v},
+            "bytes_up": after["bytes_up"] - before["bytes_up"],
+            "bytes_down": after["bytes_down"] - before["bytes_down"],
+            "status_5xx": after["status_5xx"] - before["status_5xx"]}
 
 
 def native_read_backup_row(ctx):
@@ -500,6 +525,9 @@ class Mount:
         os.makedirs(self.mnt, exist_ok=True)
         unmount(self.mnt)
         daemonizes = isinstance(self.tool, Flr)
+        prepare = getattr(self.tool, "before_mount", None)
+        if prepare:
+            prepare()
         log_base = os.path.join(self.ctx.logs, f"{self.tool.name}-mount")
         env = dict(os.environ)
         env.update(self.tool.env())
@@ -662,16 +690,24 @@ def cell_try(results, key, fn):
         results[key] = {"error": f"{type(e).__name__}: {e}"[:120]}
 
 
-def measure_target(ctx, make_mount, full=True):
+MOUNT_PARTS = ("seq", "fio1", "fio4", "lookups", "aggregate")
+
+
+def measure_target(ctx, make_mount, full=True, parts=MOUNT_PARTS, counter=None):
     """All read measurements for one target; each cold one on a fresh mount
-    process after dropping the page cache."""
+    process after dropping the page cache.  `counter`, when given, returns
+    request counters; the requests of each session (mount to unmount) are
+    kept under "requests"."""
     res = {"first_byte_s": [], "rss_mib": []}
     broken = []
+    if not full:
+        parts = [p for p in parts if p in ("seq", "fio1")]
 
-    def session(fn):
+    def session(name, fn):
         if broken:  # the mount itself failed before: do not try (and time out) again
             raise Failure(broken[0])
         drop_caches()
+        c0 = counter() if counter else None
         m = make_mount()
         try:
             fb = m.start()
@@ -687,6 +723,8 @@ def measure_target(ctx, make_mount, full=True):
             if rss is not None:
                 res["rss_mib"].append(rss)
             m.stop()
+            if c0 is not None:
+                res.setdefault("requests", {})[name] = counter_diff(counter(), c0)
 
     def seq(m):
         cold = seq_read(m.path, ctx.read_timeout)
@@ -694,12 +732,15 @@ def measure_target(ctx, make_mount, full=True):
         ok = content_matches(m.path, ctx.meta["sha256_v2"]) if full else None
         return {"cold": cold, "warm": warm, "content_ok": ok}
 
-    cell_try(res, "seq", lambda: session(seq))
-    cell_try(res, "fio1", lambda: session(lambda m: fio_randread(ctx, m.path, 1, ctx.tag)))
-    if full:
-        cell_try(res, "fio4", lambda: session(lambda m: fio_randread(ctx, m.path, 4, ctx.tag)))
-        cell_try(res, "lookups", lambda: session(lambda m: sqlite_probe(ctx, m.path, "lookups")))
-        cell_try(res, "aggregate", lambda: session(lambda m: check_aggregate(ctx, sqlite_probe(ctx, m.path, "aggregate"))))
+    work = {
+        "seq": seq,
+        "fio1": lambda m: fio_randread(ctx, m.path, 1, ctx.tag),
+        "fio4": lambda m: fio_randread(ctx, m.path, 4, ctx.tag),
+        "lookups": lambda m: sqlite_probe(ctx, m.path, "lookups"),
+        "aggregate": lambda m: check_aggregate(ctx, sqlite_probe(ctx, m.path, "aggregate")),
+    }
+    for name in parts:
+        cell_try(res, name, lambda: session(name, work[name]))
     if broken and not res["first_byte_s"]:
         return {"error": broken[0]}
     return res
@@ -714,7 +755,9 @@ def mount_factory(ctx, tool):
 
 
 def repo_ready(ctx, tool):
-    marker = os.path.join(tool.repo, ".bench-dataset")
+    marker = tool.marker_path()
+    if not marker:
+        return False
     try:
         with open(marker) as f:
             return f.read().strip() == ctx.meta["sha256_v2"]
@@ -1082,9 +1125,23 @@ class Ctx:
     pass
 
 
-def cmd_run(args):
+def stop_everything():
+    """Unmounts what this driver mounted and ends the processes it started."""
+    for mnt in list(REG.mounts):
+        unmount(mnt)
+    for pid in list(REG.pids):  # only processes this driver started
+        if pid_alive(pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        REG.drop_pid(pid)
+
+
+def make_ctx(args):
+    """The settings and paths of a run, the dataset's metadata and the
+    aggregate the mounted reads are checked against; sets up REG."""
     global REG
-    t_start = time.time()
     ctx = Ctx()
     ctx.work = os.path.abspath(args.work)
     ctx.flr = os.path.abspath(args.flr) if args.flr else None
@@ -1117,7 +1174,12 @@ def cmd_run(args):
     cnt, total = con.execute("SELECT count(*), sum(amount) FROM rows").fetchone()
     con.close()
     ctx.ref_aggregate = {"count": cnt, "sum": total}
+    return ctx
 
+
+def cmd_run(args):
+    t_start = time.time()
+    ctx = make_ctx(args)
     tools = {"restic": Restic(ctx), "borg": Borg(ctx), "casync": Casync(ctx), "flr": Flr(ctx, "auto")}
     for ch in CHUNKERS[1:]:
         tools["flr:" + ch] = Flr(ctx, ch)
@@ -1151,15 +1213,7 @@ def cmd_run(args):
             run_mounts(ctx, tools, results)
             run_chunker_reads(ctx, tools, results)
     finally:
-        for mnt in list(REG.mounts):
-            unmount(mnt)
-        for pid in list(REG.pids):  # only processes this driver started
-            if pid_alive(pid):
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            REG.drop_pid(pid)
+        stop_everything()
         results["total_s"] = time.time() - t_start
         results["loadavg_end"] = loadavg()
         results["notes"] = sorted(ctx.notes)

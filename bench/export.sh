@@ -16,7 +16,8 @@
 # the postgres user): bench/export.sh
 # Environment: BENCH_WORK (default bench/work; this script uses
 # BENCH_WORK/export), BENCH_OUT (report path, default
-# bench/results/<date>-export.md).
+# bench/results/<date>-export.md), BENCH_SKIP_INSTALL (do not apt-get
+# install restic and the tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -41,6 +42,19 @@ trap cleanup EXIT
 rm -rf "$RUN"
 mkdir -p "$RUN"
 chmod 755 "$RUN"
+# The peers and tools, from Debian, unless BENCH_SKIP_INSTALL is set.
+need_pkgs=()
+for tool in restic:restic sqlite3:sqlite3 zstd:zstd /usr/bin/time:time; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || need_pkgs+=("${tool#*:}")
+done
+if [ ${#need_pkgs[@]} -gt 0 ] && [ -z "${BENCH_SKIP_INSTALL:-}" ]; then
+    echo "installing: ${need_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get -o DPkg::Lock::Timeout=1200 install -y "${need_pkgs[@]}" >"$WORK/apt.log" 2>&1 \
+        || { apt-get -o DPkg::Lock::Timeout=1200 update >>"$WORK/apt.log" 2>&1 || true
+             apt-get -o DPkg::Lock::Timeout=1200 install -y "${need_pkgs[@]}" >>"$WORK/apt.log" 2>&1; } \
+        || { echo "apt-get install failed, see $WORK/apt.log" >&2; exit 1; }
+fi
 HAVE_RESTIC=0
 command -v restic >/dev/null && HAVE_RESTIC=1
 export RESTIC_PASSWORD=bench-export

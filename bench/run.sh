@@ -22,6 +22,8 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
 ROOT=$(dirname "$HERE")
 SIZE_MB=${BENCH_SIZE_MB:-1024}
 ONLY=${BENCH_ONLY:-all}
@@ -53,32 +55,7 @@ mkdir -p "$WORK/run" "$WORK/logs" "$WORK/mnt" "$HERE/results"
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
-    if [[ -f "$WORK/run/mounts" ]]; then
-        while read -r m; do
-            [[ -z "$m" ]] && continue
-            if mountpoint -q "$m" 2>/dev/null; then
-                fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
-            fi
-        done < "$WORK/run/mounts"
-    fi
-    for m in "$WORK"/mnt/*; do
-        [[ -d "$m" ]] || continue
-        if mountpoint -q "$m" 2>/dev/null; then
-            fusermount3 -u "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
-        fi
-    done
-    if [[ -f "$WORK/run/pids" ]]; then
-        while read -r pid; do
-            [[ "$pid" =~ ^[0-9]+$ ]] || continue
-            # only a process of ours: its command line names the work directory
-            if [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -qF "$WORK"; then
-                kill "$pid" 2>/dev/null || true
-                sleep 1
-                kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
-            fi
-        done < "$WORK/run/pids"
-        : > "$WORK/run/pids"
-    fi
+    bench_end_started "$WORK"
     exit "$rc"
 }
 DRIVER_PID=""
@@ -105,12 +82,8 @@ python3 -c 'import llfuse' 2>/dev/null || /usr/bin/python3 -c 'import llfuse' 2>
     || /usr/bin/python3 -c 'import pyfuse3' 2>/dev/null || need_pkgs+=(python3-llfuse)
 if [[ ${#need_pkgs[@]} -gt 0 && -z "${BENCH_SKIP_INSTALL:-}" ]]; then
     say "installing: ${need_pkgs[*]} (waits for a running apt/dpkg to release its lock)"
-    export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get -o DPkg::Lock::Timeout=1200 install -y "${need_pkgs[@]}" >> "$WORK/logs/apt.log" 2>&1; then
-        apt-get -o DPkg::Lock::Timeout=1200 update >> "$WORK/logs/apt.log" 2>&1 || true
-        apt-get -o DPkg::Lock::Timeout=1200 install -y "${need_pkgs[@]}" >> "$WORK/logs/apt.log" 2>&1 \
-            || { say "apt-get install failed, see $WORK/logs/apt.log"; exit 1; }
-    fi
+    bench_apt_install "$WORK/logs/apt.log" "${need_pkgs[@]}" \
+        || { say "apt-get install failed, see $WORK/logs/apt.log"; exit 1; }
 fi
 [[ -e /dev/fuse ]] || modprobe fuse 2>/dev/null || say "warning: /dev/fuse missing: mounts will fail"
 
@@ -128,10 +101,7 @@ fi
 if [[ -z "$FLR_ERROR" && ! -x "$FLR" ]]; then
     FLR_ERROR="no binary at target/release/flr"
 fi
-FLR_REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "no commit")
-if [[ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null | head -1)" ]]; then
-    FLR_REV="$FLR_REV, uncommitted changes"
-fi
+FLR_REV=$(bench_flr_rev "$ROOT")
 
 # --- dataset
 say "dataset: ${SIZE_MB} MiB, seed $SEED (reused when the checksums match)"

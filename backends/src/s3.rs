@@ -192,7 +192,10 @@ impl Counters {
             "GET" => &self.get,
             "PUT" if !query.contains("uploadId") => &self.put,
             "HEAD" => &self.head,
+            // `object_store` deletes through the bulk API, one POST
+            // `?delete` per call.
             "DELETE" => &self.delete,
+            "POST" if query.split('&').any(|q| q == "delete" || q == "delete=") => &self.delete,
             _ => &self.other,
         };
         counter.fetch_add(1, Ordering::Relaxed);

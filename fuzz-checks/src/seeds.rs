@@ -150,7 +150,11 @@ pub fn all() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         let crypt = if encrypted { 4 } else { 0 };
         let get = |k: &str| fx.store.get(k).expect("memory store");
         let rp = vfs_core::repo::RestorePointName::parse(&m.full_name()).expect("its name");
-        let rp_file = get(&rp.key());
+        let rp_file = get(&fx
+            .repo
+            .manifest_key(&rp)
+            .expect("listing")
+            .expect("its manifest"));
         let plain = postcard::to_stdvec(&m).expect("manifest serializes");
         for mode in [0, 1, 2] {
             manifest.push(meta::input(mode | crypt, &plain));

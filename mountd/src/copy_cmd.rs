@@ -87,7 +87,7 @@ pub fn run(args: CopyArgs) -> Result<u8> {
             failed.push((name.to_string(), "cancelled".into()));
             continue;
         }
-        match copier.copy(name, true, &progress, &cancel) {
+        match copier.copy(name, &progress, &cancel) {
             Ok(r) => {
                 if !args.json && !args.quiet {
                     let line = if r.copied {

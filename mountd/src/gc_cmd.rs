@@ -94,7 +94,9 @@ pub fn run_forget(args: ForgetArgs) -> Result<u8> {
     let repo = open_repo(&args.repo)?;
     let report = forget(&repo, args.job.as_deref(), &policy, args.dry_run)?;
     if args.json {
-        println!("{}", serde_json::to_value(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        v["requests"] = crate::cli::requests_json(repo.store().requests());
+        println!("{v}");
         return Ok(exit::OK);
     }
     let width = report
@@ -141,7 +143,9 @@ pub fn run_prune(args: PruneArgs) -> Result<u8> {
         },
     )?;
     if args.json {
-        println!("{}", serde_json::to_value(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        v["requests"] = crate::cli::requests_json(repo.store().requests());
+        println!("{v}");
         return Ok(exit::OK);
     }
     for l in &report.stale_locks_removed {

@@ -1206,7 +1206,11 @@ fn devices_through_the_api_take_concurrent_writers_and_commit_a_restore_point_pe
         let r = d.call("POST", "/devices", Some(body.clone()));
         assert_error(&r, status, needle);
     }
-    assert_error(&d.call("GET", "/devices/d-999", None), 404, "no device job");
+    assert_error(
+        &d.call("GET", "/devices/d-999", None),
+        404,
+        "unknown device job",
+    );
 }
 
 /// Polls a copy job until it has finished.

@@ -164,7 +164,10 @@ pub fn write_restore_point(repo: &Path, job: &str, nodes: Vec<Node>) -> String {
         name: manifest.name.clone(),
     };
     repo.store()
-        .put(&name.key(), &repo.encode_meta(MANIFEST_MAGIC, &manifest))
+        .put(
+            &repo.new_manifest_key(&manifest),
+            &repo.encode_meta(MANIFEST_MAGIC, &manifest),
+        )
         .unwrap_or_else(|e| panic!("store restore point {name}: {e}"));
     name.to_string()
 }

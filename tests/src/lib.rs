@@ -15,6 +15,13 @@
 //!   panics; [`mount::WritableMount`], the same for a restore point
 //!   mounted writable, whose session it discards;
 //!   [`mount::is_mounted`] reads `/proc/mounts`.
+//! - [`s3`]: a real S3 server (s3s-fs) per test; [`fault_proxy`]: an
+//!   HTTP proxy in front of it that injects 5xx answers, resets, cut-off
+//!   responses and delays on a seeded fraction of requests, logs every
+//!   request and can freeze at an exact point of a run.
+//! - [`gc`]: `flr forget` / `flr prune` wrappers and the scenario of a
+//!   prune beside a backup that reuses what the prune would delete,
+//!   shared by the local and the S3 suites.
 //! - [`hostile`]: restore points no backup writes (duplicate names,
 //!   `..`, '/', NUL, a symlink then a directory of its name), stored by
 //!   hand, to check that nothing restores or serves them.
@@ -36,8 +43,10 @@
 //! `target/debug/flr`; the test command builds it once beforehand.
 
 pub mod command;
+pub mod fault_proxy;
 pub mod flr;
 pub mod fsx;
+pub mod gc;
 pub mod hostile;
 pub mod mount;
 pub mod pjdfstest;

@@ -217,11 +217,25 @@ impl TestRepo {
         self.files_under("packs", ".pack")
     }
 
-    /// The file of a restore point (`restore-points/<job>/<ts>.rp`).
+    /// The file of a restore point (`restore-points/<job>/<ts>.<tag>.rp`).
     pub fn manifest_path(&self, restore_point: &str) -> PathBuf {
-        self.path
-            .join("restore-points")
-            .join(format!("{restore_point}.rp"))
+        let (job, name) = restore_point
+            .split_once('/')
+            .unwrap_or_else(|| panic!("restore point {restore_point:?} is not JOB/NAME"));
+        let dir = self.path.join("restore-points").join(job);
+        let found: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                let file = p.file_name().unwrap().to_string_lossy();
+                file.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('.') && rest.ends_with(".rp"))
+            })
+            .collect();
+        match found.as_slice() {
+            [one] => one.clone(),
+            other => panic!("restore point {restore_point}: files {other:?}"),
+        }
     }
 }
 

@@ -4,71 +4,16 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use flr_e2e::gc::{
+    files, forget, names, pack_bytes, prune, prune_beside_a_reusing_backup, restore_file,
+    slow_backup, verify_clean, wait_for_writer_lock,
+};
 use flr_e2e::rng::Rng;
 use flr_e2e::tree::{assert_cmp, write_random_file, MIB};
 use flr_e2e::{scratch, Mount, TestRepo};
-use serde_json::Value;
-
-fn verify_clean(repo: &TestRepo) {
-    let run = repo.verify_run(true).success();
-    let v = run.json();
-    assert!(
-        v["problems"].as_array().is_some_and(|p| p.is_empty())
-            && v["damaged"].as_object().is_some_and(|d| d.is_empty()),
-        "verify --read-data is not clean: {v}"
-    );
-}
-
-/// Files (not directories) under `sub`.
-fn files(repo: &TestRepo, sub: &str) -> Vec<std::path::PathBuf> {
-    repo.files_under(sub, "")
-        .into_iter()
-        .filter(|p| p.is_file())
-        .collect()
-}
-
-fn pack_bytes(repo: &TestRepo) -> u64 {
-    repo.packs()
-        .iter()
-        .map(|p| std::fs::metadata(p).unwrap().len())
-        .sum()
-}
-
-fn prune(repo: &TestRepo, extra: &[&str]) -> Value {
-    repo.cmd("prune")
-        .arg("--json")
-        .args(extra)
-        .run()
-        .success()
-        .json()
-}
-
-fn forget(repo: &TestRepo, extra: &[&str]) -> Value {
-    repo.cmd("forget")
-        .arg("--json")
-        .args(extra)
-        .run()
-        .success()
-        .json()
-}
-
-fn names(list: &Value) -> Vec<String> {
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["restore_point"].as_str().unwrap().to_string())
-        .collect()
-}
-
-fn restore_file(repo: &TestRepo, rp: &str, dir: &Path, file: &str, expect: &Path) {
-    let _ = std::fs::remove_dir_all(dir);
-    repo.restore(rp, dir, &[] as &[&str]);
-    assert_cmp(&dir.join(file), expect);
-}
 
 #[test]
 fn forget_keeps_by_policy_and_mounted_then_prune_frees_space() {
@@ -216,120 +161,11 @@ fn prune_repacks_in_an_encrypted_repository() {
     repack_scenario(&repo, tmp.path());
 }
 
-/// `flr backup --stdin-name NAME` whose input the test writes.
-fn slow_backup(repo: &TestRepo, job: &str, name: &str) -> Child {
-    let mut cmd = repo
-        .cmd("backup")
-        .args(["--job", job, "--stdin-name", name, "--json"])
-        .into_command();
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd.spawn().expect("start flr backup")
-}
-
-fn writer_locks(repo: &TestRepo) -> usize {
-    files(repo, "locks")
-        .iter()
-        .filter(|p| p.to_string_lossy().contains("/writer-"))
-        .count()
-}
-
-fn wait_for_writer_lock(repo: &TestRepo) {
-    let started = Instant::now();
-    while writer_locks(repo) == 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the backup took no writer lock"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn prune_beside_a_backup_that_reuses_forgotten_chunks() {
     let tmp = scratch("prune-concurrent");
     let repo = TestRepo::init(&tmp.path().join("repo"));
-    let mut rng = Rng::new(99);
-    let x = rng.bytes(6 * MIB as usize);
-    let y = rng.bytes(2 * MIB as usize);
-    let x_file = tmp.path().join("x.bin");
-    std::fs::write(&x_file, &x).unwrap();
-    let y_file = tmp.path().join("y.bin");
-    std::fs::write(&y_file, &y).unwrap();
-    let store = |data: &[u8]| {
-        repo.cmd("backup")
-            .args(["--job", "a", "--stdin-name", "data.bin", "--json"])
-            .stdin(data.to_vec())
-            .run()
-            .success()
-            .json()["restore_point"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    store(&x);
-    let kept = store(&y);
-    forget(&repo, &["--keep-last", "1"]);
-    assert_eq!(repo.restore_point_names(), vec![kept.clone()]);
-    let x_packs = repo.packs().len();
-
-    // A backup of X starts (its lock and index come first), and gets the
-    // first half of its input.
-    let mut child = slow_backup(&repo, "b", "data.bin");
-    wait_for_writer_lock(&repo);
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(&x[..3 * MIB as usize]).unwrap();
-    stdin.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-
-    // Two prunes meanwhile: X's packs only go pending, nothing is deleted.
-    for round in 0..2 {
-        let report = prune(&repo, &[]);
-        assert_eq!(report["packs_deleted"], 0, "round {round}: {report}");
-        assert!(report["packs_pending"].as_u64().unwrap() >= 1, "{report}");
-        assert!(
-            report["waiting_for"]
-                .as_array()
-                .is_some_and(|w| w.len() == 1),
-            "{report}"
-        );
-        eprintln!("prune {round} beside the backup: {report}");
-    }
-    assert_eq!(
-        repo.packs().len(),
-        x_packs,
-        "a pack was deleted under the backup"
-    );
-
-    stdin.write_all(&x[3 * MIB as usize..]).unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "backup failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let b = v["restore_point"].as_str().unwrap().to_string();
-    assert!(
-        v["stats"]["added_bytes"].as_u64().unwrap() < MIB,
-        "the backup did not reuse X's chunks: {v}"
-    );
-
-    // Both restore points are whole at once, and after the prune that
-    // decides about the pending packs.
-    let out = tmp.path().join("out");
-    restore_file(&repo, &b, &out, "data.bin", &x_file);
-    restore_file(&repo, &kept, &out, "data.bin", &y_file);
-    verify_clean(&repo);
-    let report = prune(&repo, &[]);
-    assert!(report["packs_rescued"].as_u64().unwrap() >= 1, "{report}");
-    assert_eq!(report["packs_pending"], 0, "{report}");
-    restore_file(&repo, &b, &out, "data.bin", &x_file);
-    restore_file(&repo, &kept, &out, "data.bin", &y_file);
-    verify_clean(&repo);
-    assert!(files(&repo, "pending").is_empty());
+    prune_beside_a_reusing_backup(&repo, &repo, tmp.path());
 }
 
 #[test]

@@ -7,7 +7,9 @@
 //! last, under the restore point's own name, so a copy that stops halfway
 //! leaves no visible restore point at the destination, and a rerun finds
 //! the packs already written in the destination's index and sends nothing
-//! twice.
+//! twice. A pack the stopped copy wrote without its index file (it was
+//! killed between the two writes, or with several uploads in flight) is
+//! indexed from its own table by the rerun before it sends anything.
 //!
 //! Chunk ids are hashes keyed by each repository's id key when it is
 //! encrypted, so the same bytes may have another id at the destination. If
@@ -69,6 +71,9 @@ pub struct Copier<'a> {
     map: IdMap<ChunkId>,
     /// Jobs whose earlier copies have been paired into `map`.
     paired: std::collections::HashSet<String>,
+    /// Whether packs left without index files at the destination have
+    /// been looked for (once per copy run).
+    unindexed_done: bool,
 }
 
 /// Bytes hashed by both repositories to tell whether their ids agree.
@@ -86,6 +91,7 @@ impl<'a> Copier<'a> {
             same_ids: from.hasher().id(PROBE) == to.hasher().id(PROBE),
             map: IdMap::default(),
             paired: Default::default(),
+            unindexed_done: false,
         }
     }
 
@@ -96,7 +102,6 @@ impl<'a> Copier<'a> {
     pub fn copy(
         &mut self,
         name: &RestorePointName,
-        hostname_check: bool,
         progress: &Progress,
         cancel: &AtomicBool,
     ) -> Result<CopyReport> {
@@ -107,7 +112,7 @@ impl<'a> Copier<'a> {
             ..Default::default()
         };
         if let Some(existing) = self.existing(name)? {
-            same_backup(&source, &existing, hostname_check)?;
+            same_backup(&source, &existing, true)?;
             if !self.same_ids {
                 self.pair(&source, &existing);
             }
@@ -126,6 +131,10 @@ impl<'a> Copier<'a> {
 
         let to = self.to;
         let (manifest, read_here, stats, share, manifest_len) = Mover::scoped(to, |mover| {
+            if !self.unindexed_done {
+                mover.index_unindexed_packs()?;
+                self.unindexed_done = true;
+            }
             let mut send = Send {
                 copier: self,
                 mover,
@@ -147,10 +156,12 @@ impl<'a> Copier<'a> {
             mover.check_lock()?;
             rescue_pending_packs(to, &manifest)?;
             let encoded = to.encode_meta(format::MANIFEST_MAGIC, &manifest);
-            to.put_once(&name.key(), &encoded, |old| {
-                to.decode_meta::<Manifest>(&name.key(), format::MANIFEST_MAGIC, old)
+            let key = to.new_manifest_key(&manifest);
+            to.put_once(&key, &encoded, |old| {
+                to.decode_meta::<Manifest>(&key, format::MANIFEST_MAGIC, old)
                     .is_ok_and(|old| old == manifest)
             })?;
+            to.note_manifest_key(name, &key);
             to.merge_index_if_due();
             Ok((manifest, read_here, stats, share, encoded.len() as u64))
         })?;
@@ -170,7 +181,7 @@ impl<'a> Copier<'a> {
 
     /// The destination's manifest of `name`, if it has one.
     fn existing(&self, name: &RestorePointName) -> Result<Option<Manifest>> {
-        if self.to.store().size(&name.key())?.is_none() {
+        if self.to.manifest_key(name)?.is_none() {
             return Ok(None);
         }
         self.to.load_manifest(name).map(Some)
@@ -443,7 +454,7 @@ fn same_backup(source: &Manifest, there: &Manifest, hostname_check: bool) -> Res
 mod tests {
     use super::*;
     use crate::backup::{self, BackupOptions, Source, StdinSource};
-    use crate::store::MemoryStore;
+    use crate::store::{MemoryStore, ObjectStore as _};
     use std::sync::Arc;
 
     fn repo(password: Option<&[u8]>) -> Repository {
@@ -505,7 +516,7 @@ mod tests {
             .unwrap()
             .iter()
             .map(|rp| {
-                c.copy(rp, true, &Progress::default(), &AtomicBool::new(false))
+                c.copy(rp, &Progress::default(), &AtomicBool::new(false))
                     .unwrap()
             })
             .collect()
@@ -533,7 +544,7 @@ mod tests {
             let rp2 = back_up(&a, first.clone());
             let mut c = Copier::new(&a, &b);
             let r = c
-                .copy(&rp2, true, &Progress::default(), &AtomicBool::new(false))
+                .copy(&rp2, &Progress::default(), &AtomicBool::new(false))
                 .unwrap();
             assert!(r.copied);
             assert!(
@@ -551,12 +562,43 @@ mod tests {
     }
 
     #[test]
+    fn a_rerun_reuses_packs_left_without_index_files() {
+        // A copy that stored its packs and was killed before their index
+        // files and the manifest: the rerun indexes the packs and stores
+        // nothing again, though the destination seals anew.
+        let a = repo(None);
+        let store = Arc::new(MemoryStore::new());
+        Repository::init(store.as_ref(), Some(b"k")).unwrap();
+        let open = || Repository::open(store.clone(), || Ok(b"k".to_vec())).unwrap();
+        let rp = back_up(&a, data(11, 2 << 20));
+        let first = open();
+        let r = copy_all(&a, &first);
+        assert!(r[0].new_chunks > 0);
+        let packs = store.list(crate::repo::PACKS_PREFIX).unwrap();
+        for key in store.list(crate::repo::INDEX_PREFIX).unwrap() {
+            store.delete(&key).unwrap();
+        }
+        first.delete_restore_point(&rp).unwrap();
+
+        let b = open();
+        let again = copy_all(&a, &b);
+        assert!(again[0].copied);
+        assert_eq!(again[0].new_chunks, 0, "chunks were stored again");
+        assert_eq!(store.list(crate::repo::PACKS_PREFIX).unwrap(), packs);
+        assert_eq!(
+            store.list(crate::repo::INDEX_PREFIX).unwrap().len(),
+            packs.len()
+        );
+        assert_eq!(bytes_of(&b, &rp), data(11, 2 << 20));
+    }
+
+    #[test]
     fn cancel_writes_no_manifest() {
         let (a, b) = (repo(None), repo(None));
         let rp = back_up(&a, data(3, 1 << 20));
         let mut c = Copier::new(&a, &b);
         let err = c
-            .copy(&rp, true, &Progress::default(), &AtomicBool::new(true))
+            .copy(&rp, &Progress::default(), &AtomicBool::new(true))
             .unwrap_err();
         assert!(matches!(err, Error::Cancelled(_)));
         assert!(b.list_restore_points(None).unwrap().is_empty());
@@ -572,11 +614,14 @@ mod tests {
             ..m
         };
         b.store()
-            .put(&rp.key(), &b.encode_meta(format::MANIFEST_MAGIC, &other))
+            .put(
+                &b.new_manifest_key(&other),
+                &b.encode_meta(format::MANIFEST_MAGIC, &other),
+            )
             .unwrap();
         let mut c = Copier::new(&a, &b);
         let err = c
-            .copy(&rp, true, &Progress::default(), &AtomicBool::new(false))
+            .copy(&rp, &Progress::default(), &AtomicBool::new(false))
             .unwrap_err();
         assert!(matches!(err, Error::Conflict(_)), "{err}");
     }

@@ -187,7 +187,7 @@ pub fn forget(
     let names = repo.list_restore_points(job)?;
     let mut points = Vec::with_capacity(names.len());
     for name in names {
-        let time = match time_of_name(&name.name) {
+        let time = match time_of_name(name.base()) {
             Some(t) => t,
             None => repo.load_manifest(&name)?.time,
         };
@@ -208,7 +208,7 @@ pub fn forget(
     if !dry_run {
         for d in &report.remove {
             let name = RestorePointName::parse(&d.restore_point)?;
-            repo.store().delete(&name.key())?;
+            repo.delete_restore_point(&name)?;
             tracing::info!("forgot restore point {}", d.restore_point);
         }
     }

@@ -8,7 +8,8 @@
 //! packs/<2 hex>/<pack id>.pack PACK_HEADER | stored frames | Envelope(PACK_TABLE) | PACK_TRAILER
 //! index/<pack id>.idx          Envelope(INDEX): the entries of that one pack (a copy of its table)
 //! index-merged/<hash>.midx     the entries of many packs, sorted, searchable in place (below)
-//! restore-points/<job>/<ts>.rp Envelope(MANIFEST): one restore point
+//! restore-points/<job>/<ts>.<tag>.rp Envelope(MANIFEST): one restore point; <tag> is 16 hex
+//!                              digits of a keyed hash of its contents (older: <ts>.rp)
 //! locks/<lock id>.<n>          Envelope(LOCK): a writer, reader or prune lock, refresh n
 //! pending/<id>.packs           Envelope(PENDING): packs a prune will delete later
 //! pending/<id>.writers         Envelope(PENDING_WRITERS): writer locks it waits for

@@ -32,7 +32,8 @@ use crate::ids::{ChunkId, IdSet, PackId};
 use crate::lock::{LockGuard, LockKind};
 use crate::manifest::{timestamp_name, BackupStats, Content, Manifest, Node, NodeKind};
 use crate::repo::{
-    pack_key, IndexEntry, IndexFile, PackTable, Repository, RestorePointName, PAGE_CHUNK_MAX,
+    pack_key, IndexEntry, IndexFile, PackTable, Repository, RestorePointName, PACKS_PREFIX,
+    PAGE_CHUNK_MAX,
 };
 
 /// Buffers of written packs kept for new ones: the writer holds one, the
@@ -558,6 +559,57 @@ impl<R: Deref<Target = Repository>> Mover<R> {
             buf.clear();
             spare.push(buf);
         }
+    }
+
+    /// Indexes the packs that no index file lists and no prune has on a
+    /// pending list, from their own entry tables, so that this ingest
+    /// reuses their chunks: a writer killed between writing a pack and
+    /// its index file leaves such a pack (on an object store, up to one
+    /// per upload in flight). Returns how many were indexed.
+    ///
+    /// Safe beside a prune because it runs under this mover's writer lock
+    /// and lists the pending lists after taking it: a prune that lists the
+    /// pack later sees the lock and waits for it, one that listed it
+    /// before has its list in place until the pack is gone (see
+    /// [`crate::lock`]). A pack that cannot be read is left alone.
+    pub fn index_unindexed_packs(&self) -> Result<usize> {
+        let repo = &*self.repo;
+        let pending = crate::lock::pending_pack_set(repo)?;
+        let known: std::collections::HashSet<PackId> =
+            repo.index().read().packs.iter().copied().collect();
+        let mut indexed = 0;
+        for key in repo.store().list(PACKS_PREFIX)? {
+            let Some(pack) = crate::verify::pack_id_of_key(&key) else {
+                continue;
+            };
+            if known.contains(&pack) || pending.contains(&pack) {
+                continue;
+            }
+            let file = match repo.read_pack_table(&pack) {
+                Ok((pack_len, entries)) => IndexFile {
+                    pack,
+                    pack_len,
+                    entries,
+                },
+                Err(e) => {
+                    tracing::warn!("{key}: {e}; not indexed");
+                    continue;
+                }
+            };
+            match repo.put_index_file(&file) {
+                Ok(_) => {}
+                // An index file of other meaning exists: verify reports it.
+                Err(Error::Conflict(e)) => {
+                    tracing::warn!("{e}: an index file exists for this pack; not indexed");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            repo.index().write().add_pack(&file);
+            tracing::info!("indexed {key}, which an interrupted writer left without index file");
+            indexed += 1;
+        }
+        Ok(indexed)
     }
 
     /// A chunk's bytes, whether or not its pack is written yet (a pending
@@ -1209,32 +1261,51 @@ pub fn commit<R: Deref<Target = Repository>>(
     let estimate = repo.encode_meta(format::MANIFEST_MAGIC, &manifest).len() as u64;
     manifest.stats.new_meta_bytes += estimate;
     loop {
+        // Asked first, as well as refused by the create-only put of a key
+        // that names the manifest's contents: another backup of this job
+        // may have finished in the same second.
+        if repo.restore_point_taken(&manifest.job, &manifest.name)? {
+            manifest.time += 1;
+            manifest.name = timestamp_name(manifest.time);
+            continue;
+        }
         let encoded = repo.encode_meta(format::MANIFEST_MAGIC, &manifest);
+        let key = repo.new_manifest_key(&manifest);
+        match repo.store().put(&key, &encoded) {
+            Ok(()) => {}
+            Err(Error::AlreadyExists(_)) => {
+                manifest.time += 1;
+                manifest.name = timestamp_name(manifest.time);
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
         let name = RestorePointName {
             job: manifest.job.clone(),
             name: manifest.name.clone(),
         };
-        let key = name.key();
-        // Asked first, as well as refused by the create-only put: an
-        // object store that ignores `If-None-Match` would let the put
-        // replace another backup's restore point of the same second.
-        let taken = repo.store().size(&key)?.is_some();
-        match if taken {
-            Err(Error::AlreadyExists(key))
-        } else {
-            repo.store().put(&key, &encoded)
-        } {
-            Ok(()) => {
-                repo.merge_index_if_due();
-                return Ok(manifest);
-            }
-            Err(Error::AlreadyExists(_)) => {
-                // Another backup of this job finished in the same second.
-                manifest.time += 1;
-                manifest.name = timestamp_name(manifest.time);
-            }
-            Err(e) => return Err(e),
+        repo.note_manifest_key(&name, &key);
+        // Two writers that looked at the same moment, on a store that
+        // does not refuse a second create: both restore points are kept,
+        // under names that tell them apart.
+        let shared: Vec<String> = repo
+            .list_restore_points(Some(&manifest.job))?
+            .into_iter()
+            .filter(|n| n.base() == manifest.name)
+            .map(|n| n.to_string())
+            .collect();
+        if shared.len() > 1 {
+            tracing::warn!(
+                "{} backups of job {:?} committed under the same time on {} \
+                 (the store does not refuse a second create); they are {}",
+                shared.len(),
+                manifest.job,
+                repo.location(),
+                shared.join(", ")
+            );
         }
+        repo.merge_index_if_due();
+        return Ok(manifest);
     }
 }
 

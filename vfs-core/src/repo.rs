@@ -1,7 +1,7 @@
 //! The repository: config and keys, the in-memory chunk index, reading
 //! chunks (raw and decoded as separate steps) and restore points.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -334,9 +334,49 @@ impl RestorePointName {
         })
     }
 
-    pub fn key(&self) -> String {
-        format!("{RESTORE_POINTS_PREFIX}{}/{}.rp", self.job, self.name)
+    /// The name without the tag that tells two restore points of one
+    /// name apart (see [`Repository::list_restore_points`]).
+    pub fn base(&self) -> &str {
+        split_tag(&self.name).0
     }
+}
+
+/// Hex digits in the tag of a manifest's key.
+const MANIFEST_TAG_LEN: usize = 16;
+
+/// Splits `NAME.TAG` into its name and tag; a name without a tag is
+/// returned whole.
+fn split_tag(name: &str) -> (&str, Option<&str>) {
+    match name.rsplit_once('.') {
+        Some((base, tag))
+            if !base.is_empty()
+                && tag.len() == MANIFEST_TAG_LEN
+                && tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+        {
+            (base, Some(tag))
+        }
+        _ => (name, None),
+    }
+}
+
+/// The key of a manifest: `restore-points/JOB/NAME.TAG.rp`, or
+/// `restore-points/JOB/NAME.rp` as repositories written before tags
+/// have them.
+fn manifest_key(job: &str, base: &str, tag: Option<&str>) -> String {
+    match tag {
+        Some(tag) => format!("{RESTORE_POINTS_PREFIX}{job}/{base}.{tag}.rp"),
+        None => format!("{RESTORE_POINTS_PREFIX}{job}/{base}.rp"),
+    }
+}
+
+/// The job, name and tag a manifest's key holds.
+fn parse_manifest_key(key: &str) -> Option<(String, String, Option<String>)> {
+    let rest = key
+        .strip_prefix(RESTORE_POINTS_PREFIX)?
+        .strip_suffix(".rp")?;
+    let name = RestorePointName::parse(rest).ok()?;
+    let (base, tag) = split_tag(&name.name);
+    Some((name.job.clone(), base.to_string(), tag.map(str::to_string)))
 }
 
 impl std::fmt::Display for RestorePointName {
@@ -381,6 +421,9 @@ pub struct Repository {
     pack_target: AtomicUsize,
     /// Where merged index files of a remote store are copied to be read.
     merged_cache: Option<PathBuf>,
+    /// The key of each restore point listed or written so far: the name
+    /// alone does not give it (see [`Self::list_restore_points`]).
+    manifest_keys: parking_lot::Mutex<HashMap<RestorePointName, String>>,
 }
 
 /// The last frame a thread decoded: (repository instance, frame key, bytes).
@@ -529,6 +572,7 @@ impl Repository {
             strict,
             pack_target: AtomicUsize::new(format::PACK_TARGET_SIZE),
             merged_cache: None,
+            manifest_keys: Default::default(),
         };
         let mut repo = repo;
         if repo.store.local_path(CONFIG_KEY).is_none() && repo.location.starts_with("s3://") {
@@ -1220,6 +1264,14 @@ impl Repository {
     }
 
     /// Restore points, sorted by job then time.
+    ///
+    /// A manifest's key carries a tag, a keyed hash of its contents, so
+    /// that no write can replace one backup's manifest with another's,
+    /// even on an object store that ignores `If-None-Match` (writers also
+    /// look before they write, but two hosts can look at the same
+    /// moment). A restore point is named by its time alone, `JOB/TIME`;
+    /// should two backups of one job have committed under the same time
+    /// that way, both are listed, as `JOB/TIME.TAG`.
     pub fn list_restore_points(&self, job: Option<&str>) -> Result<Vec<RestorePointName>> {
         let prefix = match job {
             Some(j) => {
@@ -1228,15 +1280,28 @@ impl Repository {
             }
             None => RESTORE_POINTS_PREFIX.to_string(),
         };
-        let mut out = Vec::new();
+        // (job, time-name) to each (tag, key) under it.
+        type Keys = Vec<(Option<String>, String)>;
+        let mut by_base: BTreeMap<(String, String), Keys> = BTreeMap::new();
         for key in self.store.list(&prefix)? {
-            let Some(rest) = key.strip_prefix(RESTORE_POINTS_PREFIX) else {
-                continue;
-            };
-            let Some(rest) = rest.strip_suffix(".rp") else {
-                continue;
-            };
-            if let Ok(name) = RestorePointName::parse(rest) {
+            if let Some((job, base, tag)) = parse_manifest_key(&key) {
+                by_base.entry((job, base)).or_default().push((tag, key));
+            }
+        }
+        let mut out = Vec::new();
+        let mut known = self.manifest_keys.lock();
+        for ((job, base), keys) in by_base {
+            let alone = keys.len() == 1;
+            for (tag, key) in keys {
+                let name = match tag {
+                    Some(tag) if !alone => format!("{base}.{tag}"),
+                    _ => base.clone(),
+                };
+                let name = RestorePointName {
+                    job: job.clone(),
+                    name,
+                };
+                known.insert(name.clone(), key);
                 out.push(name);
             }
         }
@@ -1244,19 +1309,103 @@ impl Repository {
         Ok(out)
     }
 
+    /// The key of restore point `name`'s manifest, or `None` if there is
+    /// no such restore point. A name two restore points share is refused
+    /// with the names that tell them apart.
+    pub fn manifest_key(&self, name: &RestorePointName) -> Result<Option<String>> {
+        if let Some(key) = self.manifest_keys.lock().get(name) {
+            return Ok(Some(key.clone()));
+        }
+        let (base, tag) = split_tag(&name.name);
+        if let Some(tag) = tag {
+            let key = manifest_key(&name.job, base, Some(tag));
+            if self.store.size(&key)?.is_some() {
+                return Ok(Some(key));
+            }
+        }
+        let same: Vec<RestorePointName> = self
+            .list_restore_points(Some(&name.job))?
+            .into_iter()
+            .filter(|n| n.base() == base)
+            .collect();
+        match same.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(self.manifest_keys.lock().get(one).cloned()),
+            many => match many.iter().find(|n| n.name == name.name) {
+                Some(exact) => Ok(self.manifest_keys.lock().get(exact).cloned()),
+                None => Err(Error::InvalidInput(format!(
+                    "{} backups of job {:?} committed as {name}; name one of {}",
+                    many.len(),
+                    name.job,
+                    many.iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))),
+            },
+        }
+    }
+
+    /// Whether any restore point of `job` has the time-name `base`,
+    /// asked of the store now (not of what was listed before).
+    pub fn restore_point_taken(&self, job: &str, base: &str) -> Result<bool> {
+        validate_job_name(job)?;
+        Ok(self
+            .store
+            .list(&format!("{RESTORE_POINTS_PREFIX}{job}/"))?
+            .iter()
+            .filter_map(|k| parse_manifest_key(k))
+            .any(|(_, b, _)| b == base))
+    }
+
+    /// The key under which `manifest` is to be written: its name and a
+    /// tag that the repository's keyed hash of its contents gives, so an
+    /// object of that key can only ever hold this manifest.
+    pub fn new_manifest_key(&self, manifest: &Manifest) -> String {
+        let mut plain = b"flr manifest\0".to_vec();
+        plain.extend(postcard::to_stdvec(manifest).expect("metadata serializes"));
+        let hex = self.hasher.id(&plain).to_hex();
+        manifest_key(
+            &manifest.job,
+            &manifest.name,
+            Some(&hex[..MANIFEST_TAG_LEN]),
+        )
+    }
+
+    /// Records that `key` holds restore point `name`, as a writer that
+    /// has just written it knows.
+    pub fn note_manifest_key(&self, name: &RestorePointName, key: &str) {
+        self.manifest_keys
+            .lock()
+            .insert(name.clone(), key.to_string());
+    }
+
+    /// Deletes restore point `name`'s manifest (its chunks stay, for a
+    /// prune to decide about).
+    pub fn delete_restore_point(&self, name: &RestorePointName) -> Result<()> {
+        if let Some(key) = self.manifest_key(name)? {
+            self.store.delete(&key)?;
+        }
+        self.manifest_keys.lock().remove(name);
+        Ok(())
+    }
+
     pub fn load_manifest(&self, name: &RestorePointName) -> Result<Manifest> {
-        let key = name.key();
+        let Some(key) = self.manifest_key(name)? else {
+            return Err(Error::NotFound(format!("restore point {name}")));
+        };
         let raw = match self.store.get(&key) {
             Ok(raw) => raw,
             Err(Error::NotFound(_)) => {
-                return Err(Error::NotFound(format!("restore point {name}")))
+                self.manifest_keys.lock().remove(name);
+                return Err(Error::NotFound(format!("restore point {name}")));
             }
             Err(e) => return Err(e),
         };
         let what = format!("restore point {name} ({key})");
         let manifest: Manifest = self.decode_meta(&what, format::MANIFEST_MAGIC, &raw)?;
         manifest.validate(&what)?;
-        if manifest.job != name.job || manifest.name != name.name {
+        if manifest.job != name.job || manifest.name != name.base() {
             return Err(Error::malformed(
                 what,
                 "manifest names a different restore point",

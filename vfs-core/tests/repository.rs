@@ -240,7 +240,8 @@ fn garbled_metadata_is_refused_with_its_name() {
     let (store, repo) = new_repo(None);
     backup_bytes(&repo, "g", "f", vec![1u8; 100_000], None);
     let rp = repo.list_restore_points(None).unwrap().pop().unwrap();
-    store.tamper(&rp.key(), |b| {
+    let key = repo.manifest_key(&rp).unwrap().unwrap();
+    store.tamper(&key, |b| {
         let n = b.len();
         b[n / 2] ^= 1
     });
@@ -354,7 +355,7 @@ fn no_write_replaces_an_object() {
 fn put_manifest(repo: &Repository, job: &str, mut m: Manifest) {
     m.job = job.into();
     m.name = "2030-01-01T00-00-00Z".into();
-    let key = format!("restore-points/{job}/{}.rp", m.name);
+    let key = repo.new_manifest_key(&m);
     repo.store()
         .put(
             &key,
@@ -410,4 +411,135 @@ fn chunk_lengths_the_index_disagrees_with_are_corruption() {
         }
         fs.release(fh);
     }
+}
+
+/// A store whose listing of restore points is always empty, so that a
+/// writer looks for a restore point of the same name and finds none (as
+/// two hosts do that look at the same moment), and whose puts replace an
+/// existing object, as Garage's do (it ignores `If-None-Match`).
+struct BlindStore(Arc<MemoryStore>);
+
+impl ObjectStore for BlindStore {
+    fn location(&self) -> String {
+        "blind".into()
+    }
+    fn put(&self, key: &str, data: &[u8]) -> vfs_core::Result<()> {
+        self.0.delete(key)?;
+        self.0.put(key, data)
+    }
+    fn get(&self, key: &str) -> vfs_core::Result<Vec<u8>> {
+        self.0.get(key)
+    }
+    fn get_range(
+        &self,
+        key: &str,
+        offset: u64,
+        len: usize,
+    ) -> vfs_core::Result<vfs_core::store::ObjectBytes> {
+        self.0.get_range(key, offset, len)
+    }
+    fn size(&self, key: &str) -> vfs_core::Result<Option<u64>> {
+        self.0.size(key)
+    }
+    fn list(&self, prefix: &str) -> vfs_core::Result<Vec<String>> {
+        let mut keys = self.0.list(prefix)?;
+        keys.retain(|k| !k.starts_with("restore-points/"));
+        Ok(keys)
+    }
+    fn delete(&self, key: &str) -> vfs_core::Result<()> {
+        self.0.delete(key)
+    }
+}
+
+#[test]
+fn two_backups_committed_under_one_time_both_stay_and_are_told_apart() {
+    use vfs_core::ingest::{commit, MetaShare, Mover};
+    use vfs_core::repo::RestorePointName;
+    let (store, repo) = new_repo(Some(b"pw"));
+    let first = backup_bytes(&repo, "db", "f", pseudo_random(50_000, 1), None);
+    let blind =
+        Repository::open(Arc::new(BlindStore(store.clone())), || Ok(b"pw".to_vec())).unwrap();
+    let time = 2_000_000_000;
+    let mut committed = Vec::new();
+    for host in ["host-a", "host-b"] {
+        let mover = Mover::new(&blind).unwrap();
+        let m = commit(
+            &mover,
+            "race",
+            host,
+            time,
+            first.nodes.clone(),
+            Default::default(),
+            &MetaShare::default(),
+        )
+        .unwrap();
+        committed.push(m);
+    }
+    // Neither write replaced the other, though both took the same name.
+    assert_eq!(committed[0].name, committed[1].name);
+    let listed = repo.list_restore_points(Some("race")).unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let mut hosts: Vec<String> = listed
+        .iter()
+        .map(|n| {
+            assert_eq!(n.base(), committed[0].name, "{n}");
+            assert_ne!(n.name, committed[0].name, "{n} is not told apart");
+            let m = repo.load_manifest(n).unwrap();
+            assert_eq!(read_back(&repo, &m), read_back(&repo, &first));
+            m.hostname
+        })
+        .collect();
+    hosts.sort();
+    assert_eq!(hosts, ["host-a", "host-b"]);
+    // The name they share is refused, with the names that tell them apart.
+    let shared = RestorePointName::parse(&format!("race/{}", committed[0].name)).unwrap();
+    let err = repo.load_manifest(&shared).unwrap_err().to_string();
+    for n in &listed {
+        assert!(err.contains(&n.to_string()), "{err}");
+    }
+    // Once one is deleted, the other has the plain name again.
+    repo.delete_restore_point(&listed[0]).unwrap();
+    let fresh = Repository::open(store.clone(), || Ok(b"pw".to_vec())).unwrap();
+    assert_eq!(
+        fresh.list_restore_points(Some("race")).unwrap(),
+        vec![shared.clone()]
+    );
+    fresh.load_manifest(&shared).unwrap();
+}
+
+#[test]
+fn a_writer_that_sees_the_name_taken_moves_to_the_next_second() {
+    use vfs_core::ingest::{commit, MetaShare, Mover};
+    let (_, repo) = new_repo(None);
+    let first = backup_bytes(&repo, "db", "f", pseudo_random(20_000, 2), None);
+    let time = 2_000_000_000;
+    let names: Vec<String> = (0..3)
+        .map(|_| {
+            let mover = Mover::new(&repo).unwrap();
+            commit(
+                &mover,
+                "same",
+                "h",
+                time,
+                first.nodes.clone(),
+                Default::default(),
+                &MetaShare::default(),
+            )
+            .unwrap()
+            .name
+        })
+        .collect();
+    let listed: Vec<String> = repo
+        .list_restore_points(Some("same"))
+        .unwrap()
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    assert_eq!(listed, names);
+    assert_eq!(
+        names,
+        (0..3)
+            .map(|i| vfs_core::manifest::timestamp_name(time + i))
+            .collect::<Vec<_>>()
+    );
 }

@@ -385,21 +385,21 @@ async fn create_job(
 }
 
 async fn list_jobs(State(d): AppState) -> Json<Vec<jobs::JobInfo>> {
-    Json(d.jobs.list())
+    Json(d.jobs.table.list())
 }
 
 async fn get_job(
     State(d): AppState,
     ApiPath(id): ApiPath,
 ) -> Result<Json<jobs::JobInfo>, ApiError> {
-    Ok(Json(d.jobs.get(&id)?))
+    Ok(Json(d.jobs.table.get(&id)?))
 }
 
 async fn cancel_job(
     State(d): AppState,
     ApiPath(id): ApiPath,
 ) -> Result<(StatusCode, Json<jobs::JobInfo>), ApiError> {
-    Ok((StatusCode::ACCEPTED, Json(d.jobs.cancel(&id)?)))
+    Ok((StatusCode::ACCEPTED, Json(d.jobs.table.cancel(&id)?)))
 }
 
 #[derive(Deserialize)]
@@ -431,21 +431,21 @@ async fn create_copy(
 }
 
 async fn list_copies(State(d): AppState) -> Json<Vec<copy_jobs::CopyJobInfo>> {
-    Json(d.copy_jobs.list())
+    Json(d.copy_jobs.table.list())
 }
 
 async fn get_copy(
     State(d): AppState,
     ApiPath(id): ApiPath,
 ) -> Result<Json<copy_jobs::CopyJobInfo>, ApiError> {
-    Ok(Json(d.copy_jobs.get(&id)?))
+    Ok(Json(d.copy_jobs.table.get(&id)?))
 }
 
 async fn cancel_copy(
     State(d): AppState,
     ApiPath(id): ApiPath,
 ) -> Result<(StatusCode, Json<copy_jobs::CopyJobInfo>), ApiError> {
-    Ok((StatusCode::ACCEPTED, Json(d.copy_jobs.cancel(&id)?)))
+    Ok((StatusCode::ACCEPTED, Json(d.copy_jobs.table.cancel(&id)?)))
 }
 
 /// Who is on the other end of a Unix socket connection: devices are made

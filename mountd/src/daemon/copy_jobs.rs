@@ -4,8 +4,7 @@
 //! cancelled or failed job commits nothing for the restore point it was on;
 //! the ones it finished stay copied (and verified).
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,7 +16,8 @@ use vfs_core::copy::{Copier, CopyReport};
 use vfs_core::repo::RestorePointName;
 
 use super::api::ApiError;
-use super::jobs::JobState;
+use super::job_table::{JobTable, TableJob};
+use super::jobs::{cancel_queued_or_running, JobState};
 use super::{log, unix_now, Daemon};
 
 /// Finished copy jobs kept for `GET /copies`.
@@ -139,97 +139,51 @@ impl CopyJob {
     }
 }
 
+impl TableJob for CopyJob {
+    type Info = CopyJobInfo;
+    const KIND: &'static str = "copy job";
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn info(&self) -> CopyJobInfo {
+        CopyJob::info(self)
+    }
+
+    fn finished(&self) -> bool {
+        self.status.lock().state.finished()
+    }
+
+    /// A queued job is cancelled at once, a running one after its current
+    /// batch of chunks.
+    fn cancel(&self) -> Result<(), ApiError> {
+        let st = &mut *self.status.lock();
+        cancel_queued_or_running(
+            &mut st.state,
+            &mut st.finished,
+            &self.cancel,
+            &self.id,
+            Self::KIND,
+        )
+    }
+
+    fn stop(&self) {
+        self.cancel.store(true, Relaxed);
+    }
+}
+
 pub struct CopyJobs {
-    list: Mutex<BTreeMap<u64, Arc<CopyJob>>>,
+    pub table: JobTable<CopyJob>,
     /// One copy at a time: each already uses every core.
     slot: Arc<Semaphore>,
-    seq: AtomicU64,
 }
 
 impl Default for CopyJobs {
     fn default() -> Self {
         CopyJobs {
-            list: Mutex::new(BTreeMap::new()),
+            table: JobTable::new(KEEP_FINISHED),
             slot: Arc::new(Semaphore::new(1)),
-            seq: AtomicU64::new(0),
-        }
-    }
-}
-
-impl CopyJobs {
-    fn find(&self, id: &str) -> Result<Arc<CopyJob>, ApiError> {
-        self.list
-            .lock()
-            .values()
-            .find(|j| j.id == id)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(format!("unknown copy job {id:?}")))
-    }
-
-    pub fn get(&self, id: &str) -> Result<CopyJobInfo, ApiError> {
-        Ok(self.find(id)?.info())
-    }
-
-    pub fn list(&self) -> Vec<CopyJobInfo> {
-        self.list.lock().values().map(|j| j.info()).collect()
-    }
-
-    /// Asks a job to stop: a queued one is cancelled at once, a running one
-    /// after its current batch of chunks.
-    pub fn cancel(&self, id: &str) -> Result<CopyJobInfo, ApiError> {
-        let job = self.find(id)?;
-        {
-            let mut st = job.status.lock();
-            if matches!(
-                st.state,
-                JobState::Done | JobState::Failed | JobState::Cancelled
-            ) {
-                return Err(ApiError::conflict(format!(
-                    "copy job {id} has already finished"
-                )));
-            }
-            job.cancel.store(true, Relaxed);
-            if st.state == JobState::Queued {
-                st.state = JobState::Cancelled;
-                st.finished = Some((Instant::now(), unix_now()));
-            }
-        }
-        log(format!("copy job {id}: cancel requested"));
-        Ok(job.info())
-    }
-
-    pub fn cancel_all(&self) {
-        for j in self.list.lock().values() {
-            j.cancel.store(true, Relaxed);
-        }
-    }
-
-    /// Whether any job is queued or running.
-    pub fn busy(&self) -> bool {
-        self.list
-            .lock()
-            .values()
-            .any(|j| matches!(j.status.lock().state, JobState::Queued | JobState::Running))
-    }
-
-    fn insert(&self, job: Arc<CopyJob>) {
-        let mut list = self.list.lock();
-        list.insert(self.seq.fetch_add(1, Relaxed), job);
-        let finished: Vec<u64> = list
-            .iter()
-            .filter(|(_, j)| {
-                matches!(
-                    j.status.lock().state,
-                    JobState::Done | JobState::Failed | JobState::Cancelled
-                )
-            })
-            .map(|(k, _)| *k)
-            .collect();
-        for k in finished
-            .iter()
-            .take(finished.len().saturating_sub(KEEP_FINISHED))
-        {
-            list.remove(k);
         }
     }
 }
@@ -325,7 +279,7 @@ pub async fn start(daemon: &Arc<Daemon>, req: CopyRequest) -> Result<CopyJobInfo
             failed: Vec::new(),
         }),
     });
-    daemon.copy_jobs.insert(job.clone());
+    daemon.copy_jobs.table.insert(job.clone());
     log(format!(
         "copy job {} queued: {} restore points, {} -> {}",
         job.id,
@@ -395,15 +349,14 @@ fn run(daemon: &Daemon, job: &CopyJob) -> vfs_core::Result<()> {
         .repo(&job.to)
         .map_err(|e| vfs_core::Error::NotFound(e.message))?
         .open_for(None)?;
-    // Packs other writers added since the daemon read the index are found,
-    // so they are not sent again.
-    to.reload_index()?;
+    // The copy's Mover reloads the index once it holds the writer lock:
+    // packs other writers added since the daemon read it are not sent again.
     let mut copier = Copier::new(&from, &to);
     for (name, size) in &job.restore_points {
         if job.cancel.load(Relaxed) {
             break;
         }
-        match copier.copy(name, true, &job.progress, &job.cancel) {
+        match copier.copy(name, &job.progress, &job.cancel) {
             Ok(report) => {
                 let mut st = job.status.lock();
                 st.bytes_before += size;

@@ -20,6 +20,7 @@ use serde::Serialize;
 use vfs_core::devices::{self, DeviceState, DeviceStatus, StreamFormat};
 
 use super::api::ApiError;
+use super::job_table::{JobTable, TableJob};
 use super::{log, unix_now, Daemon};
 use crate::devices::{DeviceSet, Owner};
 
@@ -183,70 +184,38 @@ impl DeviceJob {
     }
 }
 
-#[derive(Default)]
-pub struct DeviceJobs {
-    list: Mutex<BTreeMap<u64, Arc<DeviceJob>>>,
-    seq: std::sync::atomic::AtomicU64,
+impl TableJob for DeviceJob {
+    type Info = DeviceJobInfo;
+    const KIND: &'static str = "device job";
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn info(&self) -> DeviceJobInfo {
+        DeviceJob::info(self)
+    }
+
+    fn finished(&self) -> bool {
+        self.finished.lock().is_some()
+    }
+
+    /// Devices waiting or streaming end, and the databases not yet
+    /// committed commit nothing. A finished job is left as it is.
+    fn cancel(&self) -> Result<(), ApiError> {
+        if !self.finished() {
+            self.stop();
+        }
+        Ok(())
+    }
+
+    fn stop(&self) {
+        self.cancel.store(true, SeqCst);
+    }
 }
 
-impl DeviceJobs {
-    fn find(&self, id: &str) -> Result<Arc<DeviceJob>, ApiError> {
-        self.list
-            .lock()
-            .values()
-            .find(|j| j.id == id)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(format!("no device job {id:?}")))
-    }
-
-    pub fn get(&self, id: &str) -> Result<DeviceJobInfo, ApiError> {
-        Ok(self.find(id)?.info())
-    }
-
-    pub fn list(&self) -> Vec<DeviceJobInfo> {
-        self.list.lock().values().map(|j| j.info()).collect()
-    }
-
-    /// Asks a job to stop: devices waiting or streaming end, and the
-    /// databases not yet committed commit nothing.
-    pub fn cancel(&self, id: &str) -> Result<DeviceJobInfo, ApiError> {
-        let job = self.find(id)?;
-        if job.finished.lock().is_none() {
-            job.cancel.store(true, SeqCst);
-            log(format!("device job {id}: cancel requested"));
-        }
-        Ok(job.info())
-    }
-
-    pub fn cancel_all(&self) {
-        for job in self.list.lock().values() {
-            job.cancel.store(true, SeqCst);
-        }
-    }
-
-    pub fn running(&self) -> usize {
-        self.list
-            .lock()
-            .values()
-            .filter(|j| j.finished.lock().is_none())
-            .count()
-    }
-
-    fn insert(&self, job: Arc<DeviceJob>) {
-        let mut list = self.list.lock();
-        list.insert(self.seq.fetch_add(1, Relaxed), job);
-        let finished: Vec<u64> = list
-            .iter()
-            .filter(|(_, j)| j.finished.lock().is_some())
-            .map(|(k, _)| *k)
-            .collect();
-        for k in finished
-            .iter()
-            .take(finished.len().saturating_sub(KEEP_FINISHED))
-        {
-            list.remove(k);
-        }
-    }
+pub fn new_table() -> JobTable<DeviceJob> {
+    JobTable::new(KEEP_FINISHED)
 }
 
 /// Where the daemon makes device pipes.

@@ -9,16 +9,16 @@
 //! the daemon there. The token for it is kept in memory only, never shown
 //! or logged.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::api::ApiError;
+use super::job_table::{JobTable, TableJob};
 use super::jobs::JobState;
 use super::{jobs, log, unix_now, Daemon};
 use crate::export::{self, ExportControl, ExportReport, ExportRequest, StepTime, Target};
@@ -142,85 +142,43 @@ impl ExportJob {
             report: st.report.clone(),
         }
     }
+}
+
+impl TableJob for ExportJob {
+    type Info = ExportJobInfo;
+    const KIND: &'static str = "export job";
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn info(&self) -> ExportJobInfo {
+        ExportJob::info(self)
+    }
 
     fn finished(&self) -> bool {
-        !matches!(
-            self.status.lock().state,
-            JobState::Queued | JobState::Running
-        )
-    }
-}
-
-#[derive(Default)]
-pub struct ExportJobs {
-    list: Mutex<BTreeMap<u64, Arc<ExportJob>>>,
-    seq: AtomicU64,
-}
-
-impl ExportJobs {
-    fn find(&self, id: &str) -> Result<Arc<ExportJob>, ApiError> {
-        self.list
-            .lock()
-            .values()
-            .find(|j| j.id == id)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(format!("unknown export job {id:?}")))
+        self.status.lock().state.finished()
     }
 
-    pub fn get(&self, id: &str) -> Result<ExportJobInfo, ApiError> {
-        Ok(self.find(id)?.info())
-    }
-
-    pub fn list(&self) -> Vec<ExportJobInfo> {
-        self.list.lock().values().map(|j| j.info()).collect()
-    }
-
-    pub fn running(&self) -> usize {
-        self.list.lock().values().filter(|j| !j.finished()).count()
-    }
-
-    /// Asks a job to stop; it cleans up, then shows `cancelled`.
-    pub fn cancel(&self, id: &str) -> Result<ExportJobInfo, ApiError> {
-        let job = self.find(id)?;
-        if job.finished() {
+    /// The job stops at its next check, cleans up, then shows `cancelled`.
+    fn cancel(&self) -> Result<(), ApiError> {
+        if self.finished() {
             return Err(ApiError::conflict(format!(
-                "export job {id} has already finished"
+                "export job {} has already finished",
+                self.id
             )));
         }
-        job.ctl.stop.store(true, Relaxed);
-        log(format!("export job {id}: cancel requested"));
-        Ok(job.info())
+        self.stop();
+        Ok(())
     }
 
-    pub fn cancel_all(&self) {
-        for j in self.list.lock().values() {
-            j.ctl.stop.store(true, Relaxed);
-        }
+    fn stop(&self) {
+        self.ctl.stop.store(true, Relaxed);
     }
+}
 
-    /// Waits until no job runs, or `limit` passes.
-    pub async fn wait_idle(&self, limit: Duration) {
-        let until = Instant::now() + limit;
-        while self.running() > 0 && Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn insert(&self, job: Arc<ExportJob>) {
-        let mut list = self.list.lock();
-        list.insert(self.seq.fetch_add(1, Relaxed), job);
-        let finished: Vec<u64> = list
-            .iter()
-            .filter(|(_, j)| j.finished())
-            .map(|(k, _)| *k)
-            .collect();
-        for k in finished
-            .iter()
-            .take(finished.len().saturating_sub(KEEP_FINISHED))
-        {
-            list.remove(k);
-        }
-    }
+pub fn new_table() -> JobTable<ExportJob> {
+    JobTable::new(KEEP_FINISHED)
 }
 
 /// The staging root jobs use unless they name one.

@@ -7,7 +7,6 @@
 //! the partial file when it stops early, so a cancelled or failed job
 //! leaves no half-written file under a final name and no partial file.
 
-use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -21,6 +20,7 @@ use vfs_core::manifest::Manifest;
 use vfs_core::restore::{self, RestoreOptions};
 
 use super::api::ApiError;
+use super::job_table::{JobTable, TableJob};
 use super::{glob, log, unix_now, Daemon};
 
 /// Finished jobs kept for `GET /restore-jobs`; older ones are forgotten.
@@ -41,7 +41,7 @@ impl JobState {
         self as usize
     }
 
-    fn finished(self) -> bool {
+    pub fn finished(self) -> bool {
         matches!(
             self,
             JobState::Done | JobState::Failed | JobState::Cancelled
@@ -143,13 +143,71 @@ impl RestoreJob {
     }
 }
 
+impl TableJob for RestoreJob {
+    type Info = JobInfo;
+    const KIND: &'static str = "restore job";
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn info(&self) -> JobInfo {
+        RestoreJob::info(self)
+    }
+
+    fn finished(&self) -> bool {
+        self.status.lock().state.finished()
+    }
+
+    /// A queued job is cancelled at once; a running one stops at its next
+    /// batch of chunks, removing its partial file.
+    fn cancel(&self) -> Result<(), ApiError> {
+        let st = &mut *self.status.lock();
+        cancel_queued_or_running(
+            &mut st.state,
+            &mut st.finished,
+            &self.cancel,
+            &self.id,
+            Self::KIND,
+        )
+    }
+
+    fn stop(&self) {
+        self.cancel.store(true, Relaxed);
+    }
+}
+
+/// Cancels a job that waits for a worker at once (its `state` and
+/// `finished` time, under its status lock), and asks a running one,
+/// through `flag`, to stop; a finished one is a conflict.
+pub fn cancel_queued_or_running(
+    state: &mut JobState,
+    finished: &mut Option<(Instant, u64)>,
+    flag: &AtomicBool,
+    id: &str,
+    kind: &str,
+) -> Result<(), ApiError> {
+    if state.finished() {
+        let name = serde_json::to_value(*state).unwrap_or_default();
+        return Err(ApiError::conflict(format!(
+            "{kind} {id} has already finished ({})",
+            name.as_str().unwrap_or("finished")
+        )));
+    }
+    flag.store(true, Relaxed);
+    if *state == JobState::Queued {
+        *state = JobState::Cancelled;
+        *finished = Some((Instant::now(), unix_now()));
+    }
+    Ok(())
+}
+
 pub struct Jobs {
-    list: Mutex<BTreeMap<u64, Arc<RestoreJob>>>,
+    pub table: JobTable<RestoreJob>,
     slots: Arc<Semaphore>,
-    /// Bytes written by jobs no longer in `list`'s running set, for the
-    /// metrics counter.
+    /// Bytes written by jobs no longer in the table, for the metrics
+    /// counter.
     finished_bytes: AtomicU64,
-    seq: AtomicU64,
 }
 
 pub struct Counts {
@@ -161,28 +219,10 @@ pub struct Counts {
 impl Jobs {
     pub fn new(workers: usize) -> Jobs {
         Jobs {
-            list: Mutex::new(BTreeMap::new()),
+            table: JobTable::new(KEEP_FINISHED),
             slots: Arc::new(Semaphore::new(workers.max(1))),
             finished_bytes: AtomicU64::new(0),
-            seq: AtomicU64::new(0),
         }
-    }
-
-    fn find(&self, id: &str) -> Result<Arc<RestoreJob>, ApiError> {
-        self.list
-            .lock()
-            .values()
-            .find(|j| j.id == id)
-            .cloned()
-            .ok_or_else(|| ApiError::not_found(format!("unknown restore job {id:?}")))
-    }
-
-    pub fn get(&self, id: &str) -> Result<JobInfo, ApiError> {
-        Ok(self.find(id)?.info())
-    }
-
-    pub fn list(&self) -> Vec<JobInfo> {
-        self.list.lock().values().map(|j| j.info()).collect()
     }
 
     pub fn counts(&self) -> Counts {
@@ -190,7 +230,7 @@ impl Jobs {
             by_state: [0; 5],
             bytes: self.finished_bytes.load(Relaxed),
         };
-        for j in self.list.lock().values() {
+        for j in self.table.jobs() {
             let state = j.status.lock().state;
             c.by_state[state.index()] += 1;
             if !state.finished() {
@@ -198,69 +238,6 @@ impl Jobs {
             }
         }
         c
-    }
-
-    /// Asks a job to stop. A queued job is cancelled at once; a running
-    /// one stops at its next batch of chunks, removing its partial file.
-    pub fn cancel(&self, id: &str) -> Result<JobInfo, ApiError> {
-        let job = self.find(id)?;
-        {
-            let mut st = job.status.lock();
-            if st.state.finished() {
-                let state = serde_json::to_value(st.state).unwrap_or_default();
-                return Err(ApiError::conflict(format!(
-                    "restore job {id} has already finished ({})",
-                    state.as_str().unwrap_or("finished")
-                )));
-            }
-            job.cancel.store(true, Relaxed);
-            if st.state == JobState::Queued {
-                st.state = JobState::Cancelled;
-                st.finished = Some((Instant::now(), unix_now()));
-            }
-        }
-        log(format!("restore job {id}: cancel requested"));
-        Ok(job.info())
-    }
-
-    pub fn cancel_all(&self) {
-        for j in self.list.lock().values() {
-            j.cancel.store(true, Relaxed);
-        }
-    }
-
-    /// Waits until no job is queued or running, or `limit` passes.
-    pub async fn wait_idle(&self, limit: Duration) {
-        let until = Instant::now() + limit;
-        while Instant::now() < until {
-            let busy = self
-                .list
-                .lock()
-                .values()
-                .any(|j| !j.status.lock().state.finished());
-            if !busy {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        log("some restore jobs did not stop in time");
-    }
-
-    fn insert(&self, job: Arc<RestoreJob>) {
-        let mut list = self.list.lock();
-        list.insert(self.seq.fetch_add(1, Relaxed), job);
-        // Forget the oldest finished jobs beyond the limit.
-        let finished: Vec<u64> = list
-            .iter()
-            .filter(|(_, j)| j.status.lock().state.finished())
-            .map(|(k, _)| *k)
-            .collect();
-        for k in finished
-            .iter()
-            .take(finished.len().saturating_sub(KEEP_FINISHED))
-        {
-            list.remove(k);
-        }
     }
 }
 
@@ -314,7 +291,7 @@ pub async fn start(daemon: &Arc<Daemon>, req: JobRequest) -> Result<JobInfo, Api
             finished: None,
         }),
     });
-    daemon.jobs.insert(job.clone());
+    daemon.jobs.table.insert(job.clone());
     log(format!(
         "restore job {} queued: {} -> {}",
         job.id,

@@ -12,6 +12,7 @@ pub mod copy_jobs;
 pub mod device_jobs;
 pub mod export_jobs;
 pub mod glob;
+pub mod job_table;
 pub mod jobs;
 pub mod metrics;
 pub mod receive;
@@ -111,8 +112,8 @@ pub struct Daemon {
     pub mount_root: PathBuf,
     pub sessions: sessions::Sessions,
     pub jobs: jobs::Jobs,
-    pub device_jobs: device_jobs::DeviceJobs,
-    pub exports: export_jobs::ExportJobs,
+    pub device_jobs: job_table::JobTable<device_jobs::DeviceJob>,
+    pub exports: job_table::JobTable<export_jobs::ExportJob>,
     pub receives: receive::Receives,
     pub copy_jobs: copy_jobs::CopyJobs,
     pub started: Instant,
@@ -148,8 +149,8 @@ impl Daemon {
             .collect();
         Ok(Daemon {
             jobs: jobs::Jobs::new(config.settings.restore_workers),
-            device_jobs: Default::default(),
-            exports: Default::default(),
+            device_jobs: device_jobs::new_table(),
+            exports: export_jobs::new_table(),
             receives: Default::default(),
             copy_jobs: Default::default(),
             sessions: sessions::Sessions::default(),
@@ -385,23 +386,20 @@ pub async fn run(
     let _ = reaper.await;
     let _ = receive_reaper.await;
     daemon.receives.discard_all();
-    daemon.jobs.cancel_all();
-    daemon.device_jobs.cancel_all();
-    daemon.exports.cancel_all();
-    daemon.copy_jobs.cancel_all();
-    daemon.jobs.wait_idle(JOB_STOP_TIMEOUT).await;
-    daemon.exports.wait_idle(JOB_STOP_TIMEOUT).await;
-    if daemon.exports.running() > 0 {
+    daemon.jobs.table.stop_all();
+    daemon.device_jobs.stop_all();
+    daemon.exports.stop_all();
+    daemon.copy_jobs.table.stop_all();
+    if !daemon.jobs.table.wait_idle(JOB_STOP_TIMEOUT).await {
+        log("some restore jobs did not stop in time");
+    }
+    if !daemon.exports.wait_idle(JOB_STOP_TIMEOUT).await {
         log("some export jobs did not stop in time; their leftovers are removed at the next start");
     }
-    let until = Instant::now() + JOB_STOP_TIMEOUT;
-    while (daemon.device_jobs.running() > 0 || daemon.copy_jobs.busy()) && Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    if daemon.copy_jobs.busy() {
+    if !daemon.copy_jobs.table.wait_idle(JOB_STOP_TIMEOUT).await {
         log("a copy job did not stop in time; what it sent is found again by the next copy");
     }
-    if daemon.device_jobs.running() > 0 {
+    if !daemon.device_jobs.wait_idle(JOB_STOP_TIMEOUT).await {
         log("some device jobs did not stop in time; their pipes are cleared at the next start");
     }
     let ended = sessions::end_all(&daemon).await;
