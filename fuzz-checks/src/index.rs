@@ -41,7 +41,7 @@ pub fn check(data: &[u8]) {
         return;
     };
     assert_eq!(index_key(&file.pack), key);
-    assert!(index.chunks.len() <= file.entries.len());
+    assert!(index.in_memory_len() <= file.entries.len());
     for e in &file.entries {
         // What readers rely on (chunk_in_frame, decode_frame, get_range).
         assert!(e.raw_len <= format::MAX_CHUNK_SIZE);

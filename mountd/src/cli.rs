@@ -553,7 +553,7 @@ fn list(repo_path: &RepoSpec, job: Option<&str>, json: bool) -> Result<u8> {
         let mut stored = 0u64;
         for node in &m.nodes {
             for id in node.content.ids() {
-                if let Some(l) = index.chunks.get(&id) {
+                if let Some(l) = index.get(&id) {
                     if frames.insert((l.pack, l.offset)) {
                         stored += l.stored_len as u64;
                     }

@@ -162,6 +162,7 @@ impl<'a> Copier<'a> {
                     .is_ok_and(|old| old == manifest)
             })?;
             to.note_manifest_key(name, &key);
+            to.merge_index_if_due();
             Ok((manifest, read_here, stats, share, encoded.len() as u64))
         })?;
         report.new_chunks = stats.new_chunks;

@@ -7,6 +7,7 @@
 //! config                       Envelope(CONFIG): JSON RepoConfig, never encrypted
 //! packs/<2 hex>/<pack id>.pack PACK_HEADER | stored frames | Envelope(PACK_TABLE) | PACK_TRAILER
 //! index/<pack id>.idx          Envelope(INDEX): the entries of that one pack (a copy of its table)
+//! index-merged/<hash>.midx     the entries of many packs, sorted, searchable in place (below)
 //! restore-points/<job>/<ts>.<tag>.rp Envelope(MANIFEST): one restore point; <tag> is 16 hex
 //!                              digits of a keyed hash of its contents (older: <ts>.rp)
 //! locks/<lock id>.<n>          Envelope(LOCK): a writer, reader or prune lock, refresh n
@@ -236,6 +237,81 @@ pub fn open_envelope<'a>(what: &str, magic: [u8; 8], bytes: &'a [u8]) -> Result<
     }
     Ok((flags, &bytes[ENVELOPE_HEADER_LEN..body_end]))
 }
+
+// ---------------------------------------------------------------------
+// The merged chunk index (`index-merged/<blake3 of the file>.midx`, read
+// by `merged_index`): the entries of many packs in one file, sorted by
+// chunk id, searched in place through a mapping, never decoded whole.
+//
+// ```text
+// entries      MIDX_ENTRY_LEN each, sorted by (chunk id, pack number)
+// fingerprints the binary fuse filters' arrays, one per filter partition
+// filter rows  MIDX_FILTER_ROW_LEN each, 2^filter_bits of them
+// fanout       u32 each, 2^fanout_bits: entries whose id's top bits are <= i
+// block sums   MIDX_BLOCK_SUM_LEN each, one per MIDX_BLOCK_ENTRIES entries
+// pack table   MIDX_PACK_LEN each: the packs that entries number
+// trailer      MIDX_TRAILER_LEN
+// ```
+//
+// The trailer's checksum covers everything from the filter rows to the
+// trailer itself, so opening checks all a reader trusts in one read of a
+// few megabytes; each block of entries is checked by its own sum the first
+// time a lookup touches it. The fingerprints are covered by nothing: a
+// damaged one only makes the filter say "maybe" or "no" wrongly, and a
+// wrong "no" costs storing a chunk again, never a wrong location. Both
+// checksums are keyed in an encrypted repository (a key derived from the
+// id key), and there the location half of each entry is enciphered with a
+// keystream of that key, the file's salt and the entry's position.
+// ---------------------------------------------------------------------
+
+pub const MERGED_INDEX_MAGIC: [u8; 8] = *b"FLRMIDX\0";
+pub const MERGED_INDEX_VERSION: u32 = 1;
+/// Where merged index files live, next to (not inside) `index/`, whose
+/// per-pack files stay the authority on which packs exist.
+pub const MERGED_INDEX_PREFIX: &str = "index-merged/";
+/// Trailer flag: the location half of every entry is enciphered.
+pub const MIDX_ENCIPHERED: u32 = 1;
+
+/// Chunk id (32) | pack number u32 | offset u32 | stored length u32 |
+/// raw length u32 | frame offset u32 | frame raw length u32 | flags u8 |
+/// 3 reserved zero bytes. Fixed size, so entry `i` is at `i * LEN`.
+pub const MIDX_ENTRY_LEN: usize = 60;
+/// The location half of an entry: everything after the chunk id.
+pub const MIDX_LOC_LEN: usize = MIDX_ENTRY_LEN - 32;
+const _: () = assert!(MIDX_LOC_LEN == 6 * 4 + 1 + 3);
+
+/// Entries per checked block: 30 KiB, so the first lookup in a block
+/// hashes little more than the pages it reads anyway.
+pub const MIDX_BLOCK_ENTRIES: usize = 512;
+/// A block's sum: 128 bits of keyed BLAKE3, ample against damage.
+pub const MIDX_BLOCK_SUM_LEN: usize = 16;
+
+/// Pack id (32) | pack length u64.
+pub const MIDX_PACK_LEN: usize = 40;
+
+/// A filter partition: the binary fuse descriptor (seed u64 | segment
+/// length u32 | its mask u32 | segment count length u32) | offset of its
+/// fingerprints u64 | their length u64. A length of zero is an empty
+/// partition, which contains nothing.
+pub const MIDX_FILTER_ROW_LEN: usize = 20 + 8 + 8;
+/// Keys per filter partition aimed at: the filter of one partition is
+/// built in memory at a time (a few tens of MiB at most) while merging.
+pub const MIDX_FILTER_PARTITION_KEYS: u64 = 1 << 20;
+/// Entries per fanout bucket aimed at: a lookup binary-searches about
+/// this many, and the fanout stays at 4 bytes per 128 entries.
+pub const MIDX_BUCKET_ENTRIES: u64 = 128;
+pub const MIDX_MAX_FANOUT_BITS: u32 = 24;
+/// Packs held in memory (per-pack files not merged) at which a backup
+/// merges them into a new merged file: at 32 MiB packs of 4 KiB pages
+/// about 260,000 entries, some 20 MiB of memory, read again by each open.
+pub const MIDX_MERGE_AFTER_PACKS: usize = 32;
+pub const MIDX_MAX_FILTER_BITS: u32 = 16;
+
+/// Magic (8) | version u32 | flags u32 | entries u64 | packs u32 |
+/// fanout bits u32 | filter bits u32 | reserved u32 | salt (16) |
+/// offset of the filter rows u64 | checksum (32).
+pub const MIDX_TRAILER_LEN: usize = 96;
+const _: () = assert!(MIDX_TRAILER_LEN == 8 + 4 + 4 + 8 + 4 + 4 + 4 + 4 + 16 + 8 + 32);
 
 // ---------------------------------------------------------------------
 // Keys of an encrypted repository (used by `crypto`).

@@ -408,13 +408,20 @@ impl<R: Deref<Target = Repository>> Mover<R> {
         let ticket;
         {
             let index = self.repo.index().read();
+            // On all cores, before the state lock: a lookup that misses
+            // the filter stays in memory, one that hits reads the merged
+            // index file.
+            let known: Vec<bool> = ids
+                .par_iter()
+                .map(|id| id.is_some_and(|id| index.has_for_dedup(&id)))
+                .collect();
             let mut st = self.state.lock();
             Self::failed(&st)?;
             for (k, (r, id)) in batch.chunks.iter().zip(&ids).enumerate() {
                 stats.chunks += 1;
                 if let Some(id) = id {
                     stats.read_bytes += r.len() as u64;
-                    if !index.has_for_dedup(id) && st.pending.insert(*id) {
+                    if !known[k] && st.pending.insert(*id) {
                         new.push(k);
                     }
                 }
@@ -1297,6 +1304,7 @@ pub fn commit<R: Deref<Target = Repository>>(
                 shared.join(", ")
             );
         }
+        repo.merge_index_if_due();
         return Ok(manifest);
     }
 }
@@ -1315,7 +1323,7 @@ pub(crate) fn rescue_pending_packs(repo: &Repository, manifest: &Manifest) -> Re
         let index = repo.index().read();
         for node in &manifest.nodes {
             for id in node.content.ids() {
-                if let Some(loc) = index.chunks.get(&id) {
+                if let Some(loc) = index.get(&id) {
                     let pack = index.packs[loc.pack as usize];
                     if pending.contains(&pack) {
                         used.insert(pack);

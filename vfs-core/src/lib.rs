@@ -49,6 +49,7 @@ pub mod ingest_fs;
 pub mod local_store;
 pub mod lock;
 pub mod manifest;
+pub mod merged_index;
 pub mod prune;
 pub mod repair;
 pub mod repo;

@@ -77,16 +77,20 @@ impl LocalStore {
         }
     }
 
-    fn write_object(&self, key: &str, data: &[u8]) -> Result<()> {
-        let target = self.path(key);
-        let parent = target.parent().expect("object keys have a parent");
+    /// A fresh path in the temporary directory, named so that
+    /// [`Self::clean_stale_temp_files`] knows its writer.
+    fn temp_path(&self) -> Result<PathBuf> {
         let tmp_dir = self.root.join(TMP_DIR);
         fs::create_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
-        let tmp = tmp_dir.join(format!(
+        Ok(tmp_dir.join(format!(
             "{}-{}",
             std::process::id(),
             crate::crypto::random_hex(8)
-        ));
+        )))
+    }
+
+    fn write_object(&self, key: &str, data: &[u8]) -> Result<()> {
+        let tmp = self.temp_path()?;
         let write = || -> std::io::Result<()> {
             let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             f.write_all(data)?;
@@ -96,17 +100,28 @@ impl LocalStore {
             let _ = fs::remove_file(&tmp);
             return Err(Error::io(&tmp, e));
         }
+        self.place(key, &tmp)
+    }
+
+    /// Moves the synced file `tmp` to `key`, create-only; `tmp` is gone
+    /// afterwards either way.
+    fn place(&self, key: &str, tmp: &Path) -> Result<()> {
+        let target = self.path(key);
+        let parent = target.parent().expect("object keys have a parent");
         if !parent.is_dir() {
-            fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            if let Err(e) = fs::create_dir_all(parent) {
+                let _ = fs::remove_file(tmp);
+                return Err(Error::io(parent, e));
+            }
             if let Some(grand) = parent.parent() {
                 sync_dir(grand)?;
             }
         }
         // A hard link fails atomically if the target exists; a rename would
         // silently replace it.
-        let placed = fs::hard_link(&tmp, &target).and_then(|()| fs::remove_file(&tmp));
+        let placed = fs::hard_link(tmp, &target).and_then(|()| fs::remove_file(tmp));
         if let Err(e) = placed {
-            let _ = fs::remove_file(&tmp);
+            let _ = fs::remove_file(tmp);
             if e.kind() == std::io::ErrorKind::AlreadyExists {
                 return Err(Error::AlreadyExists(key.to_string()));
             }
@@ -199,6 +214,23 @@ impl ObjectStore for LocalStore {
 
     fn put(&self, key: &str, data: &[u8]) -> Result<()> {
         self.write_object(key, data)
+    }
+
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        Some(self.path(key))
+    }
+
+    fn temp_file_path(&self) -> Option<PathBuf> {
+        self.temp_path().ok()
+    }
+
+    fn put_file(&self, key: &str, path: &Path) -> Result<()> {
+        if path.parent() == Some(self.root.join(TMP_DIR).as_path()) {
+            return self.place(key, path);
+        }
+        let data = fs::read(path).map_err(|e| Error::io(path, e))?;
+        let _ = fs::remove_file(path);
+        self.write_object(key, &data)
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::ids::PackId;
-use crate::repo::{index_key, IndexFile, Repository, INDEX_PREFIX, PACKS_PREFIX};
+use crate::repo::{index_key, IndexFile, MergeMode, Repository, INDEX_PREFIX, PACKS_PREFIX};
 use crate::verify::pack_id_of_key;
 
 #[derive(Debug, Default, Serialize)]
@@ -106,6 +106,9 @@ pub fn repair_index(repo: &Repository) -> Result<RepairReport> {
         .rebuilt
         .sort_by(|a, b| a.index_file.cmp(&b.index_file));
     report.unreadable_packs.sort();
+    // The merged file was copied from index files, some perhaps wrong:
+    // written again from the per-pack files as they are now.
+    repo.merge_index(MergeMode::Rebuild, None)?;
     repo.reload_index()?;
     Ok(report)
 }

@@ -1,7 +1,8 @@
 //! The repository: config and keys, the in-memory chunk index, reading
 //! chunks (raw and decoded as separate steps) and restore points.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -13,6 +14,9 @@ use crate::error::{Error, Result};
 use crate::format::{self, CHUNK_ZSTD, FLAG_SEALED, FLAG_ZSTD};
 use crate::ids::{ChunkHasher, ChunkId, IdMap, PackId};
 use crate::manifest::{validate_job_name, Manifest};
+use crate::merged_index::{
+    merged_index_key, merged_index_name, MergedIndex, MergedIndexKeys, MergedIndexWriter,
+};
 use crate::store::{ObjectBytes, ObjectStore};
 
 pub const CONFIG_KEY: &str = "config";
@@ -128,10 +132,16 @@ pub struct IndexFile {
     pub entries: Vec<IndexEntry>,
 }
 
-/// The in-memory index: chunk id to location, and the pack table.
+/// The chunk index: chunk id to location, and the pack table. The packs a
+/// merged index file covers are searched in that file, in place; the few
+/// packs not merged yet are held in memory.
 #[derive(Default)]
 pub struct Index {
-    pub chunks: IdMap<ChunkLoc>,
+    recent: IdMap<ChunkLoc>,
+    merged: Option<Arc<MergedIndex>>,
+    /// Per pack number of the merged file: its number here, or `None` for
+    /// a pack left out (its index file is gone, or the pack is).
+    merged_packs: Vec<Option<u32>>,
     pub packs: Vec<PackId>,
     pack_numbers: HashMap<PackId, u32>,
     /// Packs left out because they are missing or damaged, as messages.
@@ -139,15 +149,87 @@ pub struct Index {
     /// Packs (by number) that a prune has listed for deletion: readable,
     /// but never reused by a writer ([`crate::lock`] says why).
     no_dedup: std::collections::HashSet<u32>,
+    /// Packs held in memory, not covered by the merged file.
+    unmerged: usize,
 }
 
 impl Index {
+    /// Calls `each` with the locations of `id` in the merged file, in packs
+    /// still present, until it returns true. A damaged block is logged and
+    /// answers nothing: a backup then stores the chunk again, and a read
+    /// fails, rather than trusting a location that failed its checksum.
+    fn merged_locs(&self, id: &ChunkId, mut each: impl FnMut(ChunkLoc) -> bool) {
+        let Some(m) = &self.merged else { return };
+        let found = m.find(id, |pack, e| match self.merged_packs[pack as usize] {
+            Some(n) => each(e.loc(n)),
+            None => false,
+        });
+        if let Err(e) = found {
+            tracing::warn!(error = %e, "merged index entry unreadable; run `flr repair index`");
+        }
+    }
+
+    /// Where chunk `id` is stored, preferring a pack no prune is about to
+    /// delete.
+    pub fn get(&self, id: &ChunkId) -> Option<ChunkLoc> {
+        let mut fallback = None;
+        if let Some(loc) = self.recent.get(id) {
+            if !self.no_dedup.contains(&loc.pack) {
+                return Some(*loc);
+            }
+            fallback = Some(*loc);
+        }
+        let mut best = None;
+        self.merged_locs(id, |loc| {
+            if self.no_dedup.contains(&loc.pack) {
+                fallback.get_or_insert(loc);
+                false
+            } else {
+                best = Some(loc);
+                true
+            }
+        });
+        best.or(fallback)
+    }
+
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.get(id).is_some()
+    }
+
     /// Whether a writer may reuse the stored chunk `id` instead of storing
-    /// it again: it is indexed, in a pack no prune is about to delete.
+    /// it again: it is indexed, in a pack no prune is about to delete. A
+    /// chunk not in memory is looked up on disk only if the merged file's
+    /// filter says it may be there.
     pub fn has_for_dedup(&self, id: &ChunkId) -> bool {
-        self.chunks
-            .get(id)
-            .is_some_and(|loc| !self.no_dedup.contains(&loc.pack))
+        if let Some(loc) = self.recent.get(id) {
+            if !self.no_dedup.contains(&loc.pack) {
+                return true;
+            }
+        }
+        if !self.merged.as_ref().is_some_and(|m| m.may_contain(id)) {
+            return false;
+        }
+        let mut found = false;
+        self.merged_locs(id, |loc| {
+            found = !self.no_dedup.contains(&loc.pack);
+            found
+        });
+        found
+    }
+
+    /// Entries held in memory (of packs not merged yet).
+    pub fn in_memory_len(&self) -> usize {
+        self.recent.len()
+    }
+
+    /// The merged index file in use, if any.
+    pub fn merged(&self) -> Option<&Arc<MergedIndex>> {
+        self.merged.as_ref()
+    }
+
+    /// Packs whose entries are held in memory, not yet merged.
+    pub fn unmerged_packs(&self) -> usize {
+        self.unmerged
     }
 
     /// Keeps writers from reusing the chunks of `packs` from now on.
@@ -159,20 +241,62 @@ impl Index {
         }
     }
 
-    pub fn add_pack(&mut self, file: &IndexFile) {
-        let n = match self.pack_numbers.get(&file.pack) {
+    fn number(&mut self, pack: PackId) -> u32 {
+        match self.pack_numbers.get(&pack) {
             Some(n) => *n,
             None => {
                 let n = self.packs.len() as u32;
-                self.packs.push(file.pack);
-                self.pack_numbers.insert(file.pack, n);
+                self.packs.push(pack);
+                self.pack_numbers.insert(pack, n);
                 n
             }
-        };
-        for e in &file.entries {
-            self.chunks.entry(e.id).or_insert(e.loc(n));
         }
     }
+
+    pub fn add_pack(&mut self, file: &IndexFile) {
+        let n = self.number(file.pack);
+        self.unmerged += 1;
+        for e in &file.entries {
+            self.recent.entry(e.id).or_insert(e.loc(n));
+        }
+    }
+
+    /// Uses `merged` for the packs of it that `keep` accepts.
+    fn set_merged(&mut self, merged: Arc<MergedIndex>, mut keep: impl FnMut(&PackId) -> bool) {
+        let mut map = Vec::with_capacity(merged.packs().len());
+        for (pack, _) in merged.packs() {
+            map.push(keep(pack).then(|| self.number(*pack)));
+        }
+        self.merged_packs = map;
+        self.merged = Some(merged);
+    }
+}
+
+/// What one scan of the index found.
+struct IndexScan {
+    index: Index,
+    /// The per-pack files read (not covered by the merged file).
+    files: Vec<IndexFile>,
+    /// Every merged file listed.
+    merged_keys: Vec<String>,
+}
+
+/// What a merge starts from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MergeMode {
+    /// The merged file in use plus the per-pack files it lacks.
+    Incremental,
+    /// Every per-pack file, ignoring merged files.
+    Rebuild,
+}
+
+/// Steps of a merge after which a test can stop it, as a crash would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MergeStep {
+    /// The new file is complete in its temporary place, not yet stored.
+    Finished,
+    /// The new file is stored; the files it replaces are not removed yet.
+    Written,
 }
 
 pub fn pack_key(pack: &PackId) -> String {
@@ -295,6 +419,8 @@ pub struct Repository {
     /// Whether an unreadable index file fails [`Self::reload_index`].
     strict: bool,
     pack_target: AtomicUsize,
+    /// Where merged index files of a remote store are copied to be read.
+    merged_cache: Option<PathBuf>,
     /// The key of each restore point listed or written so far: the name
     /// alone does not give it (see [`Self::list_restore_points`]).
     manifest_keys: parking_lot::Mutex<HashMap<RestorePointName, String>>,
@@ -307,7 +433,7 @@ static INSTANCES: AtomicU64 = AtomicU64::new(0);
 
 /// Checks entries (of an index file or a pack's own table) against the
 /// pack they describe, whose frames lie in `[PACK_HEADER_LEN, frames_end)`.
-fn check_entries(what: &str, entries: &[IndexEntry], frames_end: u64) -> Result<()> {
+pub(crate) fn check_entries(what: &str, entries: &[IndexEntry], frames_end: u64) -> Result<()> {
     for e in entries {
         if e.raw_len > format::MAX_CHUNK_SIZE
             || e.frame_raw_len > format::MAX_CHUNK_SIZE
@@ -445,8 +571,13 @@ impl Repository {
             instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
             strict,
             pack_target: AtomicUsize::new(format::PACK_TARGET_SIZE),
+            merged_cache: None,
             manifest_keys: Default::default(),
         };
+        let mut repo = repo;
+        if repo.store.local_path(CONFIG_KEY).is_none() && repo.location.starts_with("s3://") {
+            repo.merged_cache = merged_cache_root().map(|d| d.join(&repo.config.id));
+        }
         repo.reload_index()?;
         Ok(repo)
     }
@@ -565,23 +696,90 @@ impl Repository {
         Ok(table.entries)
     }
 
-    /// Reads every index file into memory, replacing what was there:
-    /// index files of other writers that appeared are picked up, those a
-    /// prune removed are dropped. Packs on a prune's pending list (listed
-    /// before the index files are read, see [`crate::lock`]) stay readable
-    /// but are excluded from deduplication, and a chunk that is also in
-    /// another pack is located there.
+    /// Re-reads the index, replacing what was there: index files of other
+    /// writers that appeared are picked up, those a prune removed are
+    /// dropped. The merged index file covering the most packs is used in
+    /// place (kept open if it is the one already in use), and only the
+    /// per-pack files it does not cover are read. Packs on a prune's
+    /// pending list (listed before the index files are read, see
+    /// [`crate::lock`]) stay readable but are excluded from deduplication,
+    /// and a chunk that is also in another pack is located there.
     pub fn reload_index(&self) -> Result<()> {
+        let mut attempts = 0;
+        loop {
+            match self.scan_index(false) {
+                // A merged file that a merge replaced since the listing.
+                Err(Error::NotFound(what))
+                    if attempts < 5 && what.starts_with(format::MERGED_INDEX_PREFIX) =>
+                {
+                    attempts += 1;
+                }
+                Err(e) => return Err(e),
+                Ok(scan) => {
+                    *self.index.write() = scan.index;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn scan_index(&self, ignore_merged: bool) -> Result<IndexScan> {
         let pending = crate::lock::pending_pack_set(self)?;
         let keys = self.store.list(INDEX_PREFIX)?;
-        // Each index file, and the size of the pack it describes: a pack
-        // that is missing or of the wrong length is left out of the index,
-        // so a backup stores its chunks again and a read of them fails
-        // instead of returning bytes from a damaged file.
+        let listed: HashSet<PackId> = keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(INDEX_PREFIX)?.strip_suffix(".idx"))
+            .filter_map(PackId::from_hex)
+            .collect();
+        let merged_keys: Vec<String> = self
+            .store
+            .list(format::MERGED_INDEX_PREFIX)?
+            .into_iter()
+            .filter(|k| merged_index_name(k).is_some())
+            .collect();
+        let mut index = Index::default();
+        let mut covered = HashSet::new();
+        let chosen = match ignore_merged {
+            true => None,
+            false => self.choose_merged(&merged_keys, &listed, &mut index.problems)?,
+        };
+        if let Some(m) = chosen {
+            // The packs' own existence, in one listing: a pack deleted by
+            // hand must not be offered for deduplication.
+            let present: HashSet<PackId> = self
+                .store
+                .list(PACKS_PREFIX)?
+                .iter()
+                .filter_map(|k| crate::verify::pack_id_of_key(k))
+                .collect();
+            for (p, _) in m.packs() {
+                if listed.contains(p) {
+                    covered.insert(*p);
+                    if !present.contains(p) {
+                        index.problems.push(format!(
+                            "{}: missing; its chunks are treated as missing",
+                            pack_key(p)
+                        ));
+                    }
+                }
+            }
+            index.set_merged(m, |p| listed.contains(p) && present.contains(p));
+        }
+        // Each index file not merged, and the size of the pack it
+        // describes: a pack that is missing or of the wrong length is left
+        // out of the index, so a backup stores its chunks again and a read
+        // of them fails instead of returning bytes from a damaged file.
         let files: Vec<Result<(IndexFile, Option<u64>)>> = {
             use rayon::prelude::*;
             keys.par_iter()
                 .filter(|k| k.ends_with(".idx"))
+                .filter(|k| {
+                    let id = k
+                        .strip_prefix(INDEX_PREFIX)
+                        .and_then(|n| n.strip_suffix(".idx"))
+                        .and_then(PackId::from_hex);
+                    !id.is_some_and(|id| covered.contains(&id))
+                })
                 .filter_map(|k| {
                     let file = match self.read_index_file(k) {
                         Ok(file) => file,
@@ -597,7 +795,6 @@ impl Repository {
                 })
                 .collect()
         };
-        let mut index = Index::default();
         // Pending packs last, so that a chunk stored twice is located in
         // the pack that stays.
         let (mut files, later): (Vec<_>, Vec<_>) = files.into_iter().partition(|f| {
@@ -605,6 +802,7 @@ impl Repository {
                 .map_or(true, |(file, _)| !pending.contains(&file.pack))
         });
         files.extend(later);
+        let mut kept = Vec::new();
         for f in files {
             let (file, size) = match f {
                 Ok(found) => found,
@@ -619,9 +817,7 @@ impl Repository {
             match size {
                 Some(n) if n == file.pack_len => {
                     index.add_pack(&file);
-                    if pending.contains(&file.pack) {
-                        index.exclude_from_dedup(&[file.pack]);
-                    }
+                    kept.push(file);
                 }
                 Some(n) => index.problems.push(format!(
                     "{}: {n} bytes, its index says {} (truncated or damaged); its {} chunks are treated as missing",
@@ -636,8 +832,240 @@ impl Repository {
                 )),
             }
         }
-        *self.index.write() = index;
+        let pending: Vec<PackId> = pending.into_iter().collect();
+        index.exclude_from_dedup(&pending);
+        Ok(IndexScan {
+            index,
+            files: kept,
+            merged_keys,
+        })
+    }
+
+    /// Of the merged files listed, the one covering the most packs still
+    /// listed; a damaged one is reported in `problems` and passed over
+    /// (the per-pack files it covers are read instead).
+    fn choose_merged(
+        &self,
+        keys: &[String],
+        listed: &HashSet<PackId>,
+        problems: &mut Vec<String>,
+    ) -> Result<Option<Arc<MergedIndex>>> {
+        let current = self.index.read().merged.clone();
+        let mut best: Option<(usize, Arc<MergedIndex>)> = None;
+        for key in keys {
+            let m = match current.as_ref().filter(|m| m.key() == key) {
+                Some(m) => m.clone(),
+                None => match self.open_merged(key) {
+                    Ok(m) => Arc::new(m),
+                    Err(e)
+                        if e.is_corruption() || matches!(e, Error::UnsupportedVersion { .. }) =>
+                    {
+                        tracing::warn!(error = %e, "merged index file passed over");
+                        problems.push(format!(
+                            "{e}; it is passed over and the per-pack index files are read instead (the next merge or `flr repair index` replaces it)"
+                        ));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
+            };
+            let n = m.packs().iter().filter(|(p, _)| listed.contains(p)).count();
+            if best.as_ref().is_none_or(|(b, _)| n > *b) {
+                best = Some((n, m));
+            }
+        }
+        Ok(best.map(|(_, m)| m))
+    }
+
+    fn merged_index_keys(&self) -> MergedIndexKeys {
+        match &self.keys {
+            Some(k) => MergedIndexKeys::keyed(&k.id_key),
+            None => MergedIndexKeys::plain(),
+        }
+    }
+
+    /// Opens a merged index file: in place in a local repository; from a
+    /// local copy in the cache directory otherwise (fetched once: the file
+    /// never changes under its name), or held in memory without one.
+    fn open_merged(&self, key: &str) -> Result<MergedIndex> {
+        let keys = self.merged_index_keys();
+        if let Some(path) = self.store.local_path(key) {
+            return MergedIndex::open_path(key, &path, &keys);
+        }
+        let Some(dir) = &self.merged_cache else {
+            return MergedIndex::from_bytes(key, self.store.get(key)?, &keys);
+        };
+        let name = merged_index_name(key)
+            .ok_or_else(|| Error::malformed(key, "not a merged index name"))?;
+        let path = dir.join(format!("{name}.midx"));
+        if path.exists() {
+            match MergedIndex::open_path(key, &path, &keys) {
+                Ok(m) => return Ok(m),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cached merged index refetched");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        self.fetch_merged(key, name, dir, &path)?;
+        MergedIndex::open_path(key, &path, &keys)
+    }
+
+    /// Copies `key` into the cache directory in ranged reads, checks it
+    /// against its name, and removes the cached copies of other files.
+    fn fetch_merged(&self, key: &str, name: &str, dir: &Path, path: &Path) -> Result<()> {
+        use std::io::Write;
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let len = self
+            .store
+            .size(key)?
+            .ok_or_else(|| Error::NotFound(key.to_string()))?;
+        let tmp = dir.join(format!(".{name}.{}", crate::crypto::random_hex(8)));
+        let fetch = || -> Result<()> {
+            let mut out = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            let mut hash = blake3::Hasher::new();
+            let mut at = 0u64;
+            while at < len {
+                let n = (len - at).min(64 << 20) as usize;
+                let piece = self.store.get_range(key, at, n)?;
+                hash.update(&piece);
+                out.write_all(&piece).map_err(|e| Error::io(&tmp, e))?;
+                at += n as u64;
+            }
+            if hash.finalize().to_hex().as_str() != name {
+                return Err(Error::malformed(key, "contents do not match its name"));
+            }
+            out.sync_all().map_err(|e| Error::io(&tmp, e))?;
+            std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        };
+        if let Err(e) = fetch() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        // Older copies: a process still using one keeps its mapping.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.path() != path && e.path().extension().is_some_and(|x| x == "midx") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Merges when enough packs are held in memory
+    /// ([`format::MIDX_MERGE_AFTER_PACKS`]). A failed merge is logged and
+    /// changes nothing: the per-pack files still answer.
+    pub fn merge_index_if_due(&self) {
+        if self.index.read().unmerged_packs() < format::MIDX_MERGE_AFTER_PACKS {
+            return;
+        }
+        if let Err(e) = self.merge_index(MergeMode::Incremental, None) {
+            tracing::warn!(error = %e, "merging the chunk index failed; the per-pack index files still answer");
+        }
+    }
+
+    /// Writes a merged index file covering every pack with an index file:
+    /// the merged file in use plus the per-pack files it lacks
+    /// ([`MergeMode::Incremental`]), or every per-pack file
+    /// ([`MergeMode::Rebuild`], as `flr repair index` does). Then removes
+    /// the merged files it replaces and reloads the index. `stop` ends it
+    /// after a step, as a crash there would (for tests). Returns the new
+    /// file's key, or `None` if nothing needed merging.
+    pub fn merge_index(&self, mode: MergeMode, stop: Option<MergeStep>) -> Result<Option<String>> {
+        let scan = self.scan_index(mode == MergeMode::Rebuild)?;
+        let merged = scan.index.merged.clone();
+        if scan.files.is_empty() && scan.merged_keys.len() == merged.is_some() as usize {
+            return Ok(None);
+        }
+        let written = match self.write_merged(&scan, merged.as_deref(), stop) {
+            // A damaged block of the old file: rebuild from the per-pack
+            // files instead.
+            Err(e) if e.is_corruption() && merged.is_some() => {
+                tracing::warn!(error = %e, "rebuilding the merged chunk index");
+                let scan = self.scan_index(true)?;
+                self.write_merged(&scan, None, stop)?
+            }
+            other => other?,
+        };
+        if stop == Some(MergeStep::Written) {
+            return Ok(Some(written));
+        }
+        for key in &scan.merged_keys {
+            if *key != written {
+                self.store.delete(key)?;
+            }
+        }
+        self.reload_index()?;
+        Ok(Some(written))
+    }
+
+    fn write_merged(
+        &self,
+        scan: &IndexScan,
+        merged: Option<&MergedIndex>,
+        stop: Option<MergeStep>,
+    ) -> Result<String> {
+        // Packs of the old file still present keep their order, then the
+        // per-pack files': numbering stays monotonic, so the old entries'
+        // (id, pack) order carries over.
+        let mut packs = Vec::new();
+        let mut renumber = Vec::new();
+        if let Some(m) = merged {
+            for (k, (p, len)) in m.packs().iter().enumerate() {
+                match scan.index.merged_packs[k] {
+                    Some(_) => {
+                        renumber.push(Some(packs.len() as u32));
+                        packs.push((*p, *len));
+                    }
+                    None => renumber.push(None),
+                }
+            }
+        }
+        let mut new = Vec::new();
+        for f in &scan.files {
+            let n = packs.len() as u32;
+            packs.push((f.pack, f.pack_len));
+            new.extend(f.entries.iter().map(|e| (n, e)));
+        }
+        new.sort_by_key(|a| (a.1.id, a.0));
+        new.dedup_by(|a, b| (a.1.id, a.0) == (b.1.id, b.0));
+        let expected = merged.map_or(0, |m| m.len()) + new.len();
+        let tmp = self.store.temp_file_path().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("flr-merge-{}", crate::crypto::random_hex(8)))
+        });
+        let result = (|| {
+            let mut w =
+                MergedIndexWriter::create(&tmp, &self.merged_index_keys(), packs, expected as u64)?;
+            let mut new = new.into_iter().peekable();
+            if let Some(m) = merged {
+                for old in m.entries() {
+                    let (p, e) = old?;
+                    let Some(p) = renumber[p as usize] else {
+                        continue;
+                    };
+                    while let Some((n, ne)) = new.next_if(|(n, ne)| (ne.id, *n) < (e.id, p)) {
+                        w.push(n, ne)?;
+                    }
+                    w.push(p, &e)?;
+                }
+            }
+            for (n, ne) in new {
+                w.push(n, ne)?;
+            }
+            let (name, _) = w.finish()?;
+            if stop == Some(MergeStep::Finished) {
+                return Ok(merged_index_key(&name));
+            }
+            let key = merged_index_key(&name);
+            match self.store.put_file(&key, &tmp) {
+                // The same name is the same bytes.
+                Ok(()) | Err(Error::AlreadyExists(_)) => Ok(key),
+                Err(e) => Err(e),
+            }
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        result
     }
 
     pub fn read_index_file(&self, key: &str) -> Result<IndexFile> {
@@ -715,9 +1143,8 @@ impl Repository {
     pub fn locate(&self, id: &ChunkId) -> Option<(ChunkLoc, PackId)> {
         let index = self.index.read();
         index
-            .chunks
             .get(id)
-            .map(|loc| (*loc, index.packs[loc.pack as usize]))
+            .map(|loc| (loc, index.packs[loc.pack as usize]))
     }
 
     /// Fetches the stored bytes of the frame at `loc` in `pack`, as they
@@ -998,6 +1425,21 @@ impl Repository {
         }
         RestorePointName::parse(spec)
     }
+}
+
+/// The directory remote repositories' merged index files are copied to:
+/// `$FLR_CACHE_DIR/merged-index`, else under `$XDG_CACHE_HOME/flr` or
+/// `~/.cache/flr`. Without any, the file is held in memory.
+fn merged_cache_root() -> Option<PathBuf> {
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let base = var("FLR_CACHE_DIR")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("flr")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache").join("flr")))?;
+    Some(base.join("merged-index"))
 }
 
 fn parse_config(what: &str, payload: &[u8]) -> Result<RepoConfig> {

@@ -92,6 +92,27 @@ pub trait ObjectStore: Send + Sync {
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
     /// Removes an object; removing a missing object is not an error.
     fn delete(&self, key: &str) -> Result<()>;
+
+    /// Where the object `key` can be read as a local file, for a store
+    /// that keeps its objects in one (read through a mapping there).
+    fn local_path(&self, _key: &str) -> Option<std::path::PathBuf> {
+        None
+    }
+
+    /// A new path for a temporary file that [`Self::put_file`] can move
+    /// into place without copying; `None` where any local directory does.
+    fn temp_file_path(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+
+    /// Stores the synced file at `path` as `key`, create-only like
+    /// [`Self::put`], and removes the file, for objects too large to hold
+    /// in memory. By default the file is read whole and put.
+    fn put_file(&self, key: &str, path: &std::path::Path) -> Result<()> {
+        let data = std::fs::read(path).map_err(|e| crate::error::Error::io(path, e))?;
+        let _ = std::fs::remove_file(path);
+        self.put(key, &data)
+    }
     /// The requests sent so far, for stores reached over a network;
     /// `None` for a local store, which pays nothing per request.
     fn requests(&self) -> Option<RequestCounts> {

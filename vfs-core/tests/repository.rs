@@ -196,16 +196,19 @@ fn a_damaged_chunk_fails_its_read_and_only_its_read() {
 
     // Every page reads its exact bytes or fails as corrupt, never wrong
     // bytes; some page of the damaged frame fails; no page outside it does.
-    let index = repo.index().read().chunks.clone();
-    let fs = mount_model(repo);
-    let (fh, _) = open_file(&fs, "c", "f");
     let pages = match &m.nodes[1].content {
         vfs_core::manifest::Content::Fixed { chunks, .. } => chunks.clone(),
         _ => unreachable!(),
     };
+    let offsets: Vec<Option<u32>> = pages
+        .iter()
+        .map(|id| id.map(|id| repo.index().read().get(&id).unwrap().offset))
+        .collect();
+    let fs = mount_model(repo);
+    let (fh, _) = open_file(&fs, "c", "f");
     let mut failed = 0;
-    for (k, id) in pages.iter().enumerate() {
-        let in_damaged_frame = id.is_some_and(|id| index[&id].offset == loc.offset);
+    for (k, offset) in offsets.iter().enumerate() {
+        let in_damaged_frame = *offset == Some(loc.offset);
         let start = k * 4096;
         let end = (start + 4096).min(data.len());
         match fs.read(fh, start as u64, 4096) {
