@@ -1099,13 +1099,30 @@ impl RepoFs {
             },
             Err(e) => Err(e.clone()),
         };
-        // A large read of frames not yet cached checks its chunks on all
-        // cores.
+        // A large read of frames not yet cached checks the chunks of the
+        // frames fetched here on all cores. Only those: a pool thread must
+        // never wait for a frame that another reader or a readahead job is
+        // fetching, since that fetch decodes on the same pool, and pool
+        // threads all waiting on fetches that need a pool thread to finish
+        // hang the mount. The other chunks are looked up on this thread.
         let fetched: Vec<Option<FsResult<ChunkSlice>>> = if fetched_here.len() > 4 {
             use rayon::prelude::*;
-            pieces
+            let checked: Vec<Option<FsResult<ChunkSlice>>> = pieces
                 .par_iter()
-                .map(|(id, _, _)| id.as_ref().map(get))
+                .map(|(place, _, _)| match place {
+                    Some(Ok(chunk)) => fetched_here
+                        .get(&chunk.frame_key)
+                        .map(|frame| chunk_in(&self.repo, chunk, frame.clone())),
+                    _ => None,
+                })
+                .collect();
+            pieces
+                .iter()
+                .zip(checked)
+                .map(|((place, _, _), done)| match done {
+                    Some(r) => Some(r),
+                    None => place.as_ref().map(get),
+                })
                 .collect()
         } else {
             pieces
