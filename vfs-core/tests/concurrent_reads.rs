@@ -117,8 +117,9 @@ fn readers_and_readahead_sharing_fetches_never_hang() {
     }
     drop(done_tx);
     for _ in 0..READERS {
-        // Generous: all of it takes about a second on two cores. A reader
-        // that panicked drops its sender, which ends the wait early.
+        // Generous: all of it takes well under a second on two cores. A
+        // reader that panics never sends: once the others are done, the
+        // wait ends with every sender gone.
         match done_rx.recv_timeout(Duration::from_secs(120)) {
             Ok(_) => {}
             Err(mpsc::RecvTimeoutError::Timeout) => {
