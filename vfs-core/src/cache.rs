@@ -28,7 +28,14 @@ struct Pending {
 }
 
 impl Pending {
+    /// Blocks until the fetch completes. Never on a decode pool thread:
+    /// fetches decode on that pool, so pool threads that all wait here
+    /// leave no thread to finish the fetch they wait for.
     fn wait(&self) -> Result<ChunkData, FsError> {
+        debug_assert!(
+            rayon::current_thread_index().is_none(),
+            "a decode pool thread waits for a frame fetch"
+        );
         let mut result = self.result.lock();
         loop {
             if let Some(r) = &*result {
