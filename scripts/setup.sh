@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pkg in fuse3 sqlite3 python3; do
+# libnfs-utils: this kernel has no NFS client, so the NFS export's tests
+# and benchmark use libnfs's userspace tools (nfs-ls, nfs-cat, nfs-cp).
+for pkg in fuse3 sqlite3 python3 libnfs-utils; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 # The PostgreSQL end-to-end tests and bench/pg.sh run PostgreSQL 15's own

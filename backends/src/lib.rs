@@ -27,5 +27,6 @@
 
 #[cfg(target_os = "linux")]
 pub mod fuse;
+pub mod nfs;
 pub mod repo_spec;
 pub mod s3;

@@ -36,6 +36,8 @@ macro_rules! say {
     }};
 }
 
+mod nfs;
+
 /// Default mount root on Linux.
 pub const DEFAULT_MOUNT_ROOT: &str = "/mnt/flr";
 
@@ -121,15 +123,27 @@ pub struct MountArgs {
     /// a backup tool running as that user can write there.
     #[arg(long, requires = "ingest")]
     owner: Option<String>,
+    /// Serve over NFSv3 at ADDR:PORT instead of mounting here (NFS and
+    /// MOUNT on that one port; a bare PORT means 127.0.0.1:PORT). A
+    /// restore point is exported read-only; with --writable, the session.
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with_all = ["mountpoint", "ingest"])]
+    nfs: Option<String>,
+    /// NFS: a client address or network (ADDR or ADDR/PREFIX) that may
+    /// connect; repeatable. Default: loopback clients only.
+    #[arg(long, value_name = "NET", requires = "nfs")]
+    nfs_allow: Vec<backends::nfs::ClientNet>,
 }
 
 pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
     let writable = args.writable || args.resume.is_some();
-    if args.resume.is_some() && args.mountpoint.is_none() {
-        bail!("--resume needs a MOUNTPOINT");
+    if args.resume.is_some() && args.mountpoint.is_none() && args.nfs.is_none() {
+        bail!("--resume needs a MOUNTPOINT (or --nfs)");
     }
     if args.ingest && args.mountpoint.is_none() {
         bail!("--ingest needs a MOUNTPOINT");
+    }
+    if let Some(addr) = &args.nfs {
+        return nfs::run(&args, addr);
     }
     if args.mountpoint.is_none() {
         if mountd::client::is_running(socket) {
@@ -178,6 +192,29 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
         return run_ingest(&args, mountpoint);
     }
     let repo_path = args.repo.as_ref().expect("required without --resume");
+    let fs = open_repo_fs(&args)?;
+    let opts = backends::fuse::FuseOptions {
+        threads: args.threads.max(1),
+        allow_other: !args.private,
+        auto_unmount: true,
+        fs_name: format!("flr:{}", repo_path),
+    };
+    let mount = backends::fuse::mount(fs.clone(), mountpoint, &opts)
+        .with_context(|| format!("cannot mount at {}", mountpoint.display()))?;
+    serve(
+        &mount,
+        mountpoint,
+        None,
+        &format!("mounted {} at {}", repo_path, mountpoint.display()),
+    )?;
+    mount.unmount().ok();
+    report_reads(&fs, mountpoint);
+    Ok(exit::OK)
+}
+
+/// The read-only model of `--repo`, with `--job`/`--restore-point`.
+fn open_repo_fs(args: &MountArgs) -> Result<Arc<RepoFs>> {
+    let repo_path = args.repo.as_ref().expect("required without --resume");
     let repo = Arc::new(crate::cli::open_repo(repo_path)?);
     let filter = MountFilter {
         job: args.job.clone(),
@@ -198,30 +235,14 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
         repo,
         FsOptions {
             cache_bytes: args.cache_size as usize,
-            disk_cache: open_disk_cache(&args)?,
+            disk_cache: open_disk_cache(args)?,
             readahead_threads,
             uid,
             gid,
             filter,
         },
     )?;
-    let opts = backends::fuse::FuseOptions {
-        threads: args.threads.max(1),
-        allow_other: !args.private,
-        auto_unmount: true,
-        fs_name: format!("flr:{}", repo_path),
-    };
-    let mount = backends::fuse::mount(fs.clone(), mountpoint, &opts)
-        .with_context(|| format!("cannot mount at {}", mountpoint.display()))?;
-    serve(
-        &mount,
-        mountpoint,
-        None,
-        &format!("mounted {} at {}", repo_path, mountpoint.display()),
-    )?;
-    mount.unmount().ok();
-    report_reads(&fs, mountpoint);
-    Ok(exit::OK)
+    Ok(fs)
 }
 
 /// `--disk-cache DIR`, opened and taken for this process.
@@ -305,10 +326,18 @@ fn serve(
     Ok(())
 }
 
-/// `flr mount --writable` / `--resume`: one restore point as a writable
-/// session until unmounted; then the session is discarded, or kept with
-/// `--keep`.
-fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
+/// A writable session, opened or resumed.
+struct Session {
+    cow: Arc<session::CowFs>,
+    id: String,
+    repo_path: backends::repo_spec::RepoSpec,
+    rp: RestorePointName,
+    resume: bool,
+    state_dir: PathBuf,
+}
+
+/// Opens the session `--writable`/`--resume` ask for.
+fn open_writable(args: &MountArgs) -> Result<Session> {
     let state_dir = args
         .state_dir
         .clone()
@@ -349,6 +378,28 @@ fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
             },
         },
     )?;
+    Ok(Session {
+        cow,
+        id,
+        repo_path,
+        rp,
+        resume,
+        state_dir,
+    })
+}
+
+/// `flr mount --writable` / `--resume`: one restore point as a writable
+/// session until unmounted; then the session is discarded, or kept with
+/// `--keep`.
+fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
+    let Session {
+        cow,
+        id,
+        repo_path,
+        rp,
+        resume,
+        state_dir,
+    } = open_writable(args)?;
     let opts = backends::fuse::FuseOptions {
         threads: args.threads.max(1),
         allow_other: !args.private,
@@ -396,7 +447,26 @@ fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
         ),
     )?;
     mount.unmount().ok();
-    let keep = args.keep && !discarded.load(std::sync::atomic::Ordering::SeqCst);
+    let discarded = discarded.load(std::sync::atomic::Ordering::SeqCst);
+    close_session(
+        args, cow, &id, &state_dir, discarded, control, done_tx, mountpoint,
+    )
+}
+
+/// Ends a served session: reports, then discards it, or keeps it with
+/// `--keep` (unless a discard was asked for); answers a waiting discard.
+#[allow(clippy::too_many_arguments)]
+fn close_session(
+    args: &MountArgs,
+    cow: Arc<session::CowFs>,
+    id: &str,
+    state_dir: &Path,
+    discarded: bool,
+    control: Option<writable::ControlServer>,
+    done_tx: std::sync::mpsc::Sender<std::result::Result<(), String>>,
+    mountpoint: &Path,
+) -> Result<u8> {
+    let keep = args.keep && !discarded;
     report_reads(cow.base(), mountpoint);
     let c = &cow.counters;
     use std::sync::atomic::Ordering::Relaxed;

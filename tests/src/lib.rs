@@ -15,6 +15,8 @@
 //!   panics; [`mount::WritableMount`], the same for a restore point
 //!   mounted writable, whose session it discards;
 //!   [`mount::is_mounted`] reads `/proc/mounts`.
+//! - [`nfs`]: [`nfs::NfsExport`], a guard around `flr mount --nfs`,
+//!   and libnfs's userspace client tools, which the tests speak NFS with.
 //! - [`s3`]: a real S3 server (s3s-fs) per test; [`fault_proxy`]: an
 //!   HTTP proxy in front of it that injects 5xx answers, resets, cut-off
 //!   responses and delays on a seeded fraction of requests, logs every
@@ -49,6 +51,7 @@ pub mod fsx;
 pub mod gc;
 pub mod hostile;
 pub mod mount;
+pub mod nfs;
 pub mod pjdfstest;
 pub mod postgres;
 pub mod repo;
