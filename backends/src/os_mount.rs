@@ -51,11 +51,22 @@ mod windows {
         }
     }
 
+    /// Mounts like the Linux `mount`. Callers make the mount point as a
+    /// directory first, as FUSE needs; WinFsp makes its own and refuses
+    /// an existing one, so an empty directory there is removed first.
     pub fn mount(
         fs: Arc<dyn FsModel>,
         mountpoint: &Path,
         opts: &MountOptions,
     ) -> io::Result<Mount> {
+        if std::fs::read_dir(mountpoint).is_ok_and(|mut d| d.next().is_none()) {
+            std::fs::remove_dir(mountpoint).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot clear mount point {}: {e}", mountpoint.display()),
+                )
+            })?;
+        }
         let info_timeout_ms = if fs.writable() {
             WinFspOptions::WRITABLE_INFO_TIMEOUT_MS
         } else {
