@@ -78,7 +78,7 @@ struct NodeRef(Option<Arc<OpenNode>>);
 impl FileContextKind for NodeRef {
     const MODE: FileContextMode = FileContextMode::Descriptor;
 
-    unsafe fn write(self, out: *mut winfsp_wrs_sys_ptr::PVOID) {
+    unsafe fn write(self, out: *mut RawContext) {
         let raw = match self.0 {
             Some(node) => Arc::into_raw(node).cast_mut().cast(),
             None => std::ptr::null_mut(),
@@ -87,7 +87,7 @@ impl FileContextKind for NodeRef {
         unsafe { out.write(raw) }
     }
 
-    unsafe fn access(raw: winfsp_wrs_sys_ptr::PVOID) -> Self {
+    unsafe fn access(raw: RawContext) -> Self {
         if raw.is_null() {
             return NodeRef(None);
         }
@@ -100,7 +100,7 @@ impl FileContextKind for NodeRef {
         }
     }
 
-    unsafe fn access_for_close(raw: winfsp_wrs_sys_ptr::PVOID) -> Self {
+    unsafe fn access_for_close(raw: RawContext) -> Self {
         if raw.is_null() {
             return NodeRef(None);
         }
@@ -110,11 +110,9 @@ impl FileContextKind for NodeRef {
     }
 }
 
-/// `winfsp_wrs` does not re-export its sys crate; `PVOID` is a plain
-/// `*mut c_void` there.
-mod winfsp_wrs_sys_ptr {
-    pub type PVOID = *mut std::ffi::c_void;
-}
+/// WinFsp's per-handle context pointer (`PVOID`; `winfsp_wrs` does not
+/// re-export its sys crate, where it is a plain `*mut c_void`).
+type RawContext = *mut std::ffi::c_void;
 
 impl NodeRef {
     fn node(&self) -> Result<&OpenNode, NTSTATUS> {
@@ -767,12 +765,13 @@ pub fn mount(
         ended_cv: Condvar::new(),
         stopping: AtomicBool::new(false),
     });
-    let label: String = opts.volume_label.chars().take(32).collect();
+    // WinFsp holds 32 UTF-16 units of label.
+    let label: Vec<u16> = opts.volume_label.encode_utf16().take(32).collect();
     let adapter = WinFspAdapter {
         fs,
         read_only,
         security,
-        volume_label: U16String::from_str(&label),
+        volume_label: U16String::from_vec(label),
         caller: Caller {
             uid: root.uid,
             gid: root.gid,
