@@ -39,7 +39,10 @@ fn write_tree(root: &Path) -> std::io::Result<()> {
     std::fs::write(root.join("etc/app/dump.bin"), dump)?;
     std::fs::write(root.join("etc/app/empty"), b"")?;
     std::fs::write(root.join("etc/app/app.conf"), b"listen = 8080\n")?;
+    #[cfg(unix)]
     std::os::unix::fs::symlink("app/app.conf", root.join("etc/current"))?;
+    #[cfg(windows)]
+    std::os::windows::fs::symlink_file("app/app.conf", root.join("etc/current"))?;
     Ok(())
 }
 

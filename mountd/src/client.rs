@@ -1,13 +1,19 @@
 //! A blocking HTTP/1.1 client for the daemon's Unix socket: one request
-//! per connection, enough for the command line and tests.
+//! per connection, enough for the command line and tests. On Windows
+//! there is no Unix socket: [`request`] fails with "not supported", and
+//! the daemon is reached on its TCP listener with its bearer token
+//! ([`exchange`] over a `TcpStream`, as `flr export --to` does).
 
 use std::io::{self, Read, Write};
+#[cfg(unix)]
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+#[cfg(unix)]
 use std::time::Duration;
 
 /// How long a request may take before the client gives up; the daemon
 /// answers every call in well under this, mounting included.
+#[cfg(unix)]
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
@@ -49,6 +55,26 @@ pub fn request(
 
 /// Like [`request`] with a body sent as is (tests send malformed JSON).
 pub fn request_raw(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> io::Result<Response> {
+    #[cfg(not(unix))]
+    {
+        let _ = (socket, method, path, body);
+        Err(crate::host::unsupported(
+            "the daemon's Unix control socket (reach it on its TCP listener with the bearer token)",
+        ))
+    }
+    #[cfg(unix)]
+    {
+        request_unix(socket, method, path, body)
+    }
+}
+
+#[cfg(unix)]
+fn request_unix(
     socket: &Path,
     method: &str,
     path: &str,

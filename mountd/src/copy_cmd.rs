@@ -63,15 +63,11 @@ pub fn run(args: CopyArgs) -> Result<u8> {
     names.dedup();
 
     let cancel = Arc::new(AtomicBool::new(false));
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("cannot install signal handlers")?;
+    let signals = crate::interrupt::Interrupts::new().context("cannot install signal handlers")?;
     let handle = signals.handle();
     let flag = cancel.clone();
     let watcher = std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        if let Some(sig) = signals.wait() {
             tracing::warn!("signal {sig}: stopping after the current batch; the restore point being copied is not committed");
             flag.store(true, Ordering::Relaxed);
         }

@@ -85,15 +85,11 @@ pub fn run(args: DevicesArgs) -> Result<u8> {
     out.flush()?;
 
     let cancel = Arc::new(AtomicBool::new(false));
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("cannot install signal handlers")?;
+    let signals = crate::interrupt::Interrupts::new().context("cannot install signal handlers")?;
     let flag = cancel.clone();
     let dirs: Vec<PathBuf> = set.databases.iter().map(|d| d.dir.clone()).collect();
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        if let Some(sig) = signals.wait() {
             tracing::warn!("signal {sig}: stopping; no restore point will be committed");
             flag.store(true, Ordering::SeqCst);
             // A device whose writer holds its pipe open without writing

@@ -12,18 +12,33 @@
 //! both just close it. A tar stream carries its own end (the end-of-archive
 //! blocks); for raw streams, [`Writer`] runs the writing command itself and
 //! a stream counts only if that command exits with status 0.
+//!
+//! Unix only: FIFOs, `sh -c` writers and signals have no counterpart on
+//! Windows, where making devices and running writers fail with "not
+//! supported on Windows".
 
+#[cfg(unix)]
 use std::fs::{File, OpenOptions};
+#[cfg(unix)]
 use std::io::Read;
+#[cfg(unix)]
 use std::os::fd::AsFd;
+#[cfg(unix)]
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+#[cfg(unix)]
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::process::ExitStatus;
+#[cfg(unix)]
+use std::process::{Child, Command};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(unix)]
+use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+#[cfg(unix)]
+use anyhow::bail;
+use anyhow::{Context, Result};
 use parking_lot::{Condvar, Mutex};
 use vfs_core::devices::{Database, Device, DeviceStatus, Opener};
 
@@ -53,13 +68,18 @@ pub struct Owner {
 impl Owner {
     /// The user running this process.
     pub fn current() -> Owner {
-        Owner {
-            uid: nix::unistd::geteuid().as_raw(),
-            gid: nix::unistd::getegid().as_raw(),
-        }
+        let (uid, gid) = crate::host::own_ids();
+        Owner { uid, gid }
+    }
+
+    /// Windows has no users by name or number to give devices to.
+    #[cfg(not(unix))]
+    pub fn lookup(user: &str) -> Result<Owner> {
+        Err(crate::host::unsupported(&format!("device owners (user {user:?})")).into())
     }
 
     /// A user by name (or number), with its primary group.
+    #[cfg(unix)]
     pub fn lookup(user: &str) -> Result<Owner> {
         use nix::unistd::{Uid, User};
         let found = match User::from_name(user) {
@@ -95,13 +115,23 @@ pub struct DeviceSet {
     pub databases: Vec<DatabaseDevices>,
 }
 
+#[cfg(unix)]
 fn chown(path: &Path, owner: Owner) -> Result<()> {
-    std::os::unix::fs::lchown(path, Some(owner.uid), Some(owner.gid))
+    crate::host::lchown(path, owner.uid, owner.gid)
         .with_context(|| format!("cannot give {} to uid {}", path.display(), owner.uid))
+}
+
+/// Windows: whether a process runs cannot be told here, so every one
+/// counts as running (nothing is cleared or killed as left over).
+#[cfg(not(unix))]
+pub fn process_alive(pid: u32) -> bool {
+    let _ = pid;
+    true
 }
 
 /// Whether process `pid` runs; a zombie (killed, not yet reaped by its
 /// parent) has ended.
+#[cfg(unix)]
 pub fn process_alive(pid: u32) -> bool {
     // A zombie (killed, not yet reaped by its parent) has ended.
     let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -122,6 +152,13 @@ pub fn process_alive(pid: u32) -> bool {
 /// Removes what a run that died left in a database's directory: its pipes
 /// and pid file, nothing else; returns how many pipes. A directory still
 /// served by a live process, or holding anything else, is refused.
+#[cfg(not(unix))]
+fn clear_stale(dir: &Path, database: &str) -> Result<usize> {
+    let _ = (dir, database);
+    Err(crate::host::unsupported("named-pipe devices (FIFOs)").into())
+}
+
+#[cfg(unix)]
 fn clear_stale(dir: &Path, database: &str) -> Result<usize> {
     let pid_file = dir.join(PID_FILE);
     if let Ok(text) = std::fs::read_to_string(&pid_file) {
@@ -190,7 +227,20 @@ pub fn clear_stale_dir(dir: &Path) -> Result<usize> {
 }
 
 impl DeviceSet {
+    /// Windows has no FIFOs: there are no devices to make.
+    #[cfg(not(unix))]
+    pub fn create(
+        root: &Path,
+        databases: &[String],
+        streams: usize,
+        owner: Owner,
+    ) -> Result<DeviceSet> {
+        let _ = (root, databases, streams, owner);
+        Err(crate::host::unsupported("named-pipe devices (FIFOs)").into())
+    }
+
     /// Makes `streams` pipes for each database under `root`.
+    #[cfg(unix)]
     pub fn create(
         root: &Path,
         databases: &[String],
@@ -322,12 +372,14 @@ impl Drop for DeviceSet {
 
 /// A writing command that flr runs for a device (`--exec`): its exit
 /// status decides whether the stream it wrote counts.
+#[cfg_attr(not(unix), allow(dead_code))]
 pub struct Writer {
     status: Mutex<Option<ExitStatus>>,
     exited: Condvar,
     pid: u32,
 }
 
+#[cfg(unix)]
 fn describe(status: ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(c), _) => format!("exited with status {c}"),
@@ -337,8 +389,21 @@ fn describe(status: ExitStatus) -> String {
 }
 
 impl Writer {
+    /// Windows: writers feed FIFOs, which it does not have.
+    #[cfg(not(unix))]
+    pub fn spawn(
+        command: &str,
+        device: &Path,
+        database: &str,
+        stream: usize,
+    ) -> Result<Arc<Writer>> {
+        let _ = (device, database, stream);
+        Err(crate::host::unsupported(&format!("device writers (--exec `{command}`)")).into())
+    }
+
     /// Runs `sh -c command` with FLR_DEVICE, FLR_DATABASE and FLR_STREAM
     /// set, and a thread that waits for it.
+    #[cfg(unix)]
     pub fn spawn(
         command: &str,
         device: &Path,
@@ -370,10 +435,12 @@ impl Writer {
         Ok(writer)
     }
 
+    #[cfg_attr(not(unix), allow(dead_code))]
     fn exited(&self) -> Option<ExitStatus> {
         *self.status.lock()
     }
 
+    #[cfg(unix)]
     fn wait(&self) -> ExitStatus {
         let mut st = self.status.lock();
         loop {
@@ -386,6 +453,7 @@ impl Writer {
 
     /// Ends the command if it still runs (the run is over or failed).
     pub fn terminate(&self) {
+        #[cfg(unix)]
         if self.exited().is_none() {
             let pid = nix::unistd::Pid::from_raw(self.pid as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
@@ -394,11 +462,13 @@ impl Writer {
 }
 
 /// A pipe whose end counts only once its writer has exited cleanly.
+#[cfg(unix)]
 struct Checked {
     pipe: File,
     writer: Arc<Writer>,
 }
 
+#[cfg(unix)]
 impl Read for Checked {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.pipe.read(buf)?;
@@ -417,6 +487,7 @@ impl Read for Checked {
 }
 
 /// Whether the pipe has bytes, or a writer came and closed it.
+#[cfg(unix)]
 fn poll_ready(pipe: &File, timeout_ms: u16) -> std::io::Result<bool> {
     use nix::poll::{poll, PollFd, PollFlags};
     let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
@@ -432,6 +503,20 @@ fn poll_ready(pipe: &File, timeout_ms: u16) -> std::io::Result<bool> {
 /// Opens a device's pipe and waits for its writer's first bytes (or its
 /// close): until `stop`, until `timeout`, or until the `--exec` writer
 /// has exited without writing.
+#[cfg(not(unix))]
+pub fn pipe_opener(
+    path: PathBuf,
+    timeout: Option<Duration>,
+    writer: Option<Arc<Writer>>,
+) -> Opener {
+    let _ = (path, timeout, writer);
+    Box::new(|_stop: &dyn Fn() -> bool| Err(crate::host::unsupported("named-pipe devices (FIFOs)")))
+}
+
+/// Opens a device's pipe and waits for its writer's first bytes (or its
+/// close): until `stop`, until `timeout`, or until the `--exec` writer
+/// has exited without writing.
+#[cfg(unix)]
 pub fn pipe_opener(
     path: PathBuf,
     timeout: Option<Duration>,

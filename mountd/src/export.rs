@@ -25,7 +25,6 @@
 //! [`ExportControl`] that carries the cancel flag and the progress.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -347,8 +346,7 @@ pub fn free_bytes(path: &Path) -> Result<u64> {
             break;
         }
     }
-    let st = nix::sys::statvfs::statvfs(&p).with_context(|| format!("statvfs {}", p.display()))?;
-    Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+    crate::host::free_bytes(&p).with_context(|| format!("statvfs {}", p.display()))
 }
 
 pub fn nearest_existing(path: &Path) -> PathBuf {
@@ -357,6 +355,26 @@ pub fn nearest_existing(path: &Path) -> PathBuf {
     p
 }
 
+#[cfg(not(unix))]
+fn user_name(uid: u32) -> Result<String> {
+    Err(crate::host::unsupported(&format!("naming the user of uid {uid}")).into())
+}
+
+/// Windows has no users by number to switch to: only a command for this
+/// process's own (placeholder) uid runs.
+#[cfg(not(unix))]
+fn as_user(uid: u32, program: &Path) -> Result<Command> {
+    if uid != crate::host::own_ids().0 {
+        return Err(crate::host::unsupported(&format!(
+            "running {} as the database files' owner (uid {uid})",
+            program.display()
+        ))
+        .into());
+    }
+    Ok(Command::new(program))
+}
+
+#[cfg(unix)]
 fn user_name(uid: u32) -> Result<String> {
     match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
         Ok(Some(u)) => Ok(u.name),
@@ -365,6 +383,7 @@ fn user_name(uid: u32) -> Result<String> {
 }
 
 /// Runs a command as `uid`'s user (directly when that is us).
+#[cfg(unix)]
 fn as_user(uid: u32, program: &Path) -> Result<Command> {
     if uid == nix::unistd::geteuid().as_raw() {
         let mut c = Command::new(program);
@@ -556,7 +575,7 @@ fn checks(repo: &Repository, m: &Manifest, args: &ExportRequest, staging: &Path)
 /// room for `need` bytes.
 fn check_local_target(to: &Path, overwrite: bool, need: u64) -> Result<()> {
     let target_at = nearest_existing(to);
-    if nix::unistd::access(&target_at, nix::unistd::AccessFlags::W_OK).is_err() {
+    if !crate::host::can_write(&target_at) {
         return Err(check_failed(
             "target rights",
             format!("{} is not writable here", target_at.display()),
@@ -677,17 +696,14 @@ pub fn clear_leftovers(staging: &Path, target: Option<&Path>) -> usize {
                 .postmaster
                 .filter(|&p| crate::devices::process_alive(p))
             {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pm as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+                let _ = crate::host::kill(pm);
                 let until = Instant::now() + Duration::from_secs(10);
                 while crate::devices::process_alive(pm) && Instant::now() < until {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
             if !state.mountpoint.as_os_str().is_empty() {
-                let _ = backends::fuse::clear_stale_mount(&state.mountpoint);
+                let _ = backends::os_mount::clear_stale_mount(&state.mountpoint);
             }
             if let Some(p) = &state.partial {
                 if std::fs::remove_dir_all(p).is_ok() {
@@ -741,7 +757,7 @@ struct Cleanup {
     dir: PathBuf,
     state: State,
     pg: Option<(PathBuf, PathBuf, u32)>,
-    mount: Option<backends::fuse::FuseMount>,
+    mount: Option<backends::os_mount::Mount>,
     session: Option<Arc<vfs_core::session::CowFs>>,
     partial: Option<PathBuf>,
     /// An open transfer at a remote target, abandoned on failure.
@@ -857,7 +873,7 @@ fn copy_tree(from: &Path, to: &Path, ctl: &ExportControl) -> Result<u64> {
         bail!("stopped");
     }
     if meta.file_type().is_symlink() {
-        std::os::unix::fs::symlink(std::fs::read_link(from)?, to)
+        crate::host::symlink(&std::fs::read_link(from)?, to)
             .with_context(|| format!("cannot make {}", to.display()))?;
     } else if meta.is_dir() {
         std::fs::create_dir(to).with_context(|| format!("cannot make {}", to.display()))?;
@@ -866,7 +882,7 @@ fn copy_tree(from: &Path, to: &Path, ctl: &ExportControl) -> Result<u64> {
         for e in entries {
             bytes += copy_tree(&e.path(), &to.join(e.file_name()), ctl)?;
         }
-        std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+        crate::host::set_mode(to, crate::host::mode(&meta))?;
     } else if meta.is_file() {
         let src =
             std::fs::File::open(from).with_context(|| format!("cannot open {}", from.display()))?;
@@ -874,12 +890,13 @@ fn copy_tree(from: &Path, to: &Path, ctl: &ExportControl) -> Result<u64> {
             std::fs::File::create(to).with_context(|| format!("cannot create {}", to.display()))?;
         bytes += std::io::copy(&mut counted_reader(src, ctl), &mut dst)
             .with_context(|| format!("cannot copy {}", from.display()))?;
-        std::fs::set_permissions(to, std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+        crate::host::set_mode(to, crate::host::mode(&meta))?;
     } else {
         // Sockets and pipes (a server's leftovers) are not exported.
         return Ok(0);
     }
-    let _ = std::os::unix::fs::lchown(to, Some(meta.uid()), Some(meta.gid()));
+    let (uid, gid) = crate::host::owner(&meta);
+    let _ = crate::host::lchown(to, uid, gid);
     if !meta.file_type().is_symlink() {
         let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
         let _ = std::fs::File::open(to).and_then(|f| f.set_modified(mtime));
@@ -1125,7 +1142,7 @@ pub fn run(
         vfs_core::backup::now_secs()
     ));
     std::fs::create_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711))?;
+    crate::host::set_mode(&dir, 0o711)?;
     let mountpoint = dir.join("mnt");
     std::fs::create_dir(&mountpoint)?;
     let mut cleanup = Cleanup {
@@ -1162,14 +1179,14 @@ pub fn run(
         },
     )?;
     cleanup.session = Some(cow.clone());
-    let opts = backends::fuse::FuseOptions {
+    let opts = backends::os_mount::MountOptions {
         threads: 2,
         allow_other: true,
         auto_unmount: false,
         fs_name: format!("flr-export:{}", args.repo_path),
     };
     cleanup.mount = Some(
-        backends::fuse::mount(cow.clone(), &mountpoint, &opts)
+        backends::os_mount::mount(cow.clone(), &mountpoint, &opts)
             .with_context(|| format!("cannot mount at {}", mountpoint.display()))?,
     );
     let db = mountpoint.join(args.path.trim_start_matches('/'));
@@ -1184,8 +1201,8 @@ pub fn run(
         .unwrap_or_else(|| "database".into());
     let out = dir.join("out");
     std::fs::create_dir(&out)?;
-    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o700))?;
-    std::os::unix::fs::lchown(&out, Some(plan.owner.0), Some(plan.owner.1))?;
+    crate::host::set_mode(&out, 0o700)?;
+    crate::host::lchown(&out, plan.owner.0, plan.owner.1)?;
     // What goes to the target: (path to copy from, name at the target).
     let mut items: Vec<(PathBuf, String)> = Vec::new();
     match &plan.engine {
@@ -1216,7 +1233,7 @@ pub fn run(
                 _ => {
                     let dump = out.join(format!("{name}.sql"));
                     let file = std::fs::File::create(&dump)?;
-                    std::os::unix::fs::lchown(&dump, Some(plan.owner.0), Some(plan.owner.1))?;
+                    crate::host::lchown(&dump, plan.owner.0, plan.owner.1)?;
                     let child = as_user(plan.owner.0, &sqlite)?
                         .arg(&db)
                         .arg(".dump")
@@ -1232,7 +1249,7 @@ pub fn run(
             let bin = plan.pg_bin.clone().expect("checked");
             let sock = dir.join("sock");
             std::fs::create_dir(&sock)?;
-            std::os::unix::fs::lchown(&sock, Some(plan.owner.0), Some(plan.owner.1))?;
+            crate::host::lchown(&sock, plan.owner.0, plan.owner.1)?;
             let port = free_port()?;
             // A server of its own: no TCP, no archiving, no replication;
             // recovery of a base backup runs to its end and it comes up.
@@ -1302,7 +1319,7 @@ pub fn run(
                     };
                 let dumps = out.join(&name);
                 std::fs::create_dir(&dumps)?;
-                std::os::unix::fs::lchown(&dumps, Some(plan.owner.0), Some(plan.owner.1))?;
+                crate::host::lchown(&dumps, plan.owner.0, plan.owner.1)?;
                 let globals = dumps.join("globals.sql");
                 let child = as_user(plan.owner.0, &bin.join("pg_dumpall"))?
                     .args(["--globals-only", "-h"])
@@ -1388,8 +1405,7 @@ pub fn run(
             }
             // One sync of the target's filesystem instead of one per file
             // (a data directory has thousands), before anything is renamed.
-            let d = std::fs::File::open(&partial)?;
-            nix::unistd::syncfs(&d)
+            crate::host::sync_filesystem(&partial)
                 .with_context(|| format!("cannot sync the filesystem of {}", partial.display()))?;
             for to_name in &names {
                 let final_path = to.join(to_name);

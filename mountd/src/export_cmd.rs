@@ -116,14 +116,11 @@ pub fn run(args: ExportArgs, socket: &Path) -> Result<u8> {
     }
     let repo = Arc::new(crate::cli::open_repo(&args.repo)?);
     let ctl = Arc::new(ExportControl::default());
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])?;
+    let signals = crate::interrupt::Interrupts::new()?;
     let handle = signals.handle();
     let c = ctl.clone();
     let waiter = std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
+        if signals.wait().is_some() {
             c.stop.store(true, Ordering::SeqCst);
         }
     });
@@ -215,14 +212,11 @@ fn through_daemon(
         body["token"] = json!(t);
     }
     let stop = Arc::new(AtomicBool::new(false));
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])?;
+    let signals = crate::interrupt::Interrupts::new()?;
     let handle = signals.handle();
     let flag = stop.clone();
     let waiter = std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
+        if signals.wait().is_some() {
             flag.store(true, Ordering::SeqCst);
         }
     });

@@ -7,14 +7,19 @@
 //! "stats": {...}}`; `abort` unmounts, commits nothing and replies `ok`;
 //! errors reply `error MESSAGE`.
 
+#[cfg(unix)]
 use std::io::{BufRead, BufReader, Write};
+#[cfg(unix)]
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+#[cfg(unix)]
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+#[cfg(unix)]
+use anyhow::bail;
+use anyhow::{Context, Result};
 
 /// What a control request asks of the mount process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,10 +34,7 @@ pub fn run_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("FLR_RUN_DIR") {
         return PathBuf::from(dir).join("ingest");
     }
-    let root = std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false);
-    if root {
+    if crate::host::is_root() {
         return PathBuf::from("/run/flr/ingest");
     }
     match std::env::var_os("XDG_RUNTIME_DIR") {
@@ -71,6 +73,7 @@ impl ControlServer {
     pub fn finish(mut self) {
         self.stop.store(true, Ordering::SeqCst);
         // Wakes the thread blocked in accept.
+        #[cfg(unix)]
         let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -79,9 +82,21 @@ impl ControlServer {
     }
 }
 
+/// Windows has no Unix sockets here: an ingest mount there cannot be
+/// ended by `flr ingest commit|abort`.
+#[cfg(not(unix))]
+pub fn serve_control(
+    mountpoint: &Path,
+    end: impl Fn(Ending) -> Result<String> + Send + 'static,
+) -> Result<ControlServer> {
+    let _ = (mountpoint, end);
+    Err(crate::host::unsupported("ingest mounts (their control socket is a Unix socket)").into())
+}
+
 /// Serves the control socket of the ingest mounted at `mountpoint` on a
 /// thread. `end` is called for a commit or abort request and returns the
 /// reply's payload once the ingest is over (or why it could not end).
+#[cfg(unix)]
 pub fn serve_control(
     mountpoint: &Path,
     end: impl Fn(Ending) -> Result<String> + Send + 'static,
@@ -140,8 +155,16 @@ pub fn serve_control(
     })
 }
 
+/// See the Windows `serve_control`.
+#[cfg(not(unix))]
+pub fn request(mountpoint: &Path, ending: Ending) -> Result<String> {
+    let _ = (mountpoint, ending);
+    Err(crate::host::unsupported("ingest mounts (their control socket is a Unix socket)").into())
+}
+
 /// Sends one request to the process serving the ingest at `mountpoint`
 /// and returns its reply's payload.
+#[cfg(unix)]
 pub fn request(mountpoint: &Path, ending: Ending) -> Result<String> {
     let path = control_path(mountpoint)?;
     let mut conn = match UnixStream::connect(&path) {
@@ -179,7 +202,14 @@ pub fn request(mountpoint: &Path, ending: Ending) -> Result<String> {
 }
 
 fn own_uid() -> u32 {
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-        .unwrap_or(0)
+    #[cfg(unix)]
+    {
+        std::fs::metadata("/proc/self")
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .unwrap_or(0)
+    }
+    #[cfg(not(unix))]
+    {
+        crate::host::own_ids().0
+    }
 }

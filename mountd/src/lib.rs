@@ -4,9 +4,10 @@
 //!
 //! - [`daemon`]: `flr daemon`. [`daemon::run`] serves the HTTP/JSON control
 //!   API (axum) on a Unix socket, and optionally on TCP with a bearer
-//!   token, until a shutdown future resolves.
+//!   token, until a shutdown future resolves. On Windows it is served on
+//!   TCP only, token required.
 //!   - [`daemon::sessions`]: mount sessions. Each restore point is
-//!     mounted once (FUSE, through `backends`) at
+//!     mounted once (FUSE or WinFsp, through `backends::os_mount`) at
 //!     `<mount root>/<repository>/<job>/<timestamp>` and shared by every
 //!     session that asks for it; the last session to end unmounts it.
 //!   - [`daemon::jobs`]: file-level restore jobs on a bounded worker pool,
@@ -24,6 +25,8 @@
 //!   it.
 //! - [`read_stats`]: a mount's read-path figures (caches, requests,
 //!   readahead) for `flr mount` and the daemon's metrics.
+//! - [`host`]: what differs between Unix and Windows hosts (modes,
+//!   owners, process control, syncfs, free space), in one place.
 //! - [`ingest`]: the control socket of an ingest mount (`flr mount
 //!   --ingest`), through which `flr ingest commit|abort` end it.
 
@@ -55,6 +58,7 @@ pub mod client;
 pub mod daemon;
 pub mod devices;
 pub mod export;
+pub mod host;
 pub mod ingest;
 pub mod read_stats;
 pub mod transfer;

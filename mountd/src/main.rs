@@ -2,9 +2,11 @@
 //!
 //! Subcommands map one to one onto the core: `init`, `backup`,
 //! `restore-points`, `restore`, `verify` work on a repository through
-//! `vfs_core`; `mount` builds the filesystem model and hands it to the FUSE
-//! adapter in `backends`. Errors carry context with `anyhow` and end in
-//! the exit codes documented in `docs/cli.md`. `daemon` runs the mount
+//! `vfs_core`; `mount` builds the filesystem model and hands it to the
+//! OS's mount adapter in `backends` (FUSE on Linux, WinFsp on Windows).
+//! Commands that run until stopped wait for [`interrupt`] (SIGINT/SIGTERM,
+//! or Ctrl-C/Ctrl-Break on Windows). Errors carry context with `anyhow`
+//! and end in the exit codes documented in `docs/cli.md`. `daemon` runs the mount
 //! service of the `mountd` library; `mounts`, `unmount`, `status` (and
 //! `mount` when a daemon runs) talk to it over its socket ([`remote`]).
 //! `session` lists, commits and discards writable sessions ([`sessions`]).
@@ -16,6 +18,7 @@ mod device_cmd;
 mod export_cmd;
 mod gc_cmd;
 mod ingest_cmd;
+mod interrupt;
 mod logging;
 mod mount;
 mod progress;

@@ -39,7 +39,11 @@ macro_rules! say {
 mod nfs;
 
 /// Default mount root on Linux.
+#[cfg(not(windows))]
 pub const DEFAULT_MOUNT_ROOT: &str = "/mnt/flr";
+/// Windows: a directory the WinFsp volume is mounted on.
+#[cfg(windows)]
+pub const DEFAULT_MOUNT_ROOT: &str = r"C:\VeeamFLR";
 
 /// Line a background child prints on stdout once its mount answers.
 const READY: &str = "flr-mount-ready";
@@ -177,7 +181,7 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
         .mountpoint
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_MOUNT_ROOT));
-    if backends::fuse::is_stale_mount(mountpoint) {
+    if backends::os_mount::is_stale_mount(mountpoint) {
         bail!(
             "{} is a stale mount left by a process that died; clear it with `fusermount3 -u {0}` (or `umount -l {0}`) and try again",
             mountpoint.display()
@@ -193,13 +197,13 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
     }
     let repo_path = args.repo.as_ref().expect("required without --resume");
     let fs = open_repo_fs(&args)?;
-    let opts = backends::fuse::FuseOptions {
+    let opts = backends::os_mount::MountOptions {
         threads: args.threads.max(1),
         allow_other: !args.private,
         auto_unmount: true,
         fs_name: format!("flr:{}", repo_path),
     };
-    let mount = backends::fuse::mount(fs.clone(), mountpoint, &opts)
+    let mount = backends::os_mount::mount(fs.clone(), mountpoint, &opts)
         .with_context(|| format!("cannot mount at {}", mountpoint.display()))?;
     serve(
         &mount,
@@ -288,19 +292,15 @@ fn report_reads(fs: &RepoFs, mountpoint: &Path) {
 /// `signalled`), and so does anyone from outside. Prints the ready line a
 /// background parent waits for.
 fn serve(
-    mount: &backends::fuse::FuseMount,
+    mount: &backends::os_mount::Mount,
     mountpoint: &Path,
     signalled: Option<Arc<AtomicBool>>,
     message: &str,
 ) -> Result<()> {
     let unmount = mount.unmounter();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("cannot install signal handlers")?;
+    let signals = crate::interrupt::Interrupts::new().context("cannot install signal handlers")?;
     let signal_thread = std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        if let Some(sig) = signals.wait() {
             say!("flr: signal {sig}: unmounting");
             if let Some(flag) = &signalled {
                 flag.store(true, Ordering::SeqCst);
@@ -400,13 +400,13 @@ fn run_writable(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
         resume,
         state_dir,
     } = open_writable(args)?;
-    let opts = backends::fuse::FuseOptions {
+    let opts = backends::os_mount::MountOptions {
         threads: args.threads.max(1),
         allow_other: !args.private,
         auto_unmount: true,
         fs_name: format!("flr:{}", repo_path),
     };
-    let mount = match backends::fuse::mount(cow.clone(), mountpoint, &opts) {
+    let mount = match backends::os_mount::mount(cow.clone(), mountpoint, &opts) {
         Ok(m) => m,
         Err(e) => {
             // A session made just now holds nothing yet.
@@ -523,13 +523,13 @@ fn run_ingest(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
         },
     )
     .context("cannot start the ingest")?;
-    let opts = backends::fuse::FuseOptions {
+    let opts = backends::os_mount::MountOptions {
         threads: args.threads.max(1),
         allow_other: !args.private,
         auto_unmount: true,
         fs_name: format!("flr-ingest:{}", repo_path),
     };
-    let mount = match backends::fuse::mount(fs.clone(), mountpoint, &opts) {
+    let mount = match backends::os_mount::mount(fs.clone(), mountpoint, &opts) {
         Ok(m) => m,
         Err(e) => {
             fs.abort();
@@ -633,7 +633,7 @@ fn run_ingest(args: &MountArgs, mountpoint: &Path) -> Result<u8> {
 /// Unmounts, waiting a few seconds while the mount is busy: the kernel
 /// holds a mount busy until the releases of files just closed are
 /// answered. Still busy after that: files are open, and the error says so.
-fn unmount_when_idle(unmounter: &backends::fuse::FuseUnmounter) -> std::io::Result<()> {
+fn unmount_when_idle(unmounter: &backends::os_mount::Unmounter) -> std::io::Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         match unmounter.unmount() {
@@ -673,17 +673,30 @@ fn lookup_user(user: &str) -> Result<(u32, u32)> {
 /// Re-runs this command in the foreground as a child in its own session,
 /// and returns once the child reports its mount ready.
 fn spawn_background() -> Result<u8> {
-    use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("cannot find the flr executable")?;
     let args: Vec<_> = std::env::args_os()
         .skip(1)
         .filter(|a| a != "--background")
         .collect();
-    let mut child = std::process::Command::new(exe)
+    let mut command = std::process::Command::new(exe);
+    command
         .args(args)
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .process_group(0)
+        .stdout(std::process::Stdio::piped());
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        command.process_group(0);
+    }
+    #[cfg(windows)]
+    {
+        // Its own process group: the console's Ctrl-C for this one does
+        // not reach it (as process_group(0) does on Unix).
+        use std::os::windows::process::CommandExt;
+        const CREATE_NEW_PROCESS_GROUP: u32 = 0x0000_0200;
+        command.creation_flags(CREATE_NEW_PROCESS_GROUP);
+    }
+    let mut child = command
         .spawn()
         .context("cannot start the background mount process")?;
     let stdout = child.stdout.take().expect("piped stdout");
@@ -701,4 +714,9 @@ fn spawn_background() -> Result<u8> {
 fn own_ids() -> (u32, u32) {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").map_or((0, 0), |m| (m.uid(), m.gid()))
+}
+
+#[cfg(not(unix))]
+fn own_ids() -> (u32, u32) {
+    mountd::host::own_ids()
 }

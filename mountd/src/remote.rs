@@ -29,6 +29,26 @@ pub fn daemon(config: Option<PathBuf>, socket: Option<PathBuf>) -> Result<u8> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    #[cfg(not(unix))]
+    let served = runtime.block_on(async move {
+        // No Unix socket on Windows: the API is served on tcp_listen only,
+        // and every request needs tcp_token (checked by daemon::run).
+        let _ = socket;
+        let Some(addr) = config.settings.tcp_listen else {
+            bail!("the daemon on Windows listens on TCP only: set settings.tcp_listen (and tcp_token)");
+        };
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        daemon::log(format!("listening on tcp {addr} (bearer token required)"));
+        let shutdown = async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                daemon::log("Ctrl-C received");
+            }
+        };
+        daemon::run(listener, config, shutdown).await
+    });
+    #[cfg(unix)]
     let served = runtime.block_on(async move {
         // Signal handlers first: a SIGTERM right after start must still
         // unmount cleanly.
@@ -56,8 +76,10 @@ pub fn daemon(config: Option<PathBuf>, socket: Option<PathBuf>) -> Result<u8> {
 }
 
 /// Removes the socket file when the daemon ends.
+#[cfg(unix)]
 struct SocketFile(PathBuf);
 
+#[cfg(unix)]
 impl Drop for SocketFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);

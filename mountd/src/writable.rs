@@ -8,18 +8,25 @@
 //! `discard` unmounts, deletes the session and replies `ok`; errors reply
 //! `error MESSAGE`.
 
+#[cfg(unix)]
 use std::io::{BufRead, BufReader, Write};
+#[cfg(unix)]
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+#[cfg(unix)]
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+#[cfg(unix)]
+use anyhow::bail;
+use anyhow::{Context, Result};
 use vfs_core::backup::{BackupOptions, Progress};
 use vfs_core::fs::{FsOptions, MountFilter, RepoFs};
 use vfs_core::repo::{Repository, RestorePointName};
-use vfs_core::session::{self, CowFs, SessionInfo, SessionOptions};
+#[cfg(unix)]
+use vfs_core::session;
+use vfs_core::session::{CowFs, SessionInfo, SessionOptions};
 
 /// Where sessions live unless `--state-dir` or `FLR_STATE_DIR` says
 /// otherwise: `/var/lib/flr/sessions` for root, else under the user's
@@ -28,10 +35,7 @@ pub fn default_state_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("FLR_STATE_DIR") {
         return PathBuf::from(dir);
     }
-    let root = std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false);
-    if root {
+    if crate::host::is_root() {
         return PathBuf::from("/var/lib/flr/sessions");
     }
     let state_home = std::env::var_os("XDG_STATE_HOME")
@@ -136,6 +140,7 @@ fn control_path(session_dir: &Path) -> PathBuf {
 
 /// The control socket's server; [`ControlServer::stop`] ends it.
 pub struct ControlServer {
+    #[cfg_attr(not(unix), allow(dead_code))]
     path: PathBuf,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -147,6 +152,7 @@ impl ControlServer {
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         // Wakes the thread blocked in accept.
+        #[cfg(unix)]
         let _ = UnixStream::connect(&self.path);
     }
 
@@ -161,9 +167,30 @@ impl ControlServer {
     }
 }
 
+/// Windows has no Unix sockets here: the session is served without a
+/// control socket, and `flr session` says so when it tries to reach it
+/// (the daemon's API still commits and discards its own sessions).
+#[cfg(not(unix))]
+pub fn serve_control(
+    cow: Arc<CowFs>,
+    discard: impl Fn() -> Result<()> + Send + 'static,
+) -> Result<ControlServer> {
+    drop(discard);
+    tracing::warn!(
+        "{}: `flr session commit|discard` cannot reach this session",
+        crate::host::unsupported("a writable session's control socket (a Unix socket)")
+    );
+    Ok(ControlServer {
+        path: control_path(cow.dir()),
+        stop: Arc::new(AtomicBool::new(false)),
+        thread: None,
+    })
+}
+
 /// Serves the control socket of a mounted session on a thread.
 /// `discard` is called for a discard request and returns once the session
 /// is gone (or with why it could not be).
+#[cfg(unix)]
 pub fn serve_control(
     cow: Arc<CowFs>,
     discard: impl Fn() -> Result<()> + Send + 'static,
@@ -212,8 +239,19 @@ pub fn serve_control(
     Ok(server)
 }
 
+/// See the Windows `serve_control`: no session has a control socket.
+#[cfg(not(unix))]
+pub fn request(state_dir: &Path, id: &str, line: &str) -> Result<Option<String>> {
+    let _ = (state_dir, id, line);
+    Err(crate::host::unsupported(
+        "reaching a writable session's control socket (a Unix socket); commit or discard it through the daemon's API",
+    )
+    .into())
+}
+
 /// Sends one request to the process serving a session. `Ok(None)`: no
 /// process serves it.
+#[cfg(unix)]
 pub fn request(state_dir: &Path, id: &str, line: &str) -> Result<Option<String>> {
     let path = control_path(&session::session_dir(state_dir, id));
     let mut conn = match UnixStream::connect(&path) {
@@ -243,7 +281,13 @@ pub fn request(state_dir: &Path, id: &str, line: &str) -> Result<Option<String>>
     }
 }
 
+#[cfg(unix)]
 fn own_ids() -> (u32, u32) {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").map_or((0, 0), |m| (m.uid(), m.gid()))
+}
+
+#[cfg(not(unix))]
+fn own_ids() -> (u32, u32) {
+    crate::host::own_ids()
 }

@@ -43,6 +43,11 @@
 //!
 //! The binary comes from `FLR_BIN`, else `target/release/flr`, else
 //! `target/debug/flr`; the test command builds it once beforehand.
+//!
+//! Unix only: the helpers drive FUSE mounts, Unix permissions and
+//! `std::os::unix`, so on other targets the crate is empty (the
+//! workspace still type-checks for Windows).
+#![cfg(unix)]
 
 pub mod command;
 pub mod fault_proxy;

@@ -456,6 +456,7 @@ pub struct Peer {
     pub gid: u32,
 }
 
+#[cfg(unix)]
 impl
     axum::extract::connect_info::Connected<
         axum::serve::IncomingStream<'_, tokio::net::UnixListener>,

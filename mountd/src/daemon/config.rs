@@ -34,7 +34,10 @@ use backends::s3::S3Settings;
 use serde::Deserialize;
 
 pub const DEFAULT_SOCKET: &str = "/run/flr/mountd.sock";
+#[cfg(not(windows))]
 pub const DEFAULT_MOUNT_ROOT: &str = "/mnt/flr";
+#[cfg(windows)]
+pub const DEFAULT_MOUNT_ROOT: &str = r"C:\VeeamFLR";
 /// Shortest bearer token accepted for the TCP listener: a guessable token
 /// would turn the listener into an open door.
 const MIN_TOKEN_LEN: usize = 16;

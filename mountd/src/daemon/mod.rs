@@ -20,7 +20,8 @@ pub mod sessions;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+#[cfg(unix)]
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -190,6 +191,7 @@ impl Daemon {
 /// Binds the control socket at `path` with mode 0600. Refuses when a
 /// daemon already answers there; removes a socket file nobody answers on
 /// (left by a killed daemon).
+#[cfg(unix)]
 pub fn bind_socket(path: &Path) -> Result<std::os::unix::net::UnixListener> {
     let parent = path
         .parent()
@@ -253,21 +255,26 @@ pub fn clear_stale_mounts(root: &Path) -> Vec<PathBuf> {
     if is_dead_mount(root) {
         clear_one(root, &mut cleared);
     }
-    walk(root, root_meta.dev(), MOUNT_DEPTH, &mut cleared);
+    walk(
+        root,
+        crate::host::device(&root_meta),
+        MOUNT_DEPTH,
+        &mut cleared,
+    );
     cleared
 }
 
 /// Whether `path` is a FUSE mount whose server is gone. Besides
-/// `backends::fuse::is_stale_mount` (stat fails with ENOTCONN) this opens
+/// `backends::os_mount::is_stale_mount` (stat fails with ENOTCONN) this opens
 /// the directory, which always reaches the server: for a second or so
 /// after the server dies the kernel still answers stat from its cache.
 pub fn is_dead_mount(path: &Path) -> bool {
-    backends::fuse::is_stale_mount(path)
+    backends::os_mount::is_stale_mount(path)
         || matches!(std::fs::read_dir(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
 }
 
 fn clear_one(path: &Path, cleared: &mut Vec<PathBuf>) {
-    match backends::fuse::clear_stale_mount(path) {
+    match backends::os_mount::clear_stale_mount(path) {
         Ok(()) => {
             log(format!("cleared stale mount {}", path.display()));
             cleared.push(path.to_path_buf());
@@ -294,16 +301,27 @@ fn walk(dir: &Path, dev: u64, depth: usize, cleared: &mut Vec<PathBuf>) {
             continue;
         }
         match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.is_dir() && m.dev() == dev => walk(&path, dev, depth - 1, cleared),
+            Ok(m) if m.is_dir() && crate::host::device(&m) == dev => {
+                walk(&path, dev, depth - 1, cleared)
+            }
             _ => {}
         }
     }
 }
 
+/// What the control API is served on: the Unix socket (with the peer's
+/// uid for devices), and on TCP too when `tcp_listen` is set. Windows has
+/// no Unix socket here: the listener is the TCP one, bound by the caller
+/// at `tcp_listen`, and every request needs the bearer token.
+#[cfg(unix)]
+pub type ControlListener = tokio::net::UnixListener;
+#[cfg(not(unix))]
+pub type ControlListener = tokio::net::TcpListener;
+
 /// Serves the control API on `listener` (and on TCP when configured)
 /// until `shutdown` resolves, then ends every session and job.
 pub async fn run(
-    listener: tokio::net::UnixListener,
+    listener: ControlListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
@@ -347,14 +365,33 @@ pub async fn run(
     };
     let mut servers = Vec::new();
     let app = api::router(daemon.clone());
-    let unix = axum::serve(
-        listener,
-        app.clone()
-            .into_make_service_with_connect_info::<api::Peer>(),
-    )
-    .with_graceful_shutdown(stopped(stop_rx.clone()));
-    servers.push(tokio::spawn(async move { unix.await }));
-    if let Some(addr) = daemon.config.settings.tcp_listen {
+    #[cfg(unix)]
+    {
+        let unix = axum::serve(
+            listener,
+            app.clone()
+                .into_make_service_with_connect_info::<api::Peer>(),
+        )
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+        servers.push(tokio::spawn(async move { unix.await }));
+    }
+    #[cfg(not(unix))]
+    {
+        let token = match daemon.config.settings.tcp_token.clone() {
+            Some(t) if !t.is_empty() => t,
+            _ => bail!("the daemon on Windows listens on TCP only: settings.tcp_token must be set"),
+        };
+        let app = api::with_bearer_token(app.clone(), token);
+        let serve = axum::serve(listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+        servers.push(tokio::spawn(async move { serve.await }));
+    }
+    // On Windows the listener above is this TCP one already.
+    let tcp_listen = if cfg!(unix) {
+        daemon.config.settings.tcp_listen
+    } else {
+        None
+    };
+    if let Some(addr) = tcp_listen {
         let token = daemon.config.settings.tcp_token.clone().unwrap_or_default();
         let tcp = tokio::net::TcpListener::bind(addr)
             .await

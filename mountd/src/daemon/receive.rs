@@ -14,7 +14,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -146,7 +145,7 @@ pub fn check(daemon: &Daemon, req: &ReceiveRequest) -> Result<PathBuf, ApiError>
         }
     })?;
     let at = crate::export::nearest_existing(&dir);
-    if nix::unistd::access(&at, nix::unistd::AccessFlags::W_OK).is_err() {
+    if !crate::host::can_write(&at) {
         return Err(ApiError::forbidden(format!(
             "{} is not writable by the flr daemon here",
             at.display()
@@ -187,7 +186,7 @@ pub fn open(daemon: &Daemon, req: &ReceiveRequest) -> Result<Value, ApiError> {
     let partial = dir.join(format!(".flr-partial-{}-r{n}", std::process::id()));
     let made = std::fs::create_dir_all(&dir).and_then(|()| {
         std::fs::create_dir(&partial)?;
-        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o700))
+        crate::host::set_mode(&partial, 0o700)
     });
     if let Err(e) = made {
         let _ = std::fs::remove_dir(&partial);
@@ -379,8 +378,8 @@ pub fn commit(daemon: &Daemon, id: &str, req: &CommitRequest) -> Result<Value, A
     }
     let result = (|| -> Result<Vec<String>, String> {
         // On disk before it gets its final names.
-        let d = std::fs::File::open(&r.partial).map_err(|e| e.to_string())?;
-        nix::unistd::syncfs(&d).map_err(|e| format!("cannot sync {}: {e}", r.partial.display()))?;
+        crate::host::sync_filesystem(&r.partial)
+            .map_err(|e| format!("cannot sync {}: {e}", r.partial.display()))?;
         let mut names: Vec<String> = std::fs::read_dir(&r.partial)
             .map_err(|e| e.to_string())?
             .flatten()

@@ -13,7 +13,7 @@
 //!
 //! One async lock guards the table across mounting and unmounting, so two
 //! sessions never race to mount the same path. If a client goes away while
-//! its mount is being made, the finished [`FuseMount`] is dropped, which
+//! its mount is being made, the finished [`Mount`] is dropped, which
 //! unmounts it: nothing is left behind.
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,7 +22,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backends::fuse::FuseMount;
+use backends::os_mount::Mount;
 use serde::Serialize;
 use vfs_core::fs::{FsOptions, MountFilter, RepoFs};
 use vfs_core::repo::RestorePointName;
@@ -52,7 +52,7 @@ struct Writable {
 struct SharedMount {
     fs: Arc<RepoFs>,
     writable: Option<Writable>,
-    mount: FuseMount,
+    mount: Mount,
     path: PathBuf,
     sessions: usize,
     /// Reads counted at the last idle check, and when activity was last
@@ -286,7 +286,7 @@ fn mount(daemon: &Arc<Daemon>, key: &MountKey) -> Result<SharedMount, ApiError> 
         .join(&key.restore_point.job)
         .join(leaf);
     if super::is_dead_mount(&path) {
-        let _ = backends::fuse::clear_stale_mount(&path);
+        let _ = backends::os_mount::clear_stale_mount(&path);
     }
     std::fs::create_dir_all(&path).map_err(|e| {
         ApiError::internal(format!("cannot create mount point {}: {e}", path.display()))
@@ -315,13 +315,13 @@ fn mount(daemon: &Arc<Daemon>, key: &MountKey) -> Result<SharedMount, ApiError> 
         remove_mount_dirs(&daemon.mount_root, &path);
         ApiError::from_core(e)
     })?;
-    let opts = backends::fuse::FuseOptions {
+    let opts = backends::os_mount::MountOptions {
         threads: daemon.config.settings.fuse_threads,
         allow_other: true,
         auto_unmount: daemon.config.settings.auto_unmount,
         fs_name: format!("flr:{}:{}", key.repository, key.restore_point),
     };
-    let mount = backends::fuse::mount(fs.clone(), &path, &opts).map_err(|e| {
+    let mount = backends::os_mount::mount(fs.clone(), &path, &opts).map_err(|e| {
         remove_mount_dirs(&daemon.mount_root, &path);
         ApiError::internal(format!("cannot mount at {}: {e}", path.display()))
     })?;
@@ -365,13 +365,13 @@ fn mount_writable(
         remove_mount_dirs(&daemon.mount_root, &path);
         ApiError::internal(format!("{e:#}"))
     })?;
-    let opts = backends::fuse::FuseOptions {
+    let opts = backends::os_mount::MountOptions {
         threads: daemon.config.settings.fuse_threads,
         allow_other: true,
         auto_unmount: daemon.config.settings.auto_unmount,
         fs_name: format!("flr:{}:{}", key.repository, key.restore_point),
     };
-    let mount = match backends::fuse::mount(cow.clone(), &path, &opts) {
+    let mount = match backends::os_mount::mount(cow.clone(), &path, &opts) {
         Ok(m) => m,
         Err(e) => {
             let _ = cow.close(false);
@@ -560,4 +560,9 @@ pub async fn reap(daemon: Arc<Daemon>, mut stop: tokio::sync::watch::Receiver<bo
 fn own_ids() -> (u32, u32) {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").map_or((0, 0), |m| (m.uid(), m.gid()))
+}
+
+#[cfg(not(unix))]
+fn own_ids() -> (u32, u32) {
+    crate::host::own_ids()
 }

@@ -89,15 +89,13 @@ fn announce(export: &NfsExport, what: &str) {
     let _ = out.flush();
 }
 
-/// Sends on `stop` at the first SIGINT or SIGTERM.
+/// Sends on `stop` at the first stop request (SIGINT or SIGTERM;
+/// Ctrl-C on Windows).
 fn stop_on_signal(stop: mpsc::Sender<()>) -> Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("cannot install signal handlers")?;
+    let interrupts =
+        crate::interrupt::Interrupts::new().context("cannot install signal handlers")?;
     std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
+        if let Some(sig) = interrupts.wait() {
             say!("flr: signal {sig}: stopping the NFS export");
             let _ = stop.send(());
         }
