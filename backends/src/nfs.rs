@@ -23,6 +23,10 @@
 //!   so a sequential reader keeps its readahead; handles idle for
 //!   [`IDLE_CLOSE`] are closed.
 //!
+//! The export's path is `/`. libnfs takes a URL's path up to its last
+//! `/` as the export to mount, so a file in the root is
+//! `nfs://HOST//FILE?...` (two slashes); deeper paths need nothing special.
+//!
 //! Locks: there is no lock manager (NLM). Clients must mount with
 //! `nolock` (Linux `mount -o vers=3,nolock,port=P,mountport=P`); libnfs
 //! needs nothing. `LINK` and `MKNOD` are not offered by the protocol layer.

@@ -471,6 +471,145 @@ fn a_writable_session_takes_writes_commits_and_discards() {
     assert!(mounts_under(&d.root).is_empty());
 }
 
+/// `nfs://ADDR//PATH` for libnfs's tools, NFS and MOUNT on one port
+/// (libnfs mounts the URL's path up to its last '/': the second slash
+/// makes that `/` for a file in the root).
+fn nfs_url(addr: &str, path: &str) -> String {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    format!("nfs://{host}//{path}?version=3&nfsport={port}&mountport={port}")
+}
+
+/// `nfs-cat` of a URL: its bytes, or `None` if it failed.
+fn nfs_cat(url: &str) -> Option<Vec<u8>> {
+    let out = Command::new("nfs-cat")
+        .arg(url)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run nfs-cat (Debian libnfs-utils)");
+    out.status.success().then_some(out.stdout)
+}
+
+#[test]
+fn sessions_are_published_over_nfs_until_they_end() {
+    let f = fixture();
+    let d = Daemon::start("");
+    let tmp = tempfile::tempdir().unwrap();
+
+    // A read-only session, exported on a free loopback port.
+    let r = d.call(
+        "POST",
+        "/sessions",
+        Some(json!({"repository": "main", "restore_point": f.rp1,
+                    "export": {"nfs": "127.0.0.1:0"}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let ro = r.json();
+    let ro_addr = ro["export"]["nfs"]
+        .as_str()
+        .expect("export.nfs")
+        .to_string();
+    assert!(
+        ro_addr.starts_with("127.0.0.1:") && !ro_addr.ends_with(":0"),
+        "{ro}"
+    );
+    assert_eq!(
+        nfs_cat(&nfs_url(&ro_addr, "app.db")).expect("nfs-cat app.db"),
+        std::fs::read(f.v1.join("app.db")).unwrap()
+    );
+    assert_eq!(
+        nfs_cat(&nfs_url(&ro_addr, "data/notes.txt")).unwrap(),
+        b"notes of v1\n"
+    );
+    let listed = d.call("GET", "/sessions", None).json();
+    assert_eq!(listed[0]["export"]["nfs"], ro_addr.as_str(), "{listed}");
+
+    // A writable session over NFS: a file copied in is in the commit.
+    let r = d.call(
+        "POST",
+        "/sessions",
+        Some(
+            json!({"repository": "main", "restore_point": f.rp1, "writable": true,
+                    "export": {"nfs": "127.0.0.1:0"}}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let rw = r.json();
+    let rw_id = rw["id"].as_str().unwrap().to_string();
+    let rw_addr = rw["export"]["nfs"].as_str().unwrap().to_string();
+    let local = tmp.path().join("from-nfs.txt");
+    std::fs::write(&local, b"arrived over NFS\n").unwrap();
+    let cp = Command::new("nfs-cp")
+        .arg(&local)
+        .arg(nfs_url(&rw_addr, "data/from-nfs.txt"))
+        .output()
+        .expect("run nfs-cp");
+    assert!(
+        cp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cp.stderr)
+    );
+    // The read-only export of the same restore point refuses the write.
+    let cp = Command::new("nfs-cp")
+        .arg(&local)
+        .arg(nfs_url(&ro_addr, "data/from-nfs.txt"))
+        .output()
+        .expect("run nfs-cp");
+    assert!(!cp.status.success(), "a read-only export took a write");
+    let c = d.call(
+        "POST",
+        &format!("/sessions/{rw_id}/commit"),
+        Some(json!({"job": "via-nfs"})),
+    );
+    assert_eq!(c.status, 200, "{}", c.body);
+    let committed = c.json()["restore_point"].as_str().unwrap().to_string();
+    let new = d.session(&committed);
+    assert_eq!(
+        std::fs::read(PathBuf::from(new["path"].as_str().unwrap()).join("data/from-nfs.txt"))
+            .unwrap(),
+        b"arrived over NFS\n"
+    );
+
+    // Bad export requests are refused and leave nothing mounted.
+    let before = mounts_under(&d.root).len();
+    for (body, status, needle) in [
+        (json!({"nfs": "nonsense"}), 400, "ADDR:PORT"),
+        (json!({"nfs": "0.0.0.0:0"}), 400, "nfs_allow"),
+        (json!({"nfs": ro_addr.clone()}), 409, "cannot serve NFS"),
+        (
+            json!({"nfs": "127.0.0.1:0", "smb": 1}),
+            400,
+            "unknown field",
+        ),
+    ] {
+        let r = d.call(
+            "POST",
+            "/sessions",
+            Some(json!({"repository": "main", "restore_point": f.rp2, "export": body})),
+        );
+        assert_error(&r, status, needle);
+    }
+    assert_eq!(
+        mounts_under(&d.root).len(),
+        before,
+        "a refused export left a mount"
+    );
+
+    // Ending a session stops its export.
+    for s in [&ro, &rw, &new] {
+        let r = d.call(
+            "DELETE",
+            &format!("/sessions/{}", s["id"].as_str().unwrap()),
+            None,
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert!(
+        nfs_cat(&nfs_url(&ro_addr, "app.db")).is_none(),
+        "the export still serves after its session ended"
+    );
+    assert!(mounts_under(&d.root).is_empty());
+}
+
 #[test]
 fn restore_jobs_write_files_equal_to_the_source_and_never_overwrite_unasked() {
     let f = fixture();

@@ -264,6 +264,15 @@ struct CreateSession {
     /// A copy-on-write session whose files can be changed.
     #[serde(default)]
     writable: bool,
+    /// Publish the session over NFSv3 as well.
+    export: Option<SessionExport>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SessionExport {
+    /// `ADDR:PORT` (port 0: any free port) or a bare `PORT` on loopback.
+    nfs: String,
 }
 
 async fn create_session(
@@ -288,6 +297,26 @@ async fn create_session(
         }
         s => s.map(Duration::from_secs),
     };
+    let nfs = match &req.export {
+        None => None,
+        Some(e) => {
+            let addr: std::net::SocketAddr = match e.nfs.parse::<u16>() {
+                Ok(port) => (std::net::Ipv4Addr::LOCALHOST, port).into(),
+                Err(_) => e.nfs.parse().map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "export.nfs {:?}: expected ADDR:PORT or PORT",
+                        e.nfs
+                    ))
+                })?,
+            };
+            if !addr.ip().is_loopback() && d.config.settings.nfs_allow.is_empty() {
+                return Err(ApiError::bad_request(format!(
+                    "export.nfs {addr}: an export on a non-loopback address needs settings.nfs_allow (the clients that may connect)"
+                )));
+            }
+            Some(addr)
+        }
+    };
     d.repo(&req.repository)?;
     let (d2, repository) = (d.clone(), req.repository.clone());
     let restore_point = tokio::task::spawn_blocking(move || {
@@ -309,6 +338,7 @@ async fn create_session(
                 writable: req.writable.then(String::new),
             },
             expires_in,
+            nfs,
         },
     )
     .await?;

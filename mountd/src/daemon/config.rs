@@ -95,6 +95,10 @@ pub struct Settings {
     /// Where export jobs stage unless they name a directory (default
     /// `/var/tmp/flr-staging`).
     pub export_staging: Option<PathBuf>,
+    /// Clients that may connect to sessions published over NFS
+    /// (`"export": {"nfs": ...}`): addresses or networks (`10.0.0.0/8`).
+    /// Empty: loopback clients only, and exports must bind to loopback.
+    pub nfs_allow: Vec<String>,
 }
 
 impl Default for Settings {
@@ -116,6 +120,7 @@ impl Default for Settings {
             state_dir: None,
             devices_dir: None,
             export_staging: None,
+            nfs_allow: Vec::new(),
         }
     }
 }
@@ -187,6 +192,15 @@ impl Config {
         vfs_core::chunker::parse_size(&self.settings.disk_cache_size).unwrap_or(10 << 30)
     }
 
+    /// `settings.nfs_allow`, parsed (validated at load).
+    pub fn nfs_allow(&self) -> Vec<backends::nfs::ClientNet> {
+        self.settings
+            .nfs_allow
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    }
+
     fn validate(&self) -> Result<()> {
         let s = &self.settings;
         vfs_core::chunker::parse_size(&s.cache_size)
@@ -206,6 +220,10 @@ impl Config {
                     t.display()
                 );
             }
+        }
+        for n in &s.nfs_allow {
+            n.parse::<backends::nfs::ClientNet>()
+                .map_err(|e| anyhow::anyhow!("settings.nfs_allow: {e}"))?;
         }
         if s.export_staging.as_ref().is_some_and(|p| !p.is_absolute()) {
             bail!("settings.export_staging must be an absolute path");

@@ -11,6 +11,11 @@
 //! Writable sessions never end for idleness, and a daemon shutdown keeps
 //! them, resumable with `flr mount --resume`.
 //!
+//! A session may also be published over NFSv3 (`"export": {"nfs":
+//! "ADDR:PORT"}`): an export of its own, of the same model its mount
+//! serves (the restore point read-only, or the writable session), with
+//! the clients of `settings.nfs_allow`. It stops when the session ends.
+//!
 //! One async lock guards the table across mounting and unmounting, so two
 //! sessions never race to mount the same path. If a client goes away while
 //! its mount is being made, the finished [`Mount`] is dropped, which
@@ -22,9 +27,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backends::nfs::{NfsExport, NfsOptions};
 use backends::os_mount::Mount;
 use serde::Serialize;
-use vfs_core::fs::{FsOptions, MountFilter, RepoFs};
+use vfs_core::fs::{Caller, FsModel, FsOptions, MountFilter, RepoFs, ROOT_INO};
 use vfs_core::repo::RestorePointName;
 use vfs_core::session::{CowFs, SessionOptions};
 
@@ -66,6 +72,7 @@ struct Session {
     key: MountKey,
     created_at: u64,
     expires: Option<(Instant, u64)>,
+    nfs: Option<NfsExport>,
 }
 
 #[derive(Default)]
@@ -97,6 +104,15 @@ pub struct SessionInfo {
     /// Readers of the mount this session uses (shared by every session
     /// on the same restore point).
     pub readers: Readers,
+    /// Where the session is published besides its mount.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub export: Option<ExportInfo>,
+}
+
+#[derive(Serialize)]
+pub struct ExportInfo {
+    /// The NFSv3 export's address (NFS and MOUNT on this one port).
+    pub nfs: String,
 }
 
 #[derive(Serialize)]
@@ -124,6 +140,9 @@ fn info(s: &Session, m: &SharedMount) -> SessionInfo {
             reads: m.fs.counters.reads.load(Relaxed),
             bytes_served: m.fs.counters.bytes_served.load(Relaxed),
         },
+        export: s.nfs.as_ref().map(|e| ExportInfo {
+            nfs: e.local_addr().to_string(),
+        }),
     }
 }
 
@@ -131,6 +150,8 @@ fn info(s: &Session, m: &SharedMount) -> SessionInfo {
 pub struct NewSession {
     pub key: MountKey,
     pub expires_in: Option<Duration>,
+    /// Publish the session over NFSv3 at this address too.
+    pub nfs: Option<std::net::SocketAddr>,
 }
 
 /// What a commit made, for the API.
@@ -208,6 +229,7 @@ pub async fn create(daemon: &Arc<Daemon>, new: NewSession) -> Result<SessionInfo
     let new = NewSession {
         key,
         expires_in: new.expires_in,
+        nfs: new.nfs,
     };
     if !t.mounts.contains_key(&new.key) {
         let d = daemon.clone();
@@ -229,11 +251,27 @@ pub async fn create(daemon: &Arc<Daemon>, new: NewSession) -> Result<SessionInfo
         let secs = daemon.config.settings.session_expiry_secs;
         (secs > 0 && new.key.writable.is_none()).then(|| Duration::from_secs(secs))
     });
+    let nfs = match new.nfs {
+        None => None,
+        Some(addr) => match export(daemon, &t.mounts[&new.key], addr).await {
+            Ok(e) => Some(e),
+            Err(e) => {
+                // A mount made for this session alone goes with it.
+                if t.mounts.get(&new.key).is_some_and(|m| m.sessions == 0) {
+                    let m = t.mounts.remove(&new.key).expect("present");
+                    t.retired.add(&m.fs);
+                    unmount(daemon.mount_root.clone(), m, false).await;
+                }
+                return Err(e);
+            }
+        },
+    };
     let session = Session {
         id: id.clone(),
         key: new.key.clone(),
         created_at: unix_now(),
         expires: expires_in.map(|d| (Instant::now() + d, unix_now() + d.as_secs())),
+        nfs,
     };
     let m = t.mounts.get_mut(&new.key).expect("mounted above");
     m.sessions += 1;
@@ -241,6 +279,48 @@ pub async fn create(daemon: &Arc<Daemon>, new: NewSession) -> Result<SessionInfo
     let out = info(&session, m);
     t.sessions.insert(id, session);
     Ok(out)
+}
+
+/// Starts an NFS export of a mount's model: the writable session, or the
+/// read-only restore point.
+async fn export(
+    daemon: &Daemon,
+    m: &SharedMount,
+    addr: std::net::SocketAddr,
+) -> Result<NfsExport, ApiError> {
+    let model: Arc<dyn FsModel> = match &m.writable {
+        Some(w) => w.cow.clone(),
+        None => m.fs.clone(),
+    };
+    // Nodes created over NFS belong to the owner of the export's root.
+    let owner = model.getattr(ROOT_INO).map_or_else(
+        |_| {
+            let (uid, gid) = own_ids();
+            Caller { uid, gid }
+        },
+        |a| Caller {
+            uid: a.uid,
+            gid: a.gid,
+        },
+    );
+    let opts = NfsOptions {
+        allow: daemon.config.nfs_allow(),
+        owner,
+    };
+    let e = backends::nfs::export(model, addr, opts)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                ApiError::conflict(format!("cannot serve NFS at {addr}: {e}"))
+            }
+            _ => ApiError::bad_request(format!("cannot serve NFS at {addr}: {e}")),
+        })?;
+    log(format!(
+        "NFS export of {} at {}",
+        m.path.display(),
+        e.local_addr()
+    ));
+    Ok(e)
 }
 
 /// Stores writable session `id` as a new restore point of `job`.
@@ -421,10 +501,13 @@ fn remove_mount_dirs(root: &Path, path: &Path) {
     }
 }
 
-/// Takes a session out of the table; returns its mount if it was the
-/// last session on it.
-fn detach(t: &mut Table, id: &str) -> Option<Option<SharedMount>> {
-    let s = t.sessions.remove(id)?;
+/// Takes a session out of the table and stops its export; returns its
+/// mount if it was the last session on it.
+async fn detach(t: &mut Table, id: &str) -> Option<Option<SharedMount>> {
+    let mut s = t.sessions.remove(id)?;
+    if let Some(e) = s.nfs.take() {
+        stop_export(e).await;
+    }
     let m = t.mounts.get_mut(&s.key)?;
     m.sessions -= 1;
     if m.sessions > 0 {
@@ -433,6 +516,12 @@ fn detach(t: &mut Table, id: &str) -> Option<Option<SharedMount>> {
     let m = t.mounts.remove(&s.key)?;
     t.retired.add(&m.fs);
     Some(Some(m))
+}
+
+async fn stop_export(e: NfsExport) {
+    let addr = e.local_addr();
+    e.stop().await;
+    log(format!("NFS export at {addr} stopped"));
 }
 
 /// Unmounts (detaching if files are still open) and removes the mount's
@@ -488,8 +577,9 @@ async fn unmount(root: PathBuf, m: SharedMount, keep: bool) -> bool {
 /// it. Returns whether an unmount happened.
 pub async fn end(daemon: &Daemon, id: &str) -> Result<bool, ApiError> {
     let mut t = daemon.sessions.table.lock().await;
-    let last =
-        detach(&mut t, id).ok_or_else(|| ApiError::not_found(format!("unknown session {id:?}")))?;
+    let last = detach(&mut t, id)
+        .await
+        .ok_or_else(|| ApiError::not_found(format!("unknown session {id:?}")))?;
     log(format!("session {id} ended"));
     Ok(match last {
         Some(m) => unmount(daemon.mount_root.clone(), m, false).await,
@@ -501,7 +591,13 @@ pub async fn end(daemon: &Daemon, id: &str) -> Result<bool, ApiError> {
 pub async fn end_all(daemon: &Daemon) -> usize {
     let mut t = daemon.sessions.table.lock().await;
     t.closed = true;
-    t.sessions.clear();
+    let exports: Vec<NfsExport> = std::mem::take(&mut t.sessions)
+        .into_values()
+        .filter_map(|s| s.nfs)
+        .collect();
+    for e in exports {
+        stop_export(e).await;
+    }
     let mounts: Vec<SharedMount> = t.mounts.drain().map(|(_, m)| m).collect();
     let mut n = 0;
     for m in mounts {
@@ -549,7 +645,7 @@ pub async fn reap(daemon: Arc<Daemon>, mut stop: tokio::sync::watch::Receiver<bo
         }
         for (id, why) in ending {
             log(format!("session {id} ended ({why})"));
-            if let Some(Some(m)) = detach(&mut t, &id) {
+            if let Some(Some(m)) = detach(&mut t, &id).await {
                 unmount(daemon.mount_root.clone(), m, false).await;
             }
         }
