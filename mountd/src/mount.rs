@@ -216,7 +216,9 @@ pub fn run(args: MountArgs, socket: &Path) -> Result<u8> {
     Ok(exit::OK)
 }
 
-/// The read-only model of `--repo`, with `--job`/`--restore-point`.
+/// The read-only model of `--repo`, with `--job`/`--restore-point`. An
+/// NFS export of one restore point has that restore point's files at its
+/// root, as a writable session's export has.
 fn open_repo_fs(args: &MountArgs) -> Result<Arc<RepoFs>> {
     let repo_path = args.repo.as_ref().expect("required without --resume");
     let repo = Arc::new(crate::cli::open_repo(repo_path)?);
@@ -228,7 +230,7 @@ fn open_repo_fs(args: &MountArgs) -> Result<Arc<RepoFs>> {
             .map(|s| repo.resolve(s))
             .transpose()?
             .map(|n: RestorePointName| n),
-        rooted: false,
+        rooted: args.nfs.is_some() && args.restore_point.is_some(),
     };
     if let Some(job) = &filter.job {
         vfs_core::manifest::validate_job_name(job)?;
