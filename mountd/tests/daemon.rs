@@ -573,7 +573,7 @@ fn sessions_are_published_over_nfs_until_they_end() {
     let before = mounts_under(&d.root).len();
     for (body, status, needle) in [
         (json!({"nfs": "nonsense"}), 400, "ADDR:PORT"),
-        (json!({"nfs": "0.0.0.0:0"}), 400, "nfs_allow"),
+        (json!({"nfs": "0.0.0.0:0"}), 403, "nfs_allow"),
         (json!({"nfs": ro_addr.clone()}), 409, "cannot serve NFS"),
         (
             json!({"nfs": "127.0.0.1:0", "smb": 1}),

@@ -310,7 +310,7 @@ async fn create_session(
                 })?,
             };
             if !addr.ip().is_loopback() && d.config.settings.nfs_allow.is_empty() {
-                return Err(ApiError::bad_request(format!(
+                return Err(ApiError::forbidden(format!(
                     "export.nfs {addr}: an export on a non-loopback address needs settings.nfs_allow (the clients that may connect)"
                 )));
             }

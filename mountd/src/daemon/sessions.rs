@@ -309,12 +309,9 @@ async fn export(
     };
     let e = backends::nfs::export(model, addr, opts)
         .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::AddrInUse => {
-                ApiError::conflict(format!("cannot serve NFS at {addr}: {e}"))
-            }
-            _ => ApiError::bad_request(format!("cannot serve NFS at {addr}: {e}")),
-        })?;
+        // The address is taken, or not this host's: a conflict with the
+        // host's state, not a malformed request.
+        .map_err(|e| ApiError::conflict(format!("cannot serve NFS at {addr}: {e}")))?;
     log(format!(
         "NFS export of {} at {}",
         m.path.display(),
