@@ -1171,6 +1171,7 @@ pub fn run(
         crate::writable::OpenOptions {
             // One sequential pass: a small cache of decoded frames does.
             cache_bytes: 64 << 20,
+            cache: None,
             disk_cache: None,
             session: SessionOptions {
                 reserve_bytes: 64 << 20,

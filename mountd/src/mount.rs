@@ -373,6 +373,7 @@ fn open_writable(args: &MountArgs) -> Result<Session> {
         resume,
         writable::OpenOptions {
             cache_bytes: args.cache_size as usize,
+            cache: None,
             disk_cache: open_disk_cache(args)?,
             session: SessionOptions {
                 reserve_bytes: args.reserve,

@@ -76,6 +76,7 @@ fn commit(state_dir: &Path, id: &str, job: &str, json: bool) -> Result<u8> {
                 true,
                 writable::OpenOptions {
                     cache_bytes: 256 << 20,
+                    cache: None,
                     disk_cache: None,
                     session: SessionOptions {
                         min_free_bytes: 0,

@@ -55,7 +55,11 @@ pub fn new_session_id(rp: &RestorePointName) -> String {
 }
 
 pub struct OpenOptions {
+    /// Bytes of decoded frames the session's own cache keeps, unless it
+    /// shares `cache`.
     pub cache_bytes: usize,
+    /// A memory cache shared with other mounts (the daemon's one).
+    pub cache: Option<Arc<vfs_core::cache::ChunkCache>>,
     /// Stored frames kept on disk (see `vfs_core::disk_cache`).
     pub disk_cache: Option<Arc<vfs_core::disk_cache::DiskCache>>,
     pub session: SessionOptions,
@@ -74,9 +78,7 @@ pub fn open_session(
 ) -> Result<Arc<CowFs>> {
     let (uid, gid) = own_ids();
     let readahead_threads = crate::read_stats::readahead_threads(&repo);
-    let base = RepoFs::new(
-        repo,
-        FsOptions {
+    let options = FsOptions {
             cache_bytes: opts.cache_bytes,
             disk_cache: opts.disk_cache,
             readahead_threads,
@@ -87,8 +89,11 @@ pub fn open_session(
                 restore_point: Some(rp.clone()),
                 rooted: true,
             },
-        },
-    )?;
+        };
+    let base = match opts.cache {
+        Some(cache) => RepoFs::with_cache(repo, options, cache),
+        None => RepoFs::new(repo, options),
+    }?;
     let cow = if resume {
         CowFs::resume(base, state_dir, id, opts.session)?
     } else {

@@ -139,10 +139,15 @@ impl Daemon {
         std::fs::create_dir_all(&restore).unwrap();
         let config = dir.path().join("daemon.toml");
         let state = dir.path().join("sessions");
+        let cache = if extra_settings.contains("cache_size") {
+            ""
+        } else {
+            "cache_size = \"64M\"\n"
+        };
         std::fs::write(
             &config,
             format!(
-                "[settings]\nmount_root = {root:?}\nsocket = {socket:?}\ncache_size = \"64M\"\nrestore_targets = [{restore:?}]\nstate_dir = {state:?}\n{extra_settings}\n\n[repositories.main]\npath = {:?}\n",
+                "[settings]\nmount_root = {root:?}\nsocket = {socket:?}\n{cache}restore_targets = [{restore:?}]\nstate_dir = {state:?}\n{extra_settings}\n\n[repositories.main]\npath = {:?}\n",
                 fixture().repo
             ) + &repositories
                 .iter()
@@ -608,6 +613,76 @@ fn sessions_are_published_over_nfs_until_they_end() {
         "the export still serves after its session ended"
     );
     assert!(mounts_under(&d.root).is_empty());
+}
+
+/// The value of an unlabelled metric in `/metrics` text.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn twenty_mounts_share_the_daemons_one_cache_bound() {
+    // 20 restore points (one per job) of 1.5 MiB of incompressible data
+    // each: 30 MiB read through 20 mounts, against a 4 MiB cache.
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = tmp.path().join("repo");
+    run_ok(Command::new(flr()).arg("init").arg(&repo));
+    let mut sources = Vec::new();
+    for n in 0..20u64 {
+        let dir = tmp.path().join(format!("src{n}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("data.bin"), pseudo_random(3 << 19, 1000 + n)).unwrap();
+        run_ok(
+            Command::new(flr())
+                .args(["backup", "--quiet", "--repo"])
+                .arg(&repo)
+                .args(["--job", &format!("j{n}")])
+                .arg(dir.join("data.bin")),
+        );
+        sources.push(dir.join("data.bin"));
+    }
+    let d = Daemon::start_with_repositories("cache_size = \"4M\"", &[("many", &repo)]);
+    let mut paths = Vec::new();
+    for n in 0..20 {
+        let r = d.call(
+            "POST",
+            "/sessions",
+            Some(json!({"repository": "many", "job": format!("j{n}")})),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+        paths.push(PathBuf::from(r.json()["path"].as_str().unwrap()));
+    }
+    let distinct: std::collections::BTreeSet<_> = paths.iter().collect();
+    assert_eq!(distinct.len(), 20, "20 restore points, 20 mounts");
+    // Every mount reads its file whole, twice, while the others hold
+    // theirs open: all through the one cache.
+    let open: Vec<std::fs::File> = paths
+        .iter()
+        .map(|p| std::fs::File::open(p.join("data.bin")).unwrap())
+        .collect();
+    for _ in 0..2 {
+        for (p, src) in paths.iter().zip(&sources) {
+            assert!(
+                std::fs::read(p.join("data.bin")).unwrap() == std::fs::read(src).unwrap(),
+                "{} differs from its source",
+                p.display()
+            );
+        }
+    }
+    let m = d.call("GET", "/metrics", None).body;
+    assert_eq!(metric(&m, "flr_mounts_active"), 20, "{m}");
+    let capacity = metric(&m, "flr_cache_capacity_bytes");
+    assert!(capacity <= 4 << 20 && capacity > 3 << 20, "{m}");
+    let resident = metric(&m, "flr_cache_resident_bytes");
+    assert!(resident <= capacity, "the cache holds {resident} bytes, above its bound {capacity}");
+    assert!(metric(&m, "flr_cache_evictions_total") > 0, "30 MiB passed a 4 MiB cache: {m}");
+    assert!(metric(&m, "flr_cache_misses_total") > 0, "{m}");
+    drop(open);
 }
 
 #[test]

@@ -121,6 +121,11 @@ impl ChunkCache {
         }
     }
 
+    /// The bound on resident bytes.
+    pub fn capacity(&self) -> usize {
+        self.shard_capacity * SHARDS
+    }
+
     fn shard(&self, id: &ChunkId) -> &Mutex<Shard> {
         // Ids are uniform hashes; any byte picks a shard evenly.
         &self.shards[id.0[0] as usize % SHARDS]

@@ -421,7 +421,23 @@ fn parse_timestamp_name(name: &str) -> Option<i64> {
 }
 
 impl RepoFs {
+    /// A mount with a memory cache of its own, of `options.cache_bytes`.
     pub fn new(repo: Arc<Repository>, options: FsOptions) -> crate::Result<Arc<RepoFs>> {
+        let cache = Arc::new(ChunkCache::new(options.cache_bytes));
+        RepoFs::with_cache(repo, options, cache)
+    }
+
+    /// A mount whose decoded frames go to `cache`, which other mounts may
+    /// share (one bound for a daemon's mounts); `options.cache_bytes` is
+    /// not used. Frames are keyed by their pack's id and their place in
+    /// it (`ChunkLoc::frame_key`), and every chunk is checked against its
+    /// own repository's id when it is served, so mounts of different
+    /// repositories never serve each other's bytes.
+    pub fn with_cache(
+        repo: Arc<Repository>,
+        options: FsOptions,
+        cache: Arc<ChunkCache>,
+    ) -> crate::Result<Arc<RepoFs>> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -437,7 +453,6 @@ impl RepoFs {
         );
         let mut synthetic = HashMap::new();
         synthetic.insert(ROOT_INO, Synthetic::Root);
-        let cache = Arc::new(ChunkCache::new(options.cache_bytes));
         let fetcher = Arc::new(FrameFetcher::new(repo.clone(), options.disk_cache.clone()));
         let counters = Arc::new(FsCounters::default());
         let readahead = (options.readahead_threads > 0).then(|| {
@@ -501,6 +516,11 @@ impl RepoFs {
 
     pub fn cache(&self) -> &ChunkCache {
         &self.cache
+    }
+
+    /// The memory cache, to share with another mount.
+    pub fn shared_cache(&self) -> Arc<ChunkCache> {
+        self.cache.clone()
     }
 
     /// How frames reach the memory cache: the disk cache and the requests
@@ -1166,7 +1186,7 @@ impl RepoFs {
         let size = file.rp.manifest.nodes[file.node].size;
         let window = (READAHEAD_MIN_BYTES << (streak - READAHEAD_AFTER).min(8))
             .min(READAHEAD_MAX_BYTES)
-            .min(self.options.cache_bytes as u64 / 4)
+            .min(self.cache.capacity() as u64 / 4)
             .max(READAHEAD_JOB_BYTES);
         let queued = file.ahead_until.load(Ordering::Relaxed);
         let from = queued.max(end);

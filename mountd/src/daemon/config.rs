@@ -57,7 +57,8 @@ pub struct Settings {
     /// Sessions are mounted at `<mount_root>/<repository>/<job>/<timestamp>`.
     pub mount_root: PathBuf,
     pub socket: PathBuf,
-    /// Bytes of decoded frames each mount keeps in memory (`512M`).
+    /// Bytes of decoded frames the daemon keeps in memory (`512M`): one
+    /// cache, shared by all its mounts.
     pub cache_size: String,
     /// A directory where the daemon keeps the stored frames its mounts
     /// fetch from repositories (worth it for S3 ones), shared by all its

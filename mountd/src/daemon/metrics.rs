@@ -17,8 +17,6 @@ pub struct ReadStats {
     pub reads: u64,
     pub bytes_served: u64,
     pub chunk_errors: u64,
-    pub cache_hits: u64,
-    pub cache_misses: u64,
     /// Range requests the mounts sent for frames, and the frames that
     /// shared one with another.
     pub fetch_requests: u64,
@@ -35,8 +33,6 @@ impl ReadStats {
         self.reads += c.reads.load(Relaxed);
         self.bytes_served += c.bytes_served.load(Relaxed);
         self.chunk_errors += c.chunk_errors.load(Relaxed);
-        self.cache_hits += fs.cache().counters.hits.load(Relaxed);
-        self.cache_misses += fs.cache().counters.misses.load(Relaxed);
         let f = &fs.fetcher().counters;
         self.fetch_requests += f.requests.load(Relaxed);
         self.frames_fetched += f.frames_fetched.load(Relaxed);
@@ -79,17 +75,37 @@ pub async fn render(daemon: &Daemon) -> String {
         "Files open through the daemon's mounts.",
         &one(open_files),
     );
+    // One memory cache serves every mount of the daemon.
+    let cache = &daemon.cache;
     metric(
         "flr_cache_hits_total",
         "counter",
         "Frame lookups served from the cache of decoded frames.",
-        &one(reads.cache_hits),
+        &one(cache.counters.hits.load(Relaxed)),
     );
     metric(
         "flr_cache_misses_total",
         "counter",
         "Frame lookups that fetched and decoded from the repository.",
-        &one(reads.cache_misses),
+        &one(cache.counters.misses.load(Relaxed)),
+    );
+    metric(
+        "flr_cache_evictions_total",
+        "counter",
+        "Decoded frames evicted from the memory cache to stay within its bound.",
+        &one(cache.counters.evictions.load(Relaxed)),
+    );
+    metric(
+        "flr_cache_resident_bytes",
+        "gauge",
+        "Bytes of decoded frames the daemon's one memory cache holds, for all its mounts.",
+        &one(cache.resident_bytes() as u64),
+    );
+    metric(
+        "flr_cache_capacity_bytes",
+        "gauge",
+        "The memory cache's bound (settings.cache_size), shared by all mounts.",
+        &one(cache.capacity() as u64),
     );
     metric(
         "flr_frame_fetch_requests_total",

@@ -123,6 +123,9 @@ pub struct Daemon {
     /// The disk cache of stored frames all mounts share
     /// (`settings.disk_cache`).
     pub disk_cache: Option<Arc<vfs_core::disk_cache::DiskCache>>,
+    /// The memory cache of decoded frames all mounts share, bounded by
+    /// `settings.cache_size` for the whole daemon.
+    pub cache: Arc<vfs_core::cache::ChunkCache>,
     next_id: AtomicU64,
 }
 
@@ -160,6 +163,7 @@ impl Daemon {
         };
         Ok(Daemon {
             disk_cache,
+            cache: Arc::new(vfs_core::cache::ChunkCache::new(config.cache_bytes())),
             jobs: jobs::Jobs::new(config.settings.restore_workers),
             device_jobs: device_jobs::new_table(),
             exports: export_jobs::new_table(),

@@ -373,7 +373,7 @@ fn mount(daemon: &Arc<Daemon>, key: &MountKey) -> Result<SharedMount, ApiError> 
     }
     let (uid, gid) = own_ids();
     let readahead_threads = crate::read_stats::readahead_threads(&repo);
-    let fs = RepoFs::new(
+    let fs = RepoFs::with_cache(
         repo,
         FsOptions {
             cache_bytes: daemon.config.cache_bytes(),
@@ -387,6 +387,7 @@ fn mount(daemon: &Arc<Daemon>, key: &MountKey) -> Result<SharedMount, ApiError> 
                 rooted: true,
             },
         },
+        daemon.cache.clone(),
     )
     .map_err(|e| {
         remove_mount_dirs(&daemon.mount_root, &path);
@@ -434,6 +435,7 @@ fn mount_writable(
         false,
         writable::OpenOptions {
             cache_bytes: daemon.config.cache_bytes(),
+            cache: Some(daemon.cache.clone()),
             disk_cache: daemon.disk_cache.clone(),
             session: SessionOptions::default(),
         },
