@@ -79,17 +79,17 @@ pub fn open_session(
     let (uid, gid) = own_ids();
     let readahead_threads = crate::read_stats::readahead_threads(&repo);
     let options = FsOptions {
-            cache_bytes: opts.cache_bytes,
-            disk_cache: opts.disk_cache,
-            readahead_threads,
-            uid,
-            gid,
-            filter: MountFilter {
-                job: None,
-                restore_point: Some(rp.clone()),
-                rooted: true,
-            },
-        };
+        cache_bytes: opts.cache_bytes,
+        disk_cache: opts.disk_cache,
+        readahead_threads,
+        uid,
+        gid,
+        filter: MountFilter {
+            job: None,
+            restore_point: Some(rp.clone()),
+            rooted: true,
+        },
+    };
     let base = match opts.cache {
         Some(cache) => RepoFs::with_cache(repo, options, cache),
         None => RepoFs::new(repo, options),

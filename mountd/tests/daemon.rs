@@ -679,8 +679,14 @@ fn twenty_mounts_share_the_daemons_one_cache_bound() {
     let capacity = metric(&m, "flr_cache_capacity_bytes");
     assert!(capacity <= 4 << 20 && capacity > 3 << 20, "{m}");
     let resident = metric(&m, "flr_cache_resident_bytes");
-    assert!(resident <= capacity, "the cache holds {resident} bytes, above its bound {capacity}");
-    assert!(metric(&m, "flr_cache_evictions_total") > 0, "30 MiB passed a 4 MiB cache: {m}");
+    assert!(
+        resident <= capacity,
+        "the cache holds {resident} bytes, above its bound {capacity}"
+    );
+    assert!(
+        metric(&m, "flr_cache_evictions_total") > 0,
+        "30 MiB passed a 4 MiB cache: {m}"
+    );
     assert!(metric(&m, "flr_cache_misses_total") > 0, "{m}");
     drop(open);
 }

@@ -10,6 +10,8 @@
 //!   command lines ([`flr::Flr`]).
 //! - [`repo`]: a repository in a temporary directory ([`repo::TestRepo`])
 //!   with typed wrappers for init, backup, restore and listing.
+//! - [`daemon`]: [`daemon::Daemon`], a `flr daemon` process of a test's
+//!   own, and HTTP exchanges with it over its socket or TCP listener.
 //! - [`mount`]: [`mount::Mount`], a guard around `flr mount --background`
 //!   that unmounts and ends the mount process on drop, also when the test
 //!   panics; [`mount::WritableMount`], the same for a restore point
@@ -50,6 +52,7 @@
 #![cfg(unix)]
 
 pub mod command;
+pub mod daemon;
 pub mod fault_proxy;
 pub mod flr;
 pub mod fsx;

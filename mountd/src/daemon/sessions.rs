@@ -16,10 +16,13 @@
 //! serves (the restore point read-only, or the writable session), with
 //! the clients of `settings.nfs_allow`. It stops when the session ends.
 //!
-//! One async lock guards the table across mounting and unmounting, so two
-//! sessions never race to mount the same path. If a client goes away while
-//! its mount is being made, the finished [`Mount`] is dropped, which
-//! unmounts it: nothing is left behind.
+//! One async lock guards the table. A mount is made outside it (the API
+//! answers, and other sessions come and go, meanwhile), marked as being
+//! made, so a second session of the same restore point waits for that
+//! mount instead of mounting the path again; unmounting happens under the
+//! lock, so nothing mounts at a path while it is unmounted. If a client
+//! goes away while its mount is being made, the finished [`Mount`] is
+//! dropped, which unmounts it: nothing is left behind.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -87,6 +90,25 @@ struct Table {
 #[derive(Default)]
 pub struct Sessions {
     table: tokio::sync::Mutex<Table>,
+    /// Mounts being made, which happens outside the table's lock: another
+    /// session of the same restore point waits for that mount.
+    mounting: parking_lot::Mutex<HashMap<MountKey, Arc<tokio::sync::Notify>>>,
+}
+
+/// A mount being made: its mark goes, and whoever waits for it wakes,
+/// when the mount is in the table or has failed, and also when the
+/// request is dropped half-way.
+struct MountingMark<'a> {
+    sessions: &'a Sessions,
+    key: MountKey,
+    done: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for MountingMark<'_> {
+    fn drop(&mut self) {
+        self.sessions.mounting.lock().remove(&self.key);
+        self.done.notify_waiters();
+    }
 }
 
 /// What the API shows of a session.
@@ -212,10 +234,6 @@ impl Sessions {
 /// Creates a session, mounting its restore point unless another session
 /// already has it mounted.
 pub async fn create(daemon: &Arc<Daemon>, new: NewSession) -> Result<SessionInfo, ApiError> {
-    let mut t = daemon.sessions.table.lock().await;
-    if t.closed {
-        return Err(ApiError::unavailable("the daemon is shutting down"));
-    }
     let mut key = new.key;
     let id = if key.writable.is_some() {
         // Unique across restarts: a kept session directory may hold an
@@ -231,20 +249,7 @@ pub async fn create(daemon: &Arc<Daemon>, new: NewSession) -> Result<SessionInfo
         expires_in: new.expires_in,
         nfs: new.nfs,
     };
-    if !t.mounts.contains_key(&new.key) {
-        let d = daemon.clone();
-        let key = new.key.clone();
-        let made = tokio::task::spawn_blocking(move || mount(&d, &key))
-            .await
-            .map_err(|e| ApiError::internal(format!("mount task failed: {e}")))??;
-        log(format!(
-            "mounted {}:{} at {}",
-            new.key.repository,
-            new.key.restore_point,
-            made.path.display()
-        ));
-        t.mounts.insert(new.key.clone(), made);
-    }
+    let mut t = mounted(daemon, &new.key).await?;
     // The default expiry would discard a writable session's changes
     // unasked: only an explicit one applies to them.
     let expires_in = new.expires_in.or_else(|| {
@@ -279,6 +284,65 @@ pub async fn create(daemon: &Arc<Daemon>, new: NewSession) -> Result<SessionInfo
     let out = info(&session, m);
     t.sessions.insert(id, session);
     Ok(out)
+}
+
+/// The table, locked, with `key` mounted: mounted now unless a session
+/// already has it, or waiting for the mount another request is making.
+/// The mount is made without the table's lock, so other sessions come and
+/// go (and the API answers) meanwhile.
+async fn mounted<'a>(
+    daemon: &'a Arc<Daemon>,
+    key: &MountKey,
+) -> Result<tokio::sync::MutexGuard<'a, Table>, ApiError> {
+    let sessions = &daemon.sessions;
+    loop {
+        let t = sessions.table.lock().await;
+        if t.closed {
+            return Err(ApiError::unavailable("the daemon is shutting down"));
+        }
+        if t.mounts.contains_key(key) {
+            return Ok(t);
+        }
+        let made_elsewhere = sessions.mounting.lock().get(key).cloned();
+        if let Some(done) = made_elsewhere {
+            // Registered before the table is let go, so the wake-up of a
+            // mount that ends in between is not missed.
+            let woken = done.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            drop(t);
+            woken.await;
+            continue;
+        }
+        let done = Arc::new(tokio::sync::Notify::new());
+        sessions.mounting.lock().insert(key.clone(), done.clone());
+        let mark = MountingMark {
+            sessions,
+            key: key.clone(),
+            done,
+        };
+        drop(t);
+        let (d, k) = (daemon.clone(), key.clone());
+        // A failure drops the mark: a waiting request then tries itself.
+        let made = tokio::task::spawn_blocking(move || mount(&d, &k))
+            .await
+            .map_err(|e| ApiError::internal(format!("mount task failed: {e}")))??;
+        let mut t = sessions.table.lock().await;
+        if t.closed {
+            drop(mark);
+            unmount(daemon.mount_root.clone(), made, false).await;
+            return Err(ApiError::unavailable("the daemon is shutting down"));
+        }
+        log(format!(
+            "mounted {}:{} at {}",
+            key.repository,
+            key.restore_point,
+            made.path.display()
+        ));
+        t.mounts.insert(key.clone(), made);
+        drop(mark);
+        return Ok(t);
+    }
 }
 
 /// Starts an NFS export of a mount's model: the writable session, or the
@@ -365,9 +429,18 @@ fn mount(daemon: &Arc<Daemon>, key: &MountKey) -> Result<SharedMount, ApiError> 
     if super::is_dead_mount(&path) {
         let _ = backends::os_mount::clear_stale_mount(&path);
     }
-    std::fs::create_dir_all(&path).map_err(|e| {
-        ApiError::internal(format!("cannot create mount point {}: {e}", path.display()))
-    })?;
+    // Mounts are made outside the table's lock: another one's cleanup
+    // may remove an empty parent between the steps of create_dir_all.
+    let mut tries = 0;
+    while let Err(e) = std::fs::create_dir_all(&path) {
+        tries += 1;
+        if e.kind() != std::io::ErrorKind::NotFound || tries == 3 {
+            return Err(ApiError::internal(format!(
+                "cannot create mount point {}: {e}",
+                path.display()
+            )));
+        }
+    }
     if let Some(id) = &key.writable {
         return mount_writable(daemon, key, id, repo, handle, path);
     }
