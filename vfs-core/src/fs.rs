@@ -318,6 +318,8 @@ pub struct FsCounters {
     pub readahead_dropped: AtomicU64,
     /// Queued readahead jobs skipped because their reader turned random.
     pub readahead_cancelled: AtomicU64,
+    /// Restore point manifests read and decoded.
+    pub manifest_loads: AtomicU64,
     /// Read latency histogram: bucket i counts reads taking < 2^i µs.
     pub read_latency_us: [AtomicU64; 24],
     /// Sum of all read latencies in µs (the histogram's sum).
@@ -389,6 +391,9 @@ pub struct RepoFs {
     cache: Arc<ChunkCache>,
     fetcher: Arc<FrameFetcher>,
     tree: RwLock<Tree>,
+    /// Restore points being loaded, by directory inode: one load each,
+    /// the other readers that ask meanwhile wait for it.
+    loading: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
     handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_handle: AtomicU64,
     readahead: Option<crossbeam_channel::Sender<ReadaheadJob>>,
@@ -489,6 +494,7 @@ impl RepoFs {
                 last_refresh: None,
                 mount_time: now,
             }),
+            loading: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             readahead,
@@ -622,6 +628,20 @@ impl RepoFs {
         if let Some(rp) = self.tree.read().loaded_by_dir.get(&dir_ino) {
             return Ok(rp.clone());
         }
+        // One load per restore point, however many readers ask at once
+        // (a manifest can be large): the others wait here, then find it.
+        let gate = self.loading.lock().entry(dir_ino).or_default().clone();
+        let _only_loader = gate.lock();
+        if let Some(rp) = self.tree.read().loaded_by_dir.get(&dir_ino) {
+            return Ok(rp.clone());
+        }
+        let loaded = self.load_now(dir_ino, name);
+        self.loading.lock().remove(&dir_ino);
+        loaded
+    }
+
+    fn load_now(&self, dir_ino: u64, name: &RestorePointName) -> FsResult<Arc<LoadedRp>> {
+        self.counters.manifest_loads.fetch_add(1, Ordering::Relaxed);
         let manifest = self.repo.load_manifest(name).map_err(|e| {
             log_error(&format!("cannot load restore point {name}: {e}"));
             FsError::from(e)

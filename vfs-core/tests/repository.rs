@@ -544,3 +544,52 @@ fn a_writer_that_sees_the_name_taken_moves_to_the_next_second() {
             .collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn readers_racing_into_a_restore_point_load_its_manifest_once() {
+    // 48 MiB in 4 KiB chunks: a manifest of 12,288 chunks, slow enough to
+    // load that racing readers overlap.
+    let (_, repo) = new_repo(None);
+    let data = pseudo_random(48 << 20, 11);
+    backup_bytes(&repo, "big", "f", data, Some(ChunkerKind::Fixed(4096)));
+    let repo = Arc::new(repo);
+    for round in 0..5 {
+        let fs = RepoFs::new(
+            repo.clone(),
+            FsOptions {
+                cache_bytes: 1 << 20,
+                disk_cache: None,
+                readahead_threads: 0,
+                uid: 0,
+                gid: 0,
+                filter: Default::default(),
+            },
+        )
+        .unwrap();
+        let job = fs.lookup(vfs_core::fs::ROOT_INO, b"big").unwrap();
+        let rp = fs
+            .readdir(job.ino)
+            .unwrap()
+            .into_iter()
+            .find(|e| e.name != b"latest")
+            .unwrap();
+        let start = std::sync::Barrier::new(8);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    start.wait();
+                    let f = fs.lookup(rp.ino, b"f").unwrap();
+                    assert_eq!(f.size, 48 << 20);
+                });
+            }
+        });
+        let loads = fs
+            .counters
+            .manifest_loads
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            loads, 1,
+            "round {round}: 8 racing readers loaded the manifest {loads} times"
+        );
+    }
+}
