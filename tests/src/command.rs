@@ -234,3 +234,37 @@ pub fn wait_for_exit(pid: u32, timeout: Duration) -> bool {
     }
     true
 }
+
+/// Runs a command that returns once the server it starts in the
+/// background is ready (`flr mount --background`), with stdin and stdout
+/// closed and stderr into `log` (a file, not a pipe: the server inherits
+/// it and keeps it open). Returns its command line and exit status, or
+/// `None` if it had not exited within `timeout` (it is killed then).
+pub fn run_starter(
+    mut cmd: Command,
+    log: &std::path::Path,
+    timeout: Duration,
+) -> (String, Option<ExitStatus>) {
+    let log_file =
+        std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file);
+    let line = describe(&cmd);
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start `{line}`: {e}"));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for the starting command") {
+            break Some(s);
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    (line, status)
+}

@@ -1,7 +1,6 @@
 //! Mounting a repository (or one restore point writable) for a test, and
 //! always unmounting it again.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
@@ -101,33 +100,14 @@ impl Mount {
         let log = path.with_extension("mount-log");
         // The mount process inherits stderr and keeps it open: a file, not
         // a pipe, or reading the pipe would never end.
-        let log_file = File::create(&log).expect("create mount log");
-        let mut cmd = repo
+        let cmd = repo
             .flr(["mount", "--repo"])
             .arg(&repo.path)
             .arg(&path)
             .arg("--background")
             .args(extra)
             .into_command();
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file);
-        let line = crate::command::describe(&cmd);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start `{line}`: {e}"));
-        let started = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("wait for flr mount") {
-                break Some(s);
-            }
-            if started.elapsed() > MOUNT_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            thread::sleep(Duration::from_millis(10));
-        };
+        let (line, status) = crate::command::run_starter(cmd, &log, MOUNT_TIMEOUT);
         let messages = std::fs::read_to_string(&log).unwrap_or_default();
         let mut mount = Mount {
             pid: parse_pid(&messages).or_else(|| find_server(&path)),

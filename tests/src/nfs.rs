@@ -3,13 +3,12 @@
 //! this kernel has no NFS client, so the tests speak NFS through them.
 
 use std::ffi::OsStr;
-use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::command::{process_alive, send_signal, wait_for_exit, Run};
+use crate::command::{process_alive, run_starter, send_signal, wait_for_exit, Run};
 use crate::repo::TestRepo;
 
 /// How long an export gets to start, and to end after SIGTERM.
@@ -29,31 +28,12 @@ impl NfsExport {
     /// loopback port; panics with its messages unless it is ready.
     #[track_caller]
     pub fn start(repo: &TestRepo, log: &Path, extra: &[&str]) -> NfsExport {
-        let log_file = File::create(log).expect("create the export's log");
-        let mut cmd = repo
+        let cmd = repo
             .flr(["mount", "--nfs", "127.0.0.1:0", "--background", "--repo"])
             .arg(&repo.path)
             .args(extra)
             .into_command();
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file);
-        let line = crate::command::describe(&cmd);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start `{line}`: {e}"));
-        let started = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("wait for flr mount --nfs") {
-                break Some(s);
-            }
-            if started.elapsed() > START_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        let (line, status) = run_starter(cmd, log, START_TIMEOUT);
         let messages = std::fs::read_to_string(log).unwrap_or_default();
         let pid = after(&messages, "(pid ").and_then(|s| s.parse().ok());
         let addr = after(&messages, "exported over NFSv3 at ").and_then(|s| s.parse().ok());

@@ -57,12 +57,17 @@ fn read_back(repo: &Repository, m: &Manifest) -> Vec<u8> {
 }
 
 fn mount_model(repo: Repository) -> Arc<RepoFs> {
+    mount_shared(Arc::new(repo), 1)
+}
+
+/// A mount of a repository other mounts may share.
+fn mount_shared(repo: Arc<Repository>, readahead_threads: usize) -> Arc<RepoFs> {
     RepoFs::new(
-        Arc::new(repo),
+        repo,
         FsOptions {
             cache_bytes: 1 << 20,
             disk_cache: None,
-            readahead_threads: 1,
+            readahead_threads,
             uid: 0,
             gid: 0,
             filter: Default::default(),
@@ -554,18 +559,7 @@ fn readers_racing_into_a_restore_point_load_its_manifest_once() {
     backup_bytes(&repo, "big", "f", data, Some(ChunkerKind::Fixed(4096)));
     let repo = Arc::new(repo);
     for round in 0..5 {
-        let fs = RepoFs::new(
-            repo.clone(),
-            FsOptions {
-                cache_bytes: 1 << 20,
-                disk_cache: None,
-                readahead_threads: 0,
-                uid: 0,
-                gid: 0,
-                filter: Default::default(),
-            },
-        )
-        .unwrap();
+        let fs = mount_shared(repo.clone(), 0);
         let job = fs.lookup(vfs_core::fs::ROOT_INO, b"big").unwrap();
         let rp = fs
             .readdir(job.ino)
