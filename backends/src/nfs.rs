@@ -413,6 +413,16 @@ impl Inner {
     }
 }
 
+impl Drop for Inner {
+    /// A request still running when the export stopped may have opened a
+    /// handle after the last sweep: the last reference closes it.
+    fn drop(&mut self) {
+        for (_, f) in self.open.get_mut().drain() {
+            self.fs.release(f.fh);
+        }
+    }
+}
+
 fn components(path: &[u8]) -> Vec<Vec<u8>> {
     path.split(|b| *b == b'/')
         .filter(|c| !c.is_empty())
@@ -1009,8 +1019,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for RecordGuard<S> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
-            let fresh = buf.filled()[before..].to_vec();
-            if let Err(e) = self.watch(&fresh) {
+            if let Err(e) = self.watch(&buf.filled()[before..]) {
                 return Poll::Ready(Err(e));
             }
         }
