@@ -47,7 +47,7 @@ use nfs3_server::nfs3_types::nfs3::{
     set_mtime, specdata3, stable_how, FSINFO3resok, Nfs3Option, FSF3_CANSETTIME, FSF3_HOMOGENEOUS,
     FSF3_SYMLINK,
 };
-use nfs3_server::nfs3_types::xdr_codec::Opaque;
+use nfs3_server::nfs3_types::xdr_codec::{Opaque, Pack, Unpack};
 use nfs3_server::test_reexports::{process_socket, RPCContext};
 use nfs3_server::vfs::{
     DirEntryPlus, FileHandle, NextResult, NfsFileSystem, NfsReadFileSystem, ReadDirPlusIterator,
@@ -434,11 +434,7 @@ fn constant_time_eq(a: &[u8; 8], b: &[u8; 8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn opt<
-    T: Copy + nfs3_server::nfs3_types::xdr_codec::Pack + nfs3_server::nfs3_types::xdr_codec::Unpack,
->(
-    o: &Nfs3Option<T>,
-) -> Option<T> {
+fn opt<T: Copy + Pack + Unpack>(o: &Nfs3Option<T>) -> Option<T> {
     match o {
         Nfs3Option::Some(v) => Some(*v),
         Nfs3Option::None => None,
