@@ -305,13 +305,21 @@ async fn mounted<'a>(
         }
         let made_elsewhere = sessions.mounting.lock().get(key).cloned();
         if let Some(done) = made_elsewhere {
-            // Registered before the table is let go, so the wake-up of a
-            // mount that ends in between is not missed.
             let woken = done.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
+            // A failed mount drops its mark without the table's lock: if
+            // the mark went before the wait was registered, the wake-up
+            // has gone too, so look again instead of waiting.
+            let still = sessions
+                .mounting
+                .lock()
+                .get(key)
+                .is_some_and(|d| Arc::ptr_eq(d, &done));
             drop(t);
-            woken.await;
+            if still {
+                woken.await;
+            }
             continue;
         }
         let done = Arc::new(tokio::sync::Notify::new());
