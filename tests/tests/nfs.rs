@@ -17,6 +17,13 @@ use flr_e2e::rng::Rng;
 use flr_e2e::sqlite::{create_shop, sqlite3};
 use flr_e2e::tree::{assert_cmp, write_random_file, MIB};
 use flr_e2e::{scratch, TestRepo};
+use nfs3_client::nfs3_types::nfs3::{
+    createhow3, diropargs3, filename3, nfs_fh3, sattr3, stable_how, CREATE3args, LOOKUP3args,
+    MKDIR3args, Nfs3Option, Nfs3Result, REMOVE3args, RENAME3args, SETATTR3args, WRITE3args,
+};
+use nfs3_client::nfs3_types::xdr_codec::Opaque;
+use nfs3_client::tokio::TokioConnector;
+use nfs3_client::Nfs3ConnectionBuilder;
 
 /// A source tree with one of each kind a restore point holds: a large
 /// random file, a sparse file, an empty file, nested directories, names
@@ -266,6 +273,174 @@ fn writes_to_a_session_over_nfs_are_in_its_commit() {
         !state.join("nfs1").exists(),
         "the session's directory is left"
     );
+}
+
+/// The handle of `name` in directory `dir`.
+async fn lookup<IO>(c: &mut nfs3_client::Nfs3Client<IO>, dir: &nfs_fh3, name: &str) -> nfs_fh3
+where
+    IO: nfs3_client::io::AsyncRead + nfs3_client::io::AsyncWrite + Send,
+{
+    let what = diropargs3 {
+        dir: dir.clone(),
+        name: filename3(Opaque::borrowed(name.as_bytes())),
+    };
+    match c.lookup(&LOOKUP3args { what }).await.expect("LOOKUP") {
+        Nfs3Result::Ok(ok) => ok.object,
+        Nfs3Result::Err((stat, _)) => panic!("LOOKUP {name}: {stat:?}"),
+    }
+}
+
+#[test]
+fn a_session_takes_overwrites_truncates_renames_and_removes_over_nfs() {
+    let tmp = scratch("nfs-session-ops");
+    let src = tmp.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("keep.txt"), b"kept\n").unwrap();
+    fs::write(src.join("trunc.txt"), b"0123456789").unwrap();
+    fs::write(src.join("gone.txt"), b"to be removed\n").unwrap();
+    let repo = TestRepo::init(&tmp.path().join("repo"));
+    let rp = repo.backup("ops", &[&src]).restore_point;
+    let state = tmp.path().join("state");
+    let export = NfsExport::start(
+        &repo,
+        &tmp.path().join("export.log"),
+        &[
+            "--restore-point",
+            &rp,
+            "--writable",
+            "--session",
+            "ops1",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    );
+    let port = export.port();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut conn = Nfs3ConnectionBuilder::new(TokioConnector, "127.0.0.1", "/")
+            .connect_from_privileged_port(false)
+            .mount_port(port)
+            .nfs3_port(port)
+            .mount()
+            .await
+            .expect("MOUNT over the export's one port");
+        let root = conn.root_nfs_fh3();
+        let c = &mut conn.nfs3_client;
+        let dir = lookup(c, &root, "src").await;
+        let at = |name: &'static str| diropargs3 {
+            dir: dir.clone(),
+            name: filename3(Opaque::borrowed(name.as_bytes())),
+        };
+
+        // Overwrite in place, durably.
+        let keep = lookup(c, &dir, "keep.txt").await;
+        let w = c
+            .write(&WRITE3args {
+                file: keep,
+                offset: 0,
+                count: 4,
+                stable: stable_how::FILE_SYNC,
+                data: Opaque::borrowed(b"KEPT"),
+            })
+            .await
+            .unwrap();
+        assert!(matches!(w, Nfs3Result::Ok(_)), "WRITE: {w:?}");
+        // Truncate through SETATTR.
+        let trunc = lookup(c, &dir, "trunc.txt").await;
+        let s = c
+            .setattr(&SETATTR3args {
+                object: trunc,
+                new_attributes: sattr3 {
+                    size: Nfs3Option::Some(2),
+                    ..Default::default()
+                },
+                guard: Nfs3Option::None,
+            })
+            .await
+            .unwrap();
+        assert!(matches!(s, Nfs3Result::Ok(_)), "SETATTR: {s:?}");
+        // Create, write, rename over a new name.
+        let made = c
+            .create(&CREATE3args {
+                where_: at("tmp.txt"),
+                how: createhow3::UNCHECKED(sattr3::default()),
+            })
+            .await
+            .unwrap();
+        let Nfs3Result::Ok(made) = made else {
+            panic!("CREATE: {made:?}")
+        };
+        let Nfs3Option::Some(tmp_fh) = made.obj else {
+            panic!("CREATE gave no handle")
+        };
+        let w = c
+            .write(&WRITE3args {
+                file: tmp_fh,
+                offset: 0,
+                count: 6,
+                stable: stable_how::UNSTABLE,
+                data: Opaque::borrowed(b"moved\n"),
+            })
+            .await
+            .unwrap();
+        assert!(matches!(w, Nfs3Result::Ok(_)), "WRITE: {w:?}");
+        let r = c
+            .rename(&RENAME3args {
+                from: at("tmp.txt"),
+                to: at("final.txt"),
+            })
+            .await
+            .unwrap();
+        assert!(matches!(r, Nfs3Result::Ok(_)), "RENAME: {r:?}");
+        // Remove a file, make a directory.
+        let r = c
+            .remove(&REMOVE3args {
+                object: at("gone.txt"),
+            })
+            .await
+            .unwrap();
+        assert!(matches!(r, Nfs3Result::Ok(_)), "REMOVE: {r:?}");
+        let r = c
+            .mkdir(&MKDIR3args {
+                where_: at("newdir"),
+                attributes: sattr3::default(),
+            })
+            .await
+            .unwrap();
+        assert!(matches!(r, Nfs3Result::Ok(_)), "MKDIR: {r:?}");
+    });
+
+    let committed = repo
+        .flr([
+            "session",
+            "commit",
+            "ops1",
+            "--job",
+            "ops-nfs",
+            "--json",
+            "--state-dir",
+        ])
+        .arg(&state)
+        .run()
+        .success()
+        .json();
+    let out = tmp.path().join("restored");
+    repo.restore(
+        committed["restore_point"].as_str().unwrap(),
+        &out,
+        &[] as &[&str],
+    )
+    .success();
+    let got = out.join("src");
+    assert_eq!(fs::read(got.join("keep.txt")).unwrap(), b"KEPT\n");
+    assert_eq!(fs::read(got.join("trunc.txt")).unwrap(), b"01");
+    assert_eq!(fs::read(got.join("final.txt")).unwrap(), b"moved\n");
+    assert!(!got.join("tmp.txt").exists() && !got.join("gone.txt").exists());
+    assert!(got.join("newdir").is_dir());
+    export.stop();
 }
 
 #[test]
