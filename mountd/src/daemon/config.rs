@@ -320,6 +320,7 @@ mod tests {
                 "at least",
             ),
             ("[settings]\nmount_root = \"rel\"", "absolute"),
+            ("[settings]\nnfs_allow = [\"10.0.0.0/33\"]", "nfs_allow"),
             ("[repositories.\"../x\"]\npath = \"/r\"", "repository name"),
             (
                 "[repositories.x]\npath = \"gs://b/p\"",
