@@ -275,6 +275,14 @@ fn writes_to_a_session_over_nfs_are_in_its_commit() {
     );
 }
 
+/// A call's result, or a panic naming the call and its status.
+fn ok<T, E: std::fmt::Debug>(what: &str, r: Nfs3Result<T, E>) -> T {
+    match r {
+        Nfs3Result::Ok(v) => v,
+        Nfs3Result::Err((stat, fail)) => panic!("{what}: {stat:?} {fail:?}"),
+    }
+}
+
 /// The handle of `name` in directory `dir`.
 async fn lookup<IO>(c: &mut nfs3_client::Nfs3Client<IO>, dir: &nfs_fh3, name: &str) -> nfs_fh3
 where
@@ -284,10 +292,27 @@ where
         dir: dir.clone(),
         name: filename3(Opaque::borrowed(name.as_bytes())),
     };
-    match c.lookup(&LOOKUP3args { what }).await.expect("LOOKUP") {
-        Nfs3Result::Ok(ok) => ok.object,
-        Nfs3Result::Err((stat, _)) => panic!("LOOKUP {name}: {stat:?}"),
-    }
+    let r = c.lookup(&LOOKUP3args { what }).await.expect("LOOKUP");
+    ok(&format!("LOOKUP {name}"), r).object
+}
+
+/// Writes `data` at offset 0 of `file`.
+async fn write<IO>(
+    c: &mut nfs3_client::Nfs3Client<IO>,
+    file: nfs_fh3,
+    data: &[u8],
+    stable: stable_how,
+) where
+    IO: nfs3_client::io::AsyncRead + nfs3_client::io::AsyncWrite + Send,
+{
+    let args = WRITE3args {
+        file,
+        offset: 0,
+        count: data.len() as u32,
+        stable,
+        data: Opaque::borrowed(data),
+    };
+    ok("WRITE", c.write(&args).await.expect("WRITE"));
 }
 
 #[test]
@@ -335,82 +360,43 @@ fn a_session_takes_overwrites_truncates_renames_and_removes_over_nfs() {
             name: filename3(Opaque::borrowed(name.as_bytes())),
         };
 
-        // Overwrite in place, durably.
+        // Overwrite in place, durably; truncate through SETATTR.
         let keep = lookup(c, &dir, "keep.txt").await;
-        let w = c
-            .write(&WRITE3args {
-                file: keep,
-                offset: 0,
-                count: 4,
-                stable: stable_how::FILE_SYNC,
-                data: Opaque::borrowed(b"KEPT"),
-            })
-            .await
-            .unwrap();
-        assert!(matches!(w, Nfs3Result::Ok(_)), "WRITE: {w:?}");
-        // Truncate through SETATTR.
+        write(c, keep, b"KEPT", stable_how::FILE_SYNC).await;
         let trunc = lookup(c, &dir, "trunc.txt").await;
-        let s = c
-            .setattr(&SETATTR3args {
-                object: trunc,
-                new_attributes: sattr3 {
-                    size: Nfs3Option::Some(2),
-                    ..Default::default()
-                },
-                guard: Nfs3Option::None,
-            })
-            .await
-            .unwrap();
-        assert!(matches!(s, Nfs3Result::Ok(_)), "SETATTR: {s:?}");
-        // Create, write, rename over a new name.
-        let made = c
-            .create(&CREATE3args {
-                where_: at("tmp.txt"),
-                how: createhow3::UNCHECKED(sattr3::default()),
-            })
-            .await
-            .unwrap();
-        let Nfs3Result::Ok(made) = made else {
-            panic!("CREATE: {made:?}")
+        let truncate = SETATTR3args {
+            object: trunc,
+            new_attributes: sattr3 {
+                size: Nfs3Option::Some(2),
+                ..Default::default()
+            },
+            guard: Nfs3Option::None,
         };
-        let Nfs3Option::Some(tmp_fh) = made.obj else {
+        ok("SETATTR", c.setattr(&truncate).await.unwrap());
+        // Create, write, rename over a new name.
+        let create = CREATE3args {
+            where_: at("tmp.txt"),
+            how: createhow3::UNCHECKED(sattr3::default()),
+        };
+        let Nfs3Option::Some(tmp_fh) = ok("CREATE", c.create(&create).await.unwrap()).obj else {
             panic!("CREATE gave no handle")
         };
-        let w = c
-            .write(&WRITE3args {
-                file: tmp_fh,
-                offset: 0,
-                count: 6,
-                stable: stable_how::UNSTABLE,
-                data: Opaque::borrowed(b"moved\n"),
-            })
-            .await
-            .unwrap();
-        assert!(matches!(w, Nfs3Result::Ok(_)), "WRITE: {w:?}");
-        let r = c
-            .rename(&RENAME3args {
-                from: at("tmp.txt"),
-                to: at("final.txt"),
-            })
-            .await
-            .unwrap();
-        assert!(matches!(r, Nfs3Result::Ok(_)), "RENAME: {r:?}");
+        write(c, tmp_fh, b"moved\n", stable_how::UNSTABLE).await;
+        let rename = RENAME3args {
+            from: at("tmp.txt"),
+            to: at("final.txt"),
+        };
+        ok("RENAME", c.rename(&rename).await.unwrap());
         // Remove a file, make a directory.
-        let r = c
-            .remove(&REMOVE3args {
-                object: at("gone.txt"),
-            })
-            .await
-            .unwrap();
-        assert!(matches!(r, Nfs3Result::Ok(_)), "REMOVE: {r:?}");
-        let r = c
-            .mkdir(&MKDIR3args {
-                where_: at("newdir"),
-                attributes: sattr3::default(),
-            })
-            .await
-            .unwrap();
-        assert!(matches!(r, Nfs3Result::Ok(_)), "MKDIR: {r:?}");
+        let remove = REMOVE3args {
+            object: at("gone.txt"),
+        };
+        ok("REMOVE", c.remove(&remove).await.unwrap());
+        let mkdir = MKDIR3args {
+            where_: at("newdir"),
+            attributes: sattr3::default(),
+        };
+        ok("MKDIR", c.mkdir(&mkdir).await.unwrap());
     });
 
     let committed = repo
