@@ -185,6 +185,50 @@ fn a_restore_point_over_nfs_is_the_source_byte_for_byte() {
     repo.verify_run(true).success();
 }
 
+/// A writable session `id` of restore point `rp` exported over NFS, its
+/// state under `state`.
+fn export_session(repo: &TestRepo, log: &Path, rp: &str, id: &str, state: &Path) -> NfsExport {
+    let state = state.to_str().expect("the tests' scratch paths are UTF-8");
+    NfsExport::start(
+        repo,
+        log,
+        &[
+            "--restore-point",
+            rp,
+            "--writable",
+            "--session",
+            id,
+            "--state-dir",
+            state,
+        ],
+    )
+}
+
+/// `flr session commit ID --job JOB`, then a restore of the new restore
+/// point into `out`; returns the restore point's name.
+fn commit_and_restore(repo: &TestRepo, state: &Path, id: &str, job: &str, out: &Path) -> String {
+    let committed = repo
+        .flr([
+            "session",
+            "commit",
+            id,
+            "--job",
+            job,
+            "--json",
+            "--state-dir",
+        ])
+        .arg(state)
+        .run()
+        .success()
+        .json();
+    let rp = committed["restore_point"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no restore point in {committed}"))
+        .to_string();
+    repo.restore(&rp, out, &[] as &[&str]).success();
+    rp
+}
+
 #[test]
 fn writes_to_a_session_over_nfs_are_in_its_commit() {
     let tmp = scratch("nfs-session");
@@ -194,19 +238,7 @@ fn writes_to_a_session_over_nfs_are_in_its_commit() {
     let repo = TestRepo::init(&tmp.path().join("repo"));
     let rp = repo.backup("app", &[&src]).restore_point;
     let state = tmp.path().join("state");
-    let export = NfsExport::start(
-        &repo,
-        &tmp.path().join("export.log"),
-        &[
-            "--restore-point",
-            &rp,
-            "--writable",
-            "--session",
-            "nfs1",
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
-    );
+    let export = export_session(&repo, &tmp.path().join("export.log"), &rp, "nfs1", &state);
     // A writable session is served rooted at the restore point's root.
     let mut rng = Rng::new(7);
     let payload = tmp.path().join("payload.bin");
@@ -227,26 +259,8 @@ fn writes_to_a_session_over_nfs_are_in_its_commit() {
     assert_eq!(export.cat("src/data/keep.txt"), b"kept\n");
 
     // Commit while exported, through the session's control socket.
-    let committed = repo
-        .flr([
-            "session",
-            "commit",
-            "nfs1",
-            "--job",
-            "app-nfs",
-            "--json",
-            "--state-dir",
-        ])
-        .arg(&state)
-        .run()
-        .success()
-        .json();
-    let new_rp = committed["restore_point"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no restore point in {committed}"))
-        .to_string();
     let out = tmp.path().join("restored");
-    repo.restore(&new_rp, &out, &[] as &[&str]).success();
+    commit_and_restore(&repo, &state, "nfs1", "app-nfs", &out);
     assert_cmp(&out.join("src/data/new.bin"), &payload);
     assert_eq!(
         fs::read(out.join("src/note.txt")).unwrap(),
@@ -326,19 +340,7 @@ fn a_session_takes_overwrites_truncates_renames_and_removes_over_nfs() {
     let repo = TestRepo::init(&tmp.path().join("repo"));
     let rp = repo.backup("ops", &[&src]).restore_point;
     let state = tmp.path().join("state");
-    let export = NfsExport::start(
-        &repo,
-        &tmp.path().join("export.log"),
-        &[
-            "--restore-point",
-            &rp,
-            "--writable",
-            "--session",
-            "ops1",
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
-    );
+    let export = export_session(&repo, &tmp.path().join("export.log"), &rp, "ops1", &state);
     let port = export.port();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -399,27 +401,8 @@ fn a_session_takes_overwrites_truncates_renames_and_removes_over_nfs() {
         ok("MKDIR", c.mkdir(&mkdir).await.unwrap());
     });
 
-    let committed = repo
-        .flr([
-            "session",
-            "commit",
-            "ops1",
-            "--job",
-            "ops-nfs",
-            "--json",
-            "--state-dir",
-        ])
-        .arg(&state)
-        .run()
-        .success()
-        .json();
     let out = tmp.path().join("restored");
-    repo.restore(
-        committed["restore_point"].as_str().unwrap(),
-        &out,
-        &[] as &[&str],
-    )
-    .success();
+    commit_and_restore(&repo, &state, "ops1", "ops-nfs", &out);
     let got = out.join("src");
     assert_eq!(fs::read(got.join("keep.txt")).unwrap(), b"KEPT\n");
     assert_eq!(fs::read(got.join("trunc.txt")).unwrap(), b"01");
