@@ -143,9 +143,15 @@ impl std::fmt::Display for S3Location {
 }
 
 /// Concurrent pack uploads a backup runs against an object store: enough
-/// to hide a round trip per pack, few enough that the packs in flight (32
-/// MiB each) stay a small, bounded amount of memory.
-const WRITE_CONCURRENCY: usize = 4;
+/// to hide a round trip per pack, few enough that the packs in flight stay
+/// a bounded amount of memory (one per upload, one queued, one filling:
+/// 5 x 64 MiB).
+const WRITE_CONCURRENCY: usize = 3;
+
+/// Packs on object storage are twice the local size: every pack is two
+/// requests (the pack and its index file), and a user pays per request.
+/// Reads fetch frames by range, so a pack's size costs them nothing.
+const PACK_SIZE: usize = 64 << 20;
 
 /// Attempts of a request around `object_store`'s own retries, and the
 /// first pause between them (doubled each time).
@@ -367,6 +373,44 @@ impl S3Store {
         })
     }
 
+    /// Keys under `prefix` (relative to the repository's prefix) with
+    /// their sizes, sorted: one listing, which pages by itself.
+    fn list_meta(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let trimmed = prefix.trim_end_matches('/');
+        let base = if self.location.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.location.prefix)
+        };
+        let full = format!("{base}{trimmed}");
+        let full = full.trim_end_matches('/');
+        let list_path = if full.is_empty() {
+            None
+        } else {
+            Some(ObjectPath::parse(full).map_err(|e| {
+                Error::InvalidInput(format!("{}: bad prefix {prefix:?}: {e}", self.location))
+            })?)
+        };
+        let client = self.client.clone();
+        let keys = self.with_retries(prefix, || {
+            let (client, list_path) = (client.clone(), list_path.clone());
+            async move {
+                client
+                    .list(list_path.as_ref())
+                    .map_ok(|meta| (meta.location.to_string(), meta.size))
+                    .try_collect::<Vec<(String, u64)>>()
+                    .await
+            }
+        })?;
+        let mut out: Vec<(String, u64)> = keys
+            .into_iter()
+            .filter_map(|(k, n)| Some((k.strip_prefix(&base)?.to_string(), n)))
+            .filter(|(k, _)| k.starts_with(prefix))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
     pub fn location_of(&self) -> &S3Location {
         &self.location
     }
@@ -562,39 +606,15 @@ impl ObjectStore for S3Store {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
-        let trimmed = prefix.trim_end_matches('/');
-        let base = if self.location.prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{}/", self.location.prefix)
-        };
-        let full = format!("{base}{trimmed}");
-        let full = full.trim_end_matches('/');
-        let list_path = if full.is_empty() {
-            None
-        } else {
-            Some(ObjectPath::parse(full).map_err(|e| {
-                Error::InvalidInput(format!("{}: bad prefix {prefix:?}: {e}", self.location))
-            })?)
-        };
-        let client = self.client.clone();
-        let keys = self.with_retries(prefix, || {
-            let (client, list_path) = (client.clone(), list_path.clone());
-            async move {
-                client
-                    .list(list_path.as_ref())
-                    .map_ok(|meta| meta.location.to_string())
-                    .try_collect::<Vec<String>>()
-                    .await
-            }
-        })?;
-        let mut out: Vec<String> = keys
+        Ok(self
+            .list_meta(prefix)?
             .into_iter()
-            .filter_map(|k| k.strip_prefix(&base).map(str::to_string))
-            .filter(|k| k.starts_with(prefix))
-            .collect();
-        out.sort();
-        Ok(out)
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    fn list_sizes(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        self.list_meta(prefix)
     }
 
     fn delete(&self, key: &str) -> Result<()> {
@@ -615,6 +635,10 @@ impl ObjectStore for S3Store {
 
     fn write_concurrency(&self) -> usize {
         WRITE_CONCURRENCY
+    }
+
+    fn pack_size(&self) -> usize {
+        PACK_SIZE
     }
 }
 

@@ -162,6 +162,41 @@ impl LocalStore {
         }
         Ok(buf)
     }
+
+    /// Files under `prefix`, recursively, sorted, with their sizes if
+    /// `sizes` (0 otherwise). A file removed while the walk runs is left
+    /// out.
+    fn walk(&self, prefix: &str, sizes: bool) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        let dir = self.path(prefix);
+        if !dir.exists() {
+            return Ok(out);
+        }
+        let mut stack = vec![(dir, prefix.to_string())];
+        while let Some((dir, key)) = stack.pop() {
+            let entries = fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| Error::io(&dir, e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let ft = entry.file_type().map_err(|e| Error::io(entry.path(), e))?;
+                if ft.is_dir() {
+                    stack.push((entry.path(), format!("{key}{name}/")));
+                    continue;
+                }
+                let len = match sizes {
+                    false => 0,
+                    true => match entry.metadata() {
+                        Ok(m) => m.len(),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(Error::io(entry.path(), e)),
+                    },
+                };
+                out.push((format!("{key}{name}"), len));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
 }
 
 #[cfg(target_os = "linux")]
@@ -252,27 +287,15 @@ impl ObjectStore for LocalStore {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
-        let mut out = Vec::new();
-        let dir = self.path(prefix);
-        if !dir.exists() {
-            return Ok(out);
-        }
-        let mut stack = vec![(dir, prefix.to_string())];
-        while let Some((dir, key)) = stack.pop() {
-            let entries = fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
-            for entry in entries {
-                let entry = entry.map_err(|e| Error::io(&dir, e))?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let ft = entry.file_type().map_err(|e| Error::io(entry.path(), e))?;
-                if ft.is_dir() {
-                    stack.push((entry.path(), format!("{key}{name}/")));
-                } else {
-                    out.push(format!("{key}{name}"));
-                }
-            }
-        }
-        out.sort();
-        Ok(out)
+        Ok(self
+            .walk(prefix, false)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    fn list_sizes(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        self.walk(prefix, true)
     }
 
     fn delete(&self, key: &str) -> Result<()> {

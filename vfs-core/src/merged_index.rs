@@ -718,7 +718,7 @@ mod tests {
     fn entry(n: u64) -> IndexEntry {
         IndexEntry {
             id: ChunkId(*blake3::hash(&n.to_le_bytes()).as_bytes()),
-            offset: 16 + n as u32,
+            offset: (n as u32).wrapping_add(16),
             stored_len: 10,
             raw_len: 8,
             flags: 0,

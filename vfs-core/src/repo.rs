@@ -151,6 +151,12 @@ pub struct Index {
     no_dedup: std::collections::HashSet<u32>,
     /// Packs held in memory, not covered by the merged file.
     unmerged: usize,
+    /// Those packs, with their lengths, to tell what a later listing adds.
+    unmerged_lens: HashMap<PackId, u64>,
+    /// The packs on a prune's pending list when the index was scanned.
+    pending: HashSet<PackId>,
+    /// Bumped by every scan or refresh that replaces or extends the index.
+    generation: u64,
 }
 
 impl Index {
@@ -255,7 +261,13 @@ impl Index {
 
     pub fn add_pack(&mut self, file: &IndexFile) {
         let n = self.number(file.pack);
-        self.unmerged += 1;
+        if self
+            .unmerged_lens
+            .insert(file.pack, file.pack_len)
+            .is_none()
+        {
+            self.unmerged += 1;
+        }
         for e in &file.entries {
             self.recent.entry(e.id).or_insert(e.loc(n));
         }
@@ -270,6 +282,18 @@ impl Index {
         self.merged_packs = map;
         self.merged = Some(merged);
     }
+}
+
+/// One listing of the files the index is built from.
+struct IndexListing {
+    /// Packs on a prune's pending list.
+    pending: HashSet<PackId>,
+    /// Per-pack index files and their packs.
+    idx_files: Vec<(String, PackId)>,
+    listed: HashSet<PackId>,
+    merged_keys: Vec<String>,
+    /// Packs present, with their lengths.
+    present: HashMap<PackId, u64>,
 }
 
 /// What one scan of the index found.
@@ -561,6 +585,7 @@ impl Repository {
             Some(k) => ChunkHasher::keyed(k.id_key),
             None => ChunkHasher::plain(),
         };
+        let pack_size = store.pack_size();
         let repo = Repository {
             store,
             config,
@@ -570,7 +595,7 @@ impl Repository {
             location,
             instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
             strict,
-            pack_target: AtomicUsize::new(format::PACK_TARGET_SIZE),
+            pack_target: AtomicUsize::new(pack_size),
             merged_cache: None,
             manifest_keys: Default::default(),
         };
@@ -612,7 +637,8 @@ impl Repository {
         &self.index
     }
 
-    /// Size at which a backup closes a pack ([`format::PACK_TARGET_SIZE`]).
+    /// Size at which a backup closes a pack (the store's
+    /// [`ObjectStore::pack_size`]).
     pub fn pack_target(&self) -> usize {
         self.pack_target.load(Ordering::Relaxed)
     }
@@ -705,6 +731,11 @@ impl Repository {
     /// [`crate::lock`]) stay readable but are excluded from deduplication,
     /// and a chunk that is also in another pack is located there.
     pub fn reload_index(&self) -> Result<()> {
+        // Most reloads only find packs added since the last: those are
+        // read, and nothing else.
+        if self.index.read().generation > 0 && self.refresh_index()? {
+            return Ok(());
+        }
         let mut attempts = 0;
         loop {
             match self.scan_index(false) {
@@ -715,28 +746,145 @@ impl Repository {
                     attempts += 1;
                 }
                 Err(e) => return Err(e),
-                Ok(scan) => {
-                    *self.index.write() = scan.index;
+                Ok(mut scan) => {
+                    let mut index = self.index.write();
+                    scan.index.generation = index.generation + 1;
+                    *index = scan.index;
                     return Ok(());
                 }
             }
         }
     }
 
-    fn scan_index(&self, ignore_merged: bool) -> Result<IndexScan> {
+    /// What the index is built from, in one listing: the pending packs,
+    /// the per-pack and merged index files, then the packs themselves with
+    /// their sizes. Packs are listed last: a pack is stored before its
+    /// index file, so the pack of every index file listed is in it unless
+    /// it went since.
+    fn list_index(&self) -> Result<IndexListing> {
         let pending = crate::lock::pending_pack_set(self)?;
         let keys = self.store.list(INDEX_PREFIX)?;
-        let listed: HashSet<PackId> = keys
-            .iter()
-            .filter_map(|k| k.strip_prefix(INDEX_PREFIX)?.strip_suffix(".idx"))
-            .filter_map(PackId::from_hex)
+        let idx_files: Vec<(String, PackId)> = keys
+            .into_iter()
+            .filter_map(|k| {
+                let id = k.strip_prefix(INDEX_PREFIX)?.strip_suffix(".idx")?;
+                let id = PackId::from_hex(id)?;
+                Some((k, id))
+            })
             .collect();
-        let merged_keys: Vec<String> = self
+        let listed = idx_files.iter().map(|(_, id)| *id).collect();
+        let merged_keys = self
             .store
             .list(format::MERGED_INDEX_PREFIX)?
             .into_iter()
             .filter(|k| merged_index_name(k).is_some())
             .collect();
+        let present = self
+            .store
+            .list_sizes(PACKS_PREFIX)?
+            .into_iter()
+            .filter_map(|(k, n)| Some((crate::verify::pack_id_of_key(&k)?, n)))
+            .collect();
+        Ok(IndexListing {
+            pending,
+            idx_files,
+            listed,
+            merged_keys,
+            present,
+        })
+    }
+
+    /// Extends the index with the per-pack index files listed since it was
+    /// built, reading only those. Answers `false`, having changed nothing,
+    /// where a full scan is needed: a pack or index file went or changed,
+    /// another merged file is now the one to use, the packs a prune is
+    /// deleting changed, the last scan found problems, or a new file is
+    /// unreadable (the scan reports it).
+    fn refresh_index(&self) -> Result<bool> {
+        let listing = self.list_index()?;
+        let mut problems = Vec::new();
+        let chosen = self.choose_merged(&listing.merged_keys, &listing.listed, &mut problems)?;
+        let (generation, new) = {
+            let index = self.index.read();
+            if !problems.is_empty()
+                || !index.problems.is_empty()
+                || index.pending != listing.pending
+            {
+                return Ok(false);
+            }
+            let covered: HashSet<PackId> = match (&chosen, &index.merged) {
+                (None, None) => HashSet::new(),
+                (Some(c), Some(m)) if c.key() == m.key() => {
+                    let mut covered = HashSet::new();
+                    for ((p, _), kept) in m.packs().iter().zip(&index.merged_packs) {
+                        let keep = listing.listed.contains(p) && listing.present.contains_key(p);
+                        if keep != kept.is_some() {
+                            return Ok(false);
+                        }
+                        if listing.listed.contains(p) {
+                            covered.insert(*p);
+                        }
+                    }
+                    covered
+                }
+                _ => return Ok(false),
+            };
+            let unchanged = index
+                .unmerged_lens
+                .iter()
+                .all(|(p, len)| listing.listed.contains(p) && listing.present.get(p) == Some(len));
+            if !unchanged {
+                return Ok(false);
+            }
+            let new: Vec<&String> = listing
+                .idx_files
+                .iter()
+                .filter(|(_, p)| !covered.contains(p) && !index.unmerged_lens.contains_key(p))
+                .map(|(k, _)| k)
+                .collect();
+            if new.is_empty() {
+                return Ok(true);
+            }
+            (index.generation, new)
+        };
+        let files: Vec<Result<IndexFile>> = {
+            use rayon::prelude::*;
+            new.par_iter().map(|k| self.read_index_file(k)).collect()
+        };
+        let mut read = Vec::with_capacity(files.len());
+        for f in files {
+            match f {
+                Ok(file)
+                    if listing.present.get(&file.pack) == Some(&file.pack_len)
+                        && !listing.pending.contains(&file.pack) =>
+                {
+                    read.push(file)
+                }
+                Ok(_) => return Ok(false),
+                Err(e) if e.is_corruption() || matches!(e, Error::NotFound(_)) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        let mut index = self.index.write();
+        if index.generation != generation {
+            return Ok(false);
+        }
+        for file in &read {
+            index.add_pack(file);
+        }
+        index.generation += 1;
+        tracing::debug!(packs = read.len(), "chunk index extended");
+        Ok(true)
+    }
+
+    fn scan_index(&self, ignore_merged: bool) -> Result<IndexScan> {
+        let IndexListing {
+            pending,
+            idx_files,
+            listed,
+            merged_keys,
+            present,
+        } = self.list_index()?;
         let mut index = Index::default();
         let mut covered = HashSet::new();
         let chosen = match ignore_merged {
@@ -744,18 +892,11 @@ impl Repository {
             false => self.choose_merged(&merged_keys, &listed, &mut index.problems)?,
         };
         if let Some(m) = chosen {
-            // The packs' own existence, in one listing: a pack deleted by
-            // hand must not be offered for deduplication.
-            let present: HashSet<PackId> = self
-                .store
-                .list(PACKS_PREFIX)?
-                .iter()
-                .filter_map(|k| crate::verify::pack_id_of_key(k))
-                .collect();
+            // A pack deleted by hand must not be offered for deduplication.
             for (p, _) in m.packs() {
                 if listed.contains(p) {
                     covered.insert(*p);
-                    if !present.contains(p) {
+                    if !present.contains_key(p) {
                         index.problems.push(format!(
                             "{}: missing; its chunks are treated as missing",
                             pack_key(p)
@@ -763,7 +904,7 @@ impl Repository {
                     }
                 }
             }
-            index.set_merged(m, |p| listed.contains(p) && present.contains(p));
+            index.set_merged(m, |p| listed.contains(p) && present.contains_key(p));
         }
         // Each index file not merged, and the size of the pack it
         // describes: a pack that is missing or of the wrong length is left
@@ -771,27 +912,17 @@ impl Repository {
         // of them fails instead of returning bytes from a damaged file.
         let files: Vec<Result<(IndexFile, Option<u64>)>> = {
             use rayon::prelude::*;
-            keys.par_iter()
-                .filter(|k| k.ends_with(".idx"))
-                .filter(|k| {
-                    let id = k
-                        .strip_prefix(INDEX_PREFIX)
-                        .and_then(|n| n.strip_suffix(".idx"))
-                        .and_then(PackId::from_hex);
-                    !id.is_some_and(|id| covered.contains(&id))
-                })
-                .filter_map(|k| {
-                    let file = match self.read_index_file(k) {
-                        Ok(file) => file,
-                        // Removed by a prune since the listing.
-                        Err(Error::NotFound(_)) => return None,
-                        Err(e) => return Some(Err(e)),
-                    };
-                    Some(
-                        self.store
-                            .size(&pack_key(&file.pack))
-                            .map(|size| (file, size)),
-                    )
+            idx_files
+                .par_iter()
+                .filter(|(_, id)| !covered.contains(id))
+                .filter_map(|(k, _)| match self.read_index_file(k) {
+                    Ok(file) => {
+                        let size = present.get(&file.pack).copied();
+                        Some(Ok((file, size)))
+                    }
+                    // Removed by a prune since the listing.
+                    Err(Error::NotFound(_)) => None,
+                    Err(e) => Some(Err(e)),
                 })
                 .collect()
         };
@@ -832,8 +963,9 @@ impl Repository {
                 )),
             }
         }
-        let pending: Vec<PackId> = pending.into_iter().collect();
-        index.exclude_from_dedup(&pending);
+        let excluded: Vec<PackId> = pending.iter().copied().collect();
+        index.exclude_from_dedup(&excluded);
+        index.pending = pending;
         Ok(IndexScan {
             index,
             files: kept,

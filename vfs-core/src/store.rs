@@ -90,6 +90,19 @@ pub trait ObjectStore: Send + Sync {
     fn size(&self, key: &str) -> Result<Option<u64>>;
     /// Keys under a prefix ending in '/', recursively, in sorted order.
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Keys under a prefix with their sizes, as [`Self::list`] orders them.
+    /// A store whose listing carries sizes answers in its listing's
+    /// requests; by default each key is asked for its size, and a key
+    /// removed since the listing is left out.
+    fn list_sizes(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        let mut out = Vec::new();
+        for key in self.list(prefix)? {
+            if let Some(n) = self.size(&key)? {
+                out.push((key, n));
+            }
+        }
+        Ok(out)
+    }
     /// Removes an object; removing a missing object is not an error.
     fn delete(&self, key: &str) -> Result<()>;
 
@@ -122,6 +135,11 @@ pub trait ObjectStore: Send + Sync {
     /// local disk, more for a store where each write waits a round trip.
     fn write_concurrency(&self) -> usize {
         1
+    }
+    /// Size at which a writer closes a pack: larger where every object
+    /// costs a request, so that a backup sends fewer of them.
+    fn pack_size(&self) -> usize {
+        crate::format::PACK_TARGET_SIZE
     }
 }
 
@@ -191,6 +209,16 @@ impl ObjectStore for MemoryStore {
             .range(prefix.to_string()..)
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, _)| k.clone())
+            .collect())
+    }
+
+    fn list_sizes(&self, prefix: &str) -> Result<Vec<(String, u64)>> {
+        Ok(self
+            .objects
+            .read()
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.len() as u64))
             .collect())
     }
 

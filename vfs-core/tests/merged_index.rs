@@ -248,12 +248,14 @@ fn opening_reads_the_merged_file_and_only_the_newer_index_files() {
     let counted = Arc::new(CountingStore {
         inner: store.clone(),
         gets: Default::default(),
+        heads: Default::default(),
     });
     let fresh = Repository::open(counted.clone(), || Ok(Vec::new())).unwrap();
     // config, the merged file and the three newer index files (and any
-    // pending lists: none here).
+    // pending lists: none here); the packs' sizes come from one listing.
     let gets = counted.gets.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(gets, 5, "objects read by an open");
+    assert_eq!(counted.heads.load(std::sync::atomic::Ordering::Relaxed), 0);
     let index = fresh.index().read();
     assert_eq!(index.merged().unwrap().key(), key);
     assert_eq!(index.unmerged_packs(), 3);
@@ -263,6 +265,59 @@ fn opening_reads_the_merged_file_and_only_the_newer_index_files() {
         }
     }
     assert!(!index.has_for_dedup(&id(10_000)));
+}
+
+/// A reload after a backup reads the index files of the packs it added
+/// and nothing else; a pack that went makes it scan again.
+#[test]
+fn a_reload_reads_only_what_is_new() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let store = Arc::new(MemoryStore::new());
+    Repository::init(store.as_ref(), None).unwrap();
+    let counted = Arc::new(CountingStore {
+        inner: store.clone(),
+        gets: Default::default(),
+        heads: Default::default(),
+    });
+    let repo = Repository::open(counted.clone(), || Ok(Vec::new())).unwrap();
+    let mut model = Model::default();
+    for k in 0..20 {
+        add_pack(&repo, &mut model, &[k, k + 1]);
+    }
+    repo.reload_index().unwrap();
+    let before = counted.gets.load(Relaxed);
+    for k in 0..2 {
+        add_pack(&repo, &mut model, &[k + 200]);
+    }
+    repo.reload_index().unwrap();
+    assert_eq!(counted.gets.load(Relaxed) - before, 2, "index files read");
+    assert_eq!(
+        counted.heads.load(Relaxed),
+        0,
+        "pack sizes asked one by one"
+    );
+    check(&repo, &model, "after the refresh");
+    assert!(repo.index().read().has_for_dedup(&id(201)));
+    assert_eq!(repo.index().read().unmerged_packs(), 22);
+
+    // A pack removed by hand: the next reload scans again and drops it.
+    let (gone, gone_entries) = model.packs.remove(3);
+    store.delete(&pack_key(&gone)).unwrap();
+    let before = counted.gets.load(Relaxed);
+    repo.reload_index().unwrap();
+    assert_eq!(counted.gets.load(Relaxed) - before, 22, "a full scan");
+    let index = repo.index().read();
+    assert!(index.problems.iter().any(|p| p.contains(&pack_key(&gone))));
+    for e in gone_entries {
+        if !model.has(&e.id) {
+            assert!(
+                !index.has_for_dedup(&e.id),
+                "a chunk of a missing pack offered"
+            );
+        }
+    }
+    drop(index);
+    check(&repo, &model, "after the rescan");
 }
 
 /// A merged file of another repository or damaged beyond use is passed
@@ -298,6 +353,7 @@ fn a_foreign_merged_file_is_refused_by_name_and_passed_over() {
 struct CountingStore {
     inner: Arc<MemoryStore>,
     gets: std::sync::atomic::AtomicU64,
+    heads: std::sync::atomic::AtomicU64,
 }
 
 impl ObjectStore for CountingStore {
@@ -321,10 +377,15 @@ impl ObjectStore for CountingStore {
         self.inner.get_range(key, offset, len)
     }
     fn size(&self, key: &str) -> vfs_core::Result<Option<u64>> {
+        self.heads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.size(key)
     }
     fn list(&self, prefix: &str) -> vfs_core::Result<Vec<String>> {
         self.inner.list(prefix)
+    }
+    fn list_sizes(&self, prefix: &str) -> vfs_core::Result<Vec<(String, u64)>> {
+        self.inner.list_sizes(prefix)
     }
     fn delete(&self, key: &str) -> vfs_core::Result<()> {
         self.inner.delete(key)
