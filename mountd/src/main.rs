@@ -46,6 +46,13 @@ pub mod exit {
 }
 
 fn main() -> ExitCode {
+    // mimalloc asks for transparent huge pages on its arenas, and then
+    // every touch of a fresh 2 MiB range makes all of it resident: a mount
+    // stood at 36 MiB before its first read, 26 MiB of it huge pages. The
+    // process's memory is meant to follow its caches' bounds, so it takes
+    // small pages only.
+    #[cfg(target_os = "linux")]
+    let _ = nix::sys::prctl::set_thp_disable(true);
     let args = cli::Cli::parse();
     cli::init_logging(&args);
     match cli::run(args) {

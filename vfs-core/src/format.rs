@@ -305,6 +305,12 @@ pub const MIDX_MAX_FANOUT_BITS: u32 = 24;
 /// merges them into a new merged file: at 32 MiB packs of 4 KiB pages
 /// about 260,000 entries, some 20 MiB of memory, read again by each open.
 pub const MIDX_MERGE_AFTER_PACKS: usize = 32;
+/// Entries held in memory at which a backup to a local repository
+/// merges, however few packs hold them: a map entry costs about 70 bytes, and more while an open
+/// reads the per-pack files, so that one full backup of a 1 GiB database
+/// in 4 KiB pages (some 260,000 entries) is merged at once rather than
+/// held in every later process's memory.
+pub const MIDX_MERGE_AFTER_ENTRIES: usize = 1 << 17;
 pub const MIDX_MAX_FILTER_BITS: u32 = 16;
 
 /// Magic (8) | version u32 | flags u32 | entries u64 | packs u32 |

@@ -656,13 +656,7 @@ impl RepoFs {
             }
             let data_bytes: u64 = match &node.content {
                 Content::Empty => 0,
-                Content::Fixed { .. } => node
-                    .content
-                    .chunks(node.size)
-                    .iter()
-                    .filter(|c| c.0.is_some())
-                    .map(|c| c.2 as u64)
-                    .sum(),
+                Content::Fixed { .. } => node.content.data_bytes(node.size),
                 Content::Variable { chunks } => {
                     let mut off = 0;
                     let mut data = 0;

@@ -77,6 +77,28 @@ impl Content {
         }
     }
 
+    /// Bytes held in stored chunks (holes left out), without listing the
+    /// chunks.
+    pub fn data_bytes(&self, size: u64) -> u64 {
+        match self {
+            Content::Empty => 0,
+            Content::Fixed { chunk_size, chunks } => {
+                let step = *chunk_size as u64;
+                chunks
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, id)| id.is_some())
+                    .map(|(i, _)| size.saturating_sub(i as u64 * step).min(step))
+                    .sum()
+            }
+            Content::Variable { chunks } => chunks
+                .iter()
+                .filter(|(id, _)| id.is_some())
+                .map(|(_, len)| *len as u64)
+                .sum(),
+        }
+    }
+
     /// Chunk ids only (holes skipped).
     pub fn ids(&self) -> Box<dyn Iterator<Item = ChunkId> + '_> {
         match self {
@@ -450,6 +472,43 @@ mod tests {
         };
         let lens: Vec<u32> = content.chunks(100).iter().map(|c| c.2).collect();
         assert_eq!(lens, [100, 0, 0]);
+    }
+
+    #[test]
+    fn data_bytes_match_the_chunk_list() {
+        let id = |n: u8| Some(ChunkId([n; 32]));
+        let cases = [
+            (Content::Empty, 0),
+            (
+                Content::Fixed {
+                    chunk_size: 4096,
+                    chunks: vec![id(1), None, id(2), id(3)],
+                },
+                3 * 4096 + 100,
+            ),
+            (
+                Content::Fixed {
+                    chunk_size: 4096,
+                    chunks: vec![id(1), None, None],
+                },
+                100,
+            ),
+            (
+                Content::Variable {
+                    chunks: vec![(id(1), 7), (None, 5000), (id(2), 9)],
+                },
+                5016,
+            ),
+        ];
+        for (content, size) in cases {
+            let listed: u64 = content
+                .chunks(size)
+                .iter()
+                .filter(|c| c.0.is_some())
+                .map(|c| c.2 as u64)
+                .sum();
+            assert_eq!(content.data_bytes(size), listed, "{content:?}");
+        }
     }
 
     #[test]

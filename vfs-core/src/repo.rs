@@ -1086,10 +1086,20 @@ impl Repository {
     }
 
     /// Merges when enough packs are held in memory
-    /// ([`format::MIDX_MERGE_AFTER_PACKS`]). A failed merge is logged and
+    /// ([`format::MIDX_MERGE_AFTER_PACKS`]), or, in a local repository,
+    /// enough entries ([`format::MIDX_MERGE_AFTER_ENTRIES`]). A failed merge is logged and
     /// changes nothing: the per-pack files still answer.
     pub fn merge_index_if_due(&self) {
-        if self.index.read().unmerged_packs() < format::MIDX_MERGE_AFTER_PACKS {
+        // On object storage a merge costs requests (the listings again,
+        // each per-pack file read, the new file uploaded whole), so there
+        // only the pack count makes it due.
+        let local = self.store.requests().is_none();
+        let due = {
+            let index = self.index.read();
+            index.unmerged_packs() >= format::MIDX_MERGE_AFTER_PACKS
+                || (local && index.in_memory_len() >= format::MIDX_MERGE_AFTER_ENTRIES)
+        };
+        if !due {
             return;
         }
         if let Err(e) = self.merge_index(MergeMode::Incremental, None) {
@@ -1239,16 +1249,25 @@ impl Repository {
         magic: [u8; 8],
         raw: &[u8],
     ) -> Result<T> {
+        let plain = self.open_meta(what, magic, raw)?;
+        postcard::from_bytes(&plain)
+            .map_err(|e| Error::malformed(what, format!("undecodable: {e}")))
+    }
+
+    /// The plain bytes of an enveloped metadata file: opened if sealed,
+    /// decompressed if compressed.
+    fn open_meta<'a>(
+        &self,
+        what: &str,
+        magic: [u8; 8],
+        raw: &'a [u8],
+    ) -> Result<std::borrow::Cow<'a, [u8]>> {
+        use std::borrow::Cow;
         let (flags, payload) = format::open_envelope(what, magic, raw)?;
-        let opened;
-        let mut payload = payload;
-        match (flags & FLAG_SEALED != 0, &self.keys) {
-            (true, Some(keys)) => {
-                opened = keys.open_meta(payload).ok_or_else(|| {
-                    Error::malformed(what, "authentication failed (damaged or foreign file)")
-                })?;
-                payload = &opened;
-            }
+        let payload: Cow<[u8]> = match (flags & FLAG_SEALED != 0, &self.keys) {
+            (true, Some(keys)) => Cow::Owned(keys.open_meta(payload).ok_or_else(|| {
+                Error::malformed(what, "authentication failed (damaged or foreign file)")
+            })?),
             (true, None) => {
                 return Err(Error::malformed(
                     what,
@@ -1261,15 +1280,12 @@ impl Repository {
                     "unsealed file in an encrypted repository",
                 ))
             }
-            (false, None) => {}
-        }
-        let decompressed;
+            (false, None) => Cow::Borrowed(payload),
+        };
         if flags & FLAG_ZSTD != 0 {
-            decompressed = decompress_meta(what, payload)?;
-            payload = &decompressed;
+            return Ok(Cow::Owned(decompress_meta(what, &payload)?));
         }
-        postcard::from_bytes(payload)
-            .map_err(|e| Error::malformed(what, format!("undecodable: {e}")))
+        Ok(payload)
     }
 
     pub fn locate(&self, id: &ChunkId) -> Option<(ChunkLoc, PackId)> {
@@ -1535,7 +1551,15 @@ impl Repository {
             Err(e) => return Err(e),
         };
         let what = format!("restore point {name} ({key})");
-        let manifest: Manifest = self.decode_meta(&what, format::MANIFEST_MAGIC, &raw)?;
+        // The stored bytes go before the plain ones are decoded: a large
+        // manifest is never held three times over.
+        let plain = self
+            .open_meta(&what, format::MANIFEST_MAGIC, &raw)?
+            .into_owned();
+        drop(raw);
+        let manifest: Manifest = postcard::from_bytes(&plain)
+            .map_err(|e| Error::malformed(&what, format!("undecodable: {e}")))?;
+        drop(plain);
         manifest.validate(&what)?;
         if manifest.job != name.job || manifest.name != name.base() {
             return Err(Error::malformed(
@@ -1616,7 +1640,10 @@ fn decompress_meta(what: &str, payload: &[u8]) -> Result<Vec<u8>> {
     decoder
         .window_log_max(format::META_WINDOW_LOG_MAX)
         .map_err(|e| bad(e.to_string()))?;
-    let mut out = Vec::new();
+    // The declared size, up front: grown by doubling, a large manifest
+    // would be held twice over while it is decoded. A size beyond what any
+    // real file declares is not trusted for more than a start.
+    let mut out = Vec::with_capacity(declared.min(256 << 20) as usize + 1);
     decoder
         .take(declared.saturating_add(1))
         .read_to_end(&mut out)
