@@ -1,8 +1,12 @@
 //! The merged chunk index: the entries of many packs in one immutable file
 //! (`index-merged/<hash>.midx`, laid out in [`crate::format`]), searched in
-//! place through a read-only mapping instead of being loaded, with a
-//! binary fuse filter per partition of the id space so that most "is this
-//! chunk new?" questions are answered without touching the entries.
+//! place instead of being loaded, with a binary fuse filter per partition
+//! of the id space so that most "is this chunk new?" questions are
+//! answered without touching the entries. Only the tables after the
+//! entries (filters, fanout, block sums, packs: about 1.2 bytes per entry)
+//! are held in memory; a lookup reads the few entries around its guess
+//! with `pread`, so the entries (60 bytes each) never become part of the
+//! process's memory, however many lookups run.
 //!
 //! The per-pack files in `index/` stay the authority on which packs exist:
 //! a merged file only says where chunks are in the packs it lists, and a
@@ -123,27 +127,56 @@ fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-enum Bytes {
-    Mapped(memmap2::Mmap),
-    Owned(Vec<u8>),
+/// Where the entries are read from.
+enum Source {
+    /// A local file, read with `pread`.
+    File(File),
+    /// The whole file in memory (fetched without a local copy).
+    Memory(Vec<u8>),
 }
 
-impl std::ops::Deref for Bytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
+impl Source {
+    fn len(&self, key: &str) -> Result<u64> {
         match self {
-            Bytes::Mapped(m) => m,
-            Bytes::Owned(v) => v,
+            Source::File(f) => f.metadata().map(|m| m.len()).map_err(|e| Error::io(key, e)),
+            Source::Memory(v) => Ok(v.len() as u64),
+        }
+    }
+
+    /// `len` bytes at `offset`, which the caller has checked lie within.
+    fn read(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        match self {
+            Source::Memory(v) => Ok(v[offset as usize..offset as usize + len].to_vec()),
+            Source::File(f) => {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; len];
+                f.read_exact_at(&mut buf, offset).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        Error::malformed(key, "truncated while open")
+                    } else {
+                        Error::io(key, e)
+                    }
+                })?;
+                Ok(buf)
+            }
         }
     }
 }
+
+/// Entries read on each side of a lookup's guess: ids are uniform, so the
+/// guess is rarely further off than this, and the whole bucket is read
+/// when it is.
+const WINDOW: usize = 24;
 
 /// An open merged index file.
 pub struct MergedIndex {
     /// Its key in the store, for messages.
     key: String,
     name: String,
-    bytes: Bytes,
+    source: Source,
+    /// Everything after the entries: fingerprints, filter rows, fanout,
+    /// block sums, packs, trailer. Offsets below are into it.
+    tables: Vec<u8>,
     keys: MergedIndexKeys,
     entries: usize,
     fanout_bits: u32,
@@ -164,7 +197,7 @@ impl std::fmt::Debug for MergedIndex {
 }
 
 impl MergedIndex {
-    /// Opens the file at `path` (a local copy of `key`) through a mapping.
+    /// Opens the file at `path` (a local copy of `key`), read in place.
     pub fn open_path(key: &str, path: &Path, keys: &MergedIndexKeys) -> Result<Self> {
         let file = File::open(path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -173,32 +206,25 @@ impl MergedIndex {
                 Error::io(path, e)
             }
         })?;
-        // SAFETY: repository objects are create-only and never changed in
-        // place (a merged file is replaced by writing a new one under
-        // another name), so the mapped bytes do not change under us; a
-        // file truncated by outside damage would fault, like any mapped
-        // file, which the format cannot prevent.
-        #[allow(unsafe_code)]
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        Self::parse(key, Bytes::Mapped(map), keys)
+        Self::parse(key, Source::File(file), keys)
     }
 
     /// Opens a merged index held in memory.
     pub fn from_bytes(key: &str, bytes: Vec<u8>, keys: &MergedIndexKeys) -> Result<Self> {
-        Self::parse(key, Bytes::Owned(bytes), keys)
+        Self::parse(key, Source::Memory(bytes), keys)
     }
 
-    fn parse(key: &str, bytes: Bytes, keys: &MergedIndexKeys) -> Result<Self> {
+    fn parse(key: &str, source: Source, keys: &MergedIndexKeys) -> Result<Self> {
         let bad = |why: String| Error::malformed(key, why);
-        let len = bytes.len();
-        if len < MIDX_TRAILER_LEN {
+        let len = source.len(key)?;
+        if len < MIDX_TRAILER_LEN as u64 {
             return Err(bad(format!("{len} bytes, shorter than its trailer")));
         }
-        let t = &bytes[len - MIDX_TRAILER_LEN..];
+        let t = source.read(key, len - MIDX_TRAILER_LEN as u64, MIDX_TRAILER_LEN)?;
         if t[..8] != MERGED_INDEX_MAGIC {
             return Err(bad("not a merged index file (bad magic)".into()));
         }
-        let version = le32(t, 8);
+        let version = le32(&t, 8);
         if version != MERGED_INDEX_VERSION {
             return Err(Error::UnsupportedVersion {
                 what: key.to_string(),
@@ -206,7 +232,7 @@ impl MergedIndex {
                 supported: MERGED_INDEX_VERSION,
             });
         }
-        let flags = le32(t, 12);
+        let flags = le32(&t, 12);
         if flags & !MIDX_ENCIPHERED != 0 {
             return Err(bad(format!("unknown flags {flags:#x}")));
         }
@@ -215,15 +241,15 @@ impl MergedIndex {
             (false, true) => return Err(bad("not enciphered in an encrypted repository".into())),
             _ => {}
         }
-        let entries = le64(t, 16);
-        let pack_count = le32(t, 24) as u64;
-        let fanout_bits = le32(t, 28);
-        let filter_bits = le32(t, 32);
-        if le32(t, 36) != 0 {
+        let entries = le64(&t, 16);
+        let pack_count = le32(&t, 24) as u64;
+        let fanout_bits = le32(&t, 28);
+        let filter_bits = le32(&t, 32);
+        if le32(&t, 36) != 0 {
             return Err(bad("reserved trailer field is not zero".into()));
         }
         let salt: [u8; 16] = t[40..56].try_into().expect("16 bytes");
-        let rows_at = le64(t, 56);
+        let rows_at = le64(&t, 56);
         if fanout_bits > MIDX_MAX_FANOUT_BITS || filter_bits > MIDX_MAX_FILTER_BITS {
             return Err(bad(format!(
                 "table sizes of {fanout_bits} and {filter_bits} bits are out of range"
@@ -241,14 +267,18 @@ impl MergedIndex {
             + pack_count * MIDX_PACK_LEN as u64
             + MIDX_TRAILER_LEN as u64;
         let entries_len = entries * MIDX_ENTRY_LEN as u64;
-        if rows_at.checked_add(meta_len) != Some(len as u64) || rows_at < entries_len {
+        if rows_at.checked_add(meta_len) != Some(len) || rows_at < entries_len {
             return Err(bad(format!(
                 "{len} bytes do not hold the {entries} entries and tables its trailer describes (truncated or damaged)"
             )));
         }
-        let rows_at = rows_at as usize;
-        let sum_at = len - 32;
-        if keys.meta_sum(&bytes[rows_at..sum_at]) != bytes[sum_at..] {
+        // Everything after the entries, in memory; offsets from here on
+        // are into it.
+        let tables = source.read(key, entries_len, (len - entries_len) as usize)?;
+        let base = entries_len as usize;
+        let rows_at = rows_at as usize - base;
+        let sum_at = tables.len() - 32;
+        if keys.meta_sum(&tables[rows_at..sum_at]) != tables[sum_at..] {
             return Err(bad(
                 "checksum mismatch in its tables (damaged, or written with another key)".into(),
             ));
@@ -258,7 +288,7 @@ impl MergedIndex {
         let packs_at = sums_at + blocks as usize * MIDX_BLOCK_SUM_LEN;
         let mut last = 0;
         for b in 0..1usize << fanout_bits {
-            let n = le32(&bytes, fanout_at + 4 * b);
+            let n = le32(&tables, fanout_at + 4 * b);
             if n < last {
                 return Err(bad(format!("fanout bucket {b} goes backwards")));
             }
@@ -270,7 +300,7 @@ impl MergedIndex {
             )));
         }
         for p in 0..1usize << filter_bits {
-            let row = &bytes[rows_at + p * MIDX_FILTER_ROW_LEN..][..MIDX_FILTER_ROW_LEN];
+            let row = &tables[rows_at + p * MIDX_FILTER_ROW_LEN..][..MIDX_FILTER_ROW_LEN];
             let (sl, mask, scl) = (le32(row, 8), le32(row, 12), le32(row, 16));
             let (at, fp_len) = (le64(row, 20), le64(row, 28));
             if fp_len == 0 {
@@ -283,14 +313,14 @@ impl MergedIndex {
                 && at >= entries_len
                 && at
                     .checked_add(fp_len)
-                    .is_some_and(|end| end <= rows_at as u64);
+                    .is_some_and(|end| end <= (rows_at + base) as u64);
             if !fits {
                 return Err(bad(format!("filter partition {p} is inconsistent")));
             }
         }
         let packs = (0..pack_count as usize)
             .map(|i| {
-                let row = &bytes[packs_at + i * MIDX_PACK_LEN..][..MIDX_PACK_LEN];
+                let row = &tables[packs_at + i * MIDX_PACK_LEN..][..MIDX_PACK_LEN];
                 (
                     PackId(row[..32].try_into().expect("32 bytes")),
                     le64(row, 32),
@@ -303,7 +333,8 @@ impl MergedIndex {
         Ok(MergedIndex {
             key: key.to_string(),
             name,
-            bytes,
+            source,
+            tables,
             keys: keys.clone(),
             entries: entries as usize,
             fanout_bits,
@@ -348,48 +379,63 @@ impl MergedIndex {
     pub fn may_contain(&self, id: &ChunkId) -> bool {
         let k = prefix(id);
         let p = top_bits(k, self.filter_bits);
-        let row = &self.bytes[self.rows_at + p * MIDX_FILTER_ROW_LEN..][..MIDX_FILTER_ROW_LEN];
+        let row = &self.tables[self.rows_at + p * MIDX_FILTER_ROW_LEN..][..MIDX_FILTER_ROW_LEN];
         let (at, len) = (le64(row, 20) as usize, le64(row, 28) as usize);
         if len == 0 {
             return false;
         }
-        xorf::BinaryFuse8Ref::from_dma(&row[..20], &self.bytes[at..at + len]).contains(&k)
+        let at = at - self.entries * MIDX_ENTRY_LEN;
+        xorf::BinaryFuse8Ref::from_dma(&row[..20], &self.tables[at..at + len]).contains(&k)
     }
 
-    fn id_at(&self, i: usize) -> &[u8] {
-        &self.bytes[i * MIDX_ENTRY_LEN..i * MIDX_ENTRY_LEN + 32]
+    /// Entries `lo..hi`, as stored.
+    fn read_entries(&self, lo: usize, hi: usize) -> Result<Vec<u8>> {
+        self.source.read(
+            &self.key,
+            (lo * MIDX_ENTRY_LEN) as u64,
+            (hi - lo) * MIDX_ENTRY_LEN,
+        )
     }
 
-    /// Checks the sums of the blocks holding entries `lo..hi`, once each.
+    /// Checks block `b`'s entries (`bytes`) against its sum, and notes it.
+    fn check_block(&self, b: usize, bytes: &[u8]) -> Result<()> {
+        let stored = &self.tables[self.sums_at + b * MIDX_BLOCK_SUM_LEN..][..MIDX_BLOCK_SUM_LEN];
+        if self.keys.block_sum(b as u64, bytes) != stored {
+            return Err(Error::malformed(
+                &self.key,
+                format!("block {b} of its entries fails its checksum (damaged)"),
+            ));
+        }
+        self.verified[b / 64].fetch_or(1u64 << (b % 64), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn block_range(&self, b: usize) -> (usize, usize) {
+        let start = b * MIDX_BLOCK_ENTRIES;
+        (start, (start + MIDX_BLOCK_ENTRIES).min(self.entries))
+    }
+
+    /// Checks the sums of the blocks holding entries `lo..hi`, once each
+    /// per open file (a block is read whole the first time only).
     fn verify(&self, lo: usize, hi: usize) -> Result<()> {
         if lo >= hi {
             return Ok(());
         }
         for b in lo / MIDX_BLOCK_ENTRIES..=(hi - 1) / MIDX_BLOCK_ENTRIES {
-            let (word, bit) = (&self.verified[b / 64], 1u64 << (b % 64));
-            if word.load(Ordering::Relaxed) & bit != 0 {
+            if self.verified[b / 64].load(Ordering::Relaxed) & (1u64 << (b % 64)) != 0 {
                 continue;
             }
-            let start = b * MIDX_BLOCK_ENTRIES;
-            let end = (start + MIDX_BLOCK_ENTRIES).min(self.entries);
-            let bytes = &self.bytes[start * MIDX_ENTRY_LEN..end * MIDX_ENTRY_LEN];
-            let stored = &self.bytes[self.sums_at + b * MIDX_BLOCK_SUM_LEN..][..MIDX_BLOCK_SUM_LEN];
-            if self.keys.block_sum(b as u64, bytes) != stored {
-                return Err(Error::malformed(
-                    &self.key,
-                    format!("block {b} of its entries fails its checksum (damaged)"),
-                ));
-            }
-            word.fetch_or(bit, Ordering::Relaxed);
+            let (start, end) = self.block_range(b);
+            self.check_block(b, &self.read_entries(start, end)?)?;
         }
         Ok(())
     }
 
-    /// Entry `i` (its block already verified): id, pack number, entry.
-    fn entry_at(&self, i: usize) -> Result<(u32, IndexEntry)> {
-        let raw = &self.bytes[i * MIDX_ENTRY_LEN..(i + 1) * MIDX_ENTRY_LEN];
+    /// Entry `i`, whose stored bytes are `raw` (its block already
+    /// verified): pack number and entry.
+    fn entry_from(&self, i: usize, raw: &[u8]) -> Result<(u32, IndexEntry)> {
         let mut loc = [0u8; MIDX_LOC_LEN];
-        loc.copy_from_slice(&raw[32..]);
+        loc.copy_from_slice(&raw[32..MIDX_ENTRY_LEN]);
         self.keys.apply_cipher(&self.salt, i as u64, &mut loc);
         let pack = le32(&loc, 0);
         if pack as usize >= self.packs.len() || loc[25..] != [0, 0, 0] {
@@ -416,64 +462,51 @@ impl MergedIndex {
     }
 
     /// Calls `each` with (pack number, entry) for every entry of `id`, in
-    /// pack order, until it returns true.
+    /// pack order, until it returns true. Reads the entries around a guess
+    /// from the id (its bucket's whole run if the guess was too far off).
     pub fn find(&self, id: &ChunkId, mut each: impl FnMut(u32, &IndexEntry) -> bool) -> Result<()> {
         let bucket = top_bits(prefix(id), self.fanout_bits);
         let lo = match bucket {
             0 => 0,
-            b => le32(&self.bytes, self.fanout_at + 4 * (b - 1)) as usize,
+            b => le32(&self.tables, self.fanout_at + 4 * (b - 1)) as usize,
         };
-        let hi = le32(&self.bytes, self.fanout_at + 4 * bucket) as usize;
-        self.verify(lo, hi)?;
-        let (mut a, mut z) = (lo, hi);
-        if lo < hi {
-            // Ids are uniform hashes, spread evenly over the bucket's key
-            // range: a guess from the key lands a few entries off, and a
-            // gallop from it bounds the binary search to that distance.
-            let shift = 64 - self.fanout_bits;
-            let within = (prefix(id) as u128) & ((1u128 << shift) - 1);
-            let g = lo + ((within * (hi - lo) as u128) >> shift) as usize;
-            let mut step = 1;
-            if self.id_at(g) < &id.0[..] {
-                a = g + 1;
-                loop {
-                    let probe = a + step - 1;
-                    if probe >= hi {
-                        break;
-                    }
-                    if self.id_at(probe) >= &id.0[..] {
-                        z = probe;
-                        break;
-                    }
-                    a = probe + 1;
-                    step *= 2;
-                }
-            } else {
-                z = g;
-                loop {
-                    if z - lo < step {
-                        break;
-                    }
-                    let probe = z - step;
-                    if self.id_at(probe) < &id.0[..] {
-                        a = probe + 1;
-                        break;
-                    }
-                    z = probe;
-                    step *= 2;
-                }
-            }
+        let hi = le32(&self.tables, self.fanout_at + 4 * bucket) as usize;
+        if lo >= hi {
+            return Ok(());
         }
+        self.verify(lo, hi)?;
+        // Ids are uniform hashes, spread evenly over the bucket's key
+        // range: a guess from the key lands a few entries off.
+        let shift = 64 - self.fanout_bits;
+        let within = (prefix(id) as u128) & ((1u128 << shift) - 1);
+        let g = lo + ((within * (hi - lo) as u128) >> shift) as usize;
+        let (mut wl, mut wh) = (g.saturating_sub(WINDOW).max(lo), (g + WINDOW).min(hi));
+        let mut buf = self.read_entries(wl, wh)?;
+        let id_in = |buf: &[u8], wl: usize, i: usize| -> [u8; 32] {
+            buf[(i - wl) * MIDX_ENTRY_LEN..][..32]
+                .try_into()
+                .expect("32 bytes")
+        };
+        // The window holds the answer only if the first entry not below
+        // the id, and the last entry of the id, fall inside it.
+        let short_below = wl > lo && id_in(&buf, wl, wl) >= id.0;
+        let short_above = wh < hi && id_in(&buf, wl, wh - 1) <= id.0;
+        if short_below || short_above {
+            (wl, wh) = (lo, hi);
+            buf = self.read_entries(lo, hi)?;
+        }
+        let (mut a, mut z) = (wl, wh);
         while a < z {
             let m = a + (z - a) / 2;
-            if self.id_at(m) < &id.0[..] {
+            if id_in(&buf, wl, m) < id.0 {
                 a = m + 1;
             } else {
                 z = m;
             }
         }
-        while a < hi && self.id_at(a) == &id.0[..] {
-            let (pack, entry) = self.entry_at(a)?;
+        while a < wh && id_in(&buf, wl, a) == id.0 {
+            let raw = &buf[(a - wl) * MIDX_ENTRY_LEN..][..MIDX_ENTRY_LEN];
+            let (pack, entry) = self.entry_from(a, raw)?;
             if each(pack, &entry) {
                 break;
             }
@@ -482,13 +515,25 @@ impl MergedIndex {
         Ok(())
     }
 
-    /// Every entry in order, each block checked: what a merge reads.
+    /// Every entry in order, each block read once and checked: what a
+    /// merge reads.
     pub fn entries(&self) -> impl Iterator<Item = Result<(u32, IndexEntry)>> + '_ {
-        (0..self.entries).map(move |i| {
-            if i % MIDX_BLOCK_ENTRIES == 0 {
-                self.verify(i, (i + MIDX_BLOCK_ENTRIES).min(self.entries))?;
-            }
-            self.entry_at(i)
+        let blocks = self.entries.div_ceil(MIDX_BLOCK_ENTRIES);
+        (0..blocks).flat_map(move |b| {
+            let (start, end) = self.block_range(b);
+            let read = self
+                .read_entries(start, end)
+                .and_then(|bytes| self.check_block(b, &bytes).map(|()| bytes));
+            let out: Vec<Result<(u32, IndexEntry)>> = match read {
+                Err(e) => vec![Err(e)],
+                Ok(bytes) => (start..end)
+                    .map(|i| {
+                        let raw = &bytes[(i - start) * MIDX_ENTRY_LEN..][..MIDX_ENTRY_LEN];
+                        self.entry_from(i, raw)
+                    })
+                    .collect(),
+            };
+            out
         })
     }
 }
@@ -768,15 +813,56 @@ mod tests {
     fn entries_are_found_in_plain_and_enciphered_files() {
         let dir = tempfile::tempdir().unwrap();
         for keys in [MergedIndexKeys::plain(), MergedIndexKeys::keyed(&[3; 32])] {
-            for n in [0, 1, 5, 3000] {
+            for n in [0, 1, 5, 3000, 40_000] {
                 let (bytes, entries) = write(dir.path(), &keys, n);
-                let m = MergedIndex::from_bytes("index-merged/t.midx", bytes, &keys).unwrap();
-                assert_eq!(m.len(), n as usize);
-                lookups(&m, &entries);
-                let all: Vec<IndexEntry> = m.entries().map(|r| r.unwrap().1).collect();
-                assert_eq!(all, entries);
-                std::fs::remove_file(dir.path().join(format!("w{n}"))).unwrap();
+                let path = dir.path().join(format!("w{n}"));
+                // Read in place from the file, and from memory.
+                let on_disk = MergedIndex::open_path("index-merged/t.midx", &path, &keys).unwrap();
+                let in_memory =
+                    MergedIndex::from_bytes("index-merged/t.midx", bytes, &keys).unwrap();
+                for m in [on_disk, in_memory] {
+                    assert_eq!(m.len(), n as usize);
+                    lookups(&m, &entries);
+                    let all: Vec<IndexEntry> = m.entries().map(|r| r.unwrap().1).collect();
+                    assert_eq!(all, entries);
+                }
+                std::fs::remove_file(path).unwrap();
             }
+        }
+    }
+
+    #[test]
+    fn a_chunk_in_several_packs_is_found_in_each_wherever_its_run_falls() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = MergedIndexKeys::plain();
+        let mut ids: Vec<IndexEntry> = (0..12_000).map(entry).collect();
+        ids.sort_by_key(|a| a.id);
+        let path = dir.path().join("dup");
+        let packs = (0..4u8).map(|p| (PackId([p; 32]), 1 << 20)).collect();
+        // Runs of one to four copies: some straddle a lookup's window.
+        let copies = |k: usize| k % 4 + 1;
+        let total: usize = (0..ids.len()).map(copies).sum();
+        let mut w = MergedIndexWriter::create(&path, &keys, packs, total as u64).unwrap();
+        for (k, e) in ids.iter().enumerate() {
+            for p in 0..copies(k) {
+                w.push(p as u32, e).unwrap();
+            }
+        }
+        w.finish().unwrap();
+        let m = MergedIndex::open_path("index-merged/dup.midx", &path, &keys).unwrap();
+        for (k, e) in ids.iter().enumerate() {
+            let mut packs = Vec::new();
+            m.find(&e.id, |p, got| {
+                assert_eq!(got, e);
+                packs.push(p);
+                false
+            })
+            .unwrap();
+            assert_eq!(
+                packs,
+                (0..copies(k) as u32).collect::<Vec<_>>(),
+                "entry {k}"
+            );
         }
     }
 
