@@ -35,6 +35,15 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Hands the calling thread's freed pages, and the arenas' empty ones,
+/// back to the system (see [`vfs_core::memory`]).
+#[allow(unsafe_code)]
+fn release_freed() {
+    // SAFETY: mi_collect takes a flag and only walks mimalloc's own
+    // structures; it is safe to call from any thread at any time.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 /// Exit codes scripts can rely on.
 pub mod exit {
     pub const OK: u8 = 0;
@@ -53,6 +62,7 @@ fn main() -> ExitCode {
     // small pages only.
     #[cfg(target_os = "linux")]
     let _ = nix::sys::prctl::set_thp_disable(true);
+    vfs_core::memory::set_release_hook(release_freed);
     let args = cli::Cli::parse();
     cli::init_logging(&args);
     match cli::run(args) {

@@ -696,6 +696,9 @@ impl RepoFs {
         });
         tree.loaded.insert(base, rp.clone());
         tree.loaded_by_dir.insert(dir_ino, rp.clone());
+        drop(tree);
+        // The manifest's stored and plain bytes are gone: give them back.
+        crate::memory::release_freed();
         Ok(rp)
     }
 

@@ -49,6 +49,7 @@ pub mod ingest_fs;
 pub mod local_store;
 pub mod lock;
 pub mod manifest;
+pub mod memory;
 pub mod merged_index;
 pub mod prune;
 pub mod repair;

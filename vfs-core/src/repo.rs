@@ -747,9 +747,14 @@ impl Repository {
                 }
                 Err(e) => return Err(e),
                 Ok(mut scan) => {
-                    let mut index = self.index.write();
-                    scan.index.generation = index.generation + 1;
-                    *index = scan.index;
+                    {
+                        let mut index = self.index.write();
+                        scan.index.generation = index.generation + 1;
+                        *index = std::mem::take(&mut scan.index);
+                    }
+                    // The per-pack files read, and the index replaced.
+                    drop(scan);
+                    crate::memory::release_freed();
                     return Ok(());
                 }
             }
