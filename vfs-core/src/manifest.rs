@@ -38,12 +38,67 @@ pub enum Content {
     /// Every chunk is `chunk_size` bytes except possibly the last.
     Fixed {
         chunk_size: u32,
+        #[serde(deserialize_with = "exact::vec")]
         chunks: Vec<Option<ChunkId>>,
     },
     /// Content-defined chunks with their lengths.
     Variable {
+        #[serde(deserialize_with = "exact::vec")]
         chunks: Vec<(Option<ChunkId>, u32)>,
     },
+}
+
+/// Chunk lists decoded into a buffer of their declared length, as far as
+/// the bytes being decoded can hold that many stored chunks: grown by
+/// doubling, a list of millions of chunks would be held about twice over
+/// while it loads.
+pub(crate) mod exact {
+    use std::cell::Cell;
+    use std::marker::PhantomData;
+
+    use serde::de::{Deserialize, Deserializer, SeqAccess, Visitor};
+
+    thread_local! {
+        /// Bytes of the input being decoded on this thread, or 0.
+        static INPUT: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// Runs `decode` on `input` with lists sized up front.
+    pub(crate) fn decoding<T>(input: &[u8], decode: impl FnOnce(&[u8]) -> T) -> T {
+        let outer = INPUT.with(|c| c.replace(input.len()));
+        let out = decode(input);
+        INPUT.with(|c| c.set(outer));
+        out
+    }
+
+    pub(super) fn vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de>,
+    {
+        struct Items<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Items<T> {
+            type Value = Vec<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+                // As many stored chunks (a tag and a 32-byte id) as the
+                // input holds; without a known input, what serde itself
+                // trusts: 1 MiB.
+                let bound = match INPUT.with(Cell::get) {
+                    0 => (1 << 20) / std::mem::size_of::<T>().max(1),
+                    n => n / 33,
+                };
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(bound));
+                while let Some(item) = seq.next_element()? {
+                    out.push(item);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(Items(PhantomData))
+    }
 }
 
 impl Content {

@@ -148,15 +148,16 @@ impl Source {
         match self {
             Source::Memory(v) => Ok(v[offset as usize..offset as usize + len].to_vec()),
             Source::File(f) => {
-                use std::os::unix::fs::FileExt;
                 let mut buf = vec![0u8; len];
-                f.read_exact_at(&mut buf, offset).map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        Error::malformed(key, "truncated while open")
-                    } else {
-                        Error::io(key, e)
+                let mut done = 0;
+                while done < len {
+                    match crate::local_store::read_at(f, &mut buf[done..], offset + done as u64) {
+                        Ok(0) => return Err(Error::malformed(key, "truncated while open")),
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(Error::io(key, e)),
                     }
-                })?;
+                }
                 Ok(buf)
             }
         }

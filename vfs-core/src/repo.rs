@@ -1562,8 +1562,9 @@ impl Repository {
             .open_meta(&what, format::MANIFEST_MAGIC, &raw)?
             .into_owned();
         drop(raw);
-        let manifest: Manifest = postcard::from_bytes(&plain)
-            .map_err(|e| Error::malformed(&what, format!("undecodable: {e}")))?;
+        let manifest: Manifest =
+            crate::manifest::exact::decoding(&plain, |b| postcard::from_bytes(b))
+                .map_err(|e| Error::malformed(&what, format!("undecodable: {e}")))?;
         drop(plain);
         manifest.validate(&what)?;
         if manifest.job != name.job || manifest.name != name.base() {
@@ -1646,9 +1647,11 @@ fn decompress_meta(what: &str, payload: &[u8]) -> Result<Vec<u8>> {
         .window_log_max(format::META_WINDOW_LOG_MAX)
         .map_err(|e| bad(e.to_string()))?;
     // The declared size, up front: grown by doubling, a large manifest
-    // would be held twice over while it is decoded. A size beyond what any
-    // real file declares is not trusted for more than a start.
-    let mut out = Vec::with_capacity(declared.min(256 << 20) as usize + 1);
+    // would be held twice over while it is decoded. Only as much as the
+    // compressed bytes could plausibly hold is trusted for a start (chunk
+    // ids do not compress; a garbled header must not reserve gigabytes).
+    let start = declared.min(payload.len() as u64 * 32 + (1 << 20));
+    let mut out = Vec::with_capacity(start as usize + 1);
     decoder
         .take(declared.saturating_add(1))
         .read_to_end(&mut out)
