@@ -145,6 +145,10 @@ impl MetaShare {
     }
 }
 
+/// The most a pack buffer starts with: the largest pack size a store asks
+/// for (S3's 64 MiB); a larger target, as tests set, grows its buffer.
+const MAX_PACK_BUFFER: usize = 64 << 20;
+
 /// A pack being filled.
 struct PackBuilder {
     buf: Vec<u8>,
@@ -157,9 +161,9 @@ impl PackBuilder {
     /// A pack in `spare`'s buffer, if there is one: a fresh 33 MiB buffer
     /// per pack is a page fault for every page it fills.
     fn new(target: usize, spare: &mut Vec<Vec<u8>>) -> Self {
-        let mut buf = spare.pop().unwrap_or_else(|| {
-            Vec::with_capacity(target.min(format::PACK_TARGET_SIZE) + (1 << 20))
-        });
+        let mut buf = spare
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(target.min(MAX_PACK_BUFFER) + (1 << 20)));
         buf.clear();
         buf.extend_from_slice(&format::pack_header());
         PackBuilder {
