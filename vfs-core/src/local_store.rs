@@ -143,22 +143,14 @@ impl LocalStore {
     fn pread(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let file = self.open_file(key)?;
         let mut buf = vec![0u8; len];
-        let mut done = 0;
-        while done < len {
-            match read_at(&file, &mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-                    return Err(Error::malformed(
-                        key,
-                        format!(
-                            "truncated: {len} bytes at offset {offset} requested, file has {size}"
-                        ),
-                    ));
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io(self.path(key), e)),
-            }
+        let done =
+            read_full_at(&file, &mut buf, offset).map_err(|e| Error::io(self.path(key), e))?;
+        if done < len {
+            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            return Err(Error::malformed(
+                key,
+                format!("truncated: {len} bytes at offset {offset} requested, file has {size}"),
+            ));
         }
         Ok(buf)
     }
@@ -210,15 +202,29 @@ pub(crate) fn process_alive(_pid: u32) -> bool {
     true
 }
 
-/// One positioned read (`pread` on Unix): may return fewer bytes.
+/// Fills `buf` from `offset` with positioned reads; returns how many bytes
+/// were read, fewer than asked only where the file ends.
+pub(crate) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match read_at(file, &mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
 #[cfg(unix)]
-pub(crate) fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     use std::os::unix::fs::FileExt;
     file.read_at(buf, offset)
 }
 
 #[cfg(windows)]
-pub(crate) fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
     use std::os::windows::fs::FileExt;
     file.seek_read(buf, offset)
 }

@@ -145,22 +145,24 @@ impl Source {
 
     /// `len` bytes at `offset`, which the caller has checked lie within.
     fn read(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read_into(key, offset, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Fills `buf` from `offset`, which the caller has checked lies within.
+    fn read_into(&self, key: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
         match self {
-            Source::Memory(v) => Ok(v[offset as usize..offset as usize + len].to_vec()),
+            Source::Memory(v) => buf.copy_from_slice(&v[offset as usize..][..buf.len()]),
             Source::File(f) => {
-                let mut buf = vec![0u8; len];
-                let mut done = 0;
-                while done < len {
-                    match crate::local_store::read_at(f, &mut buf[done..], offset + done as u64) {
-                        Ok(0) => return Err(Error::malformed(key, "truncated while open")),
-                        Ok(n) => done += n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(Error::io(key, e)),
-                    }
+                let done = crate::local_store::read_full_at(f, buf, offset)
+                    .map_err(|e| Error::io(key, e))?;
+                if done < buf.len() {
+                    return Err(Error::malformed(key, "truncated while open"));
                 }
-                Ok(buf)
             }
         }
+        Ok(())
     }
 }
 
@@ -482,7 +484,12 @@ impl MergedIndex {
         let within = (prefix(id) as u128) & ((1u128 << shift) - 1);
         let g = lo + ((within * (hi - lo) as u128) >> shift) as usize;
         let (mut wl, mut wh) = (g.saturating_sub(WINDOW).max(lo), (g + WINDOW).min(hi));
-        let mut buf = self.read_entries(wl, wh)?;
+        // The window on the stack: a lookup allocates nothing unless it
+        // has to read the whole bucket.
+        let mut window = [0u8; 2 * WINDOW * MIDX_ENTRY_LEN];
+        let window = &mut window[..(wh - wl) * MIDX_ENTRY_LEN];
+        self.source
+            .read_into(&self.key, (wl * MIDX_ENTRY_LEN) as u64, window)?;
         let id_in = |buf: &[u8], wl: usize, i: usize| -> [u8; 32] {
             buf[(i - wl) * MIDX_ENTRY_LEN..][..32]
                 .try_into()
@@ -490,22 +497,26 @@ impl MergedIndex {
         };
         // The window holds the answer only if the first entry not below
         // the id, and the last entry of the id, fall inside it.
-        let short_below = wl > lo && id_in(&buf, wl, wl) >= id.0;
-        let short_above = wh < hi && id_in(&buf, wl, wh - 1) <= id.0;
-        if short_below || short_above {
+        let short_below = wl > lo && id_in(window, wl, wl) >= id.0;
+        let short_above = wh < hi && id_in(window, wl, wh - 1) <= id.0;
+        let bucket_bytes;
+        let buf: &[u8] = if short_below || short_above {
             (wl, wh) = (lo, hi);
-            buf = self.read_entries(lo, hi)?;
-        }
+            bucket_bytes = self.read_entries(lo, hi)?;
+            &bucket_bytes
+        } else {
+            window
+        };
         let (mut a, mut z) = (wl, wh);
         while a < z {
             let m = a + (z - a) / 2;
-            if id_in(&buf, wl, m) < id.0 {
+            if id_in(buf, wl, m) < id.0 {
                 a = m + 1;
             } else {
                 z = m;
             }
         }
-        while a < wh && id_in(&buf, wl, a) == id.0 {
+        while a < wh && id_in(buf, wl, a) == id.0 {
             let raw = &buf[(a - wl) * MIDX_ENTRY_LEN..][..MIDX_ENTRY_LEN];
             let (pack, entry) = self.entry_from(a, raw)?;
             if each(pack, &entry) {

@@ -149,9 +149,8 @@ pub struct Index {
     /// Packs (by number) that a prune has listed for deletion: readable,
     /// but never reused by a writer ([`crate::lock`] says why).
     no_dedup: std::collections::HashSet<u32>,
-    /// Packs held in memory, not covered by the merged file.
-    unmerged: usize,
-    /// Those packs, with their lengths, to tell what a later listing adds.
+    /// Packs held in memory, not covered by the merged file, with their
+    /// lengths (to tell what a later listing adds).
     unmerged_lens: HashMap<PackId, u64>,
     /// The packs on a prune's pending list when the index was scanned.
     pending: HashSet<PackId>,
@@ -235,7 +234,7 @@ impl Index {
 
     /// Packs whose entries are held in memory, not yet merged.
     pub fn unmerged_packs(&self) -> usize {
-        self.unmerged
+        self.unmerged_lens.len()
     }
 
     /// Keeps writers from reusing the chunks of `packs` from now on.
@@ -261,13 +260,7 @@ impl Index {
 
     pub fn add_pack(&mut self, file: &IndexFile) {
         let n = self.number(file.pack);
-        if self
-            .unmerged_lens
-            .insert(file.pack, file.pack_len)
-            .is_none()
-        {
-            self.unmerged += 1;
-        }
+        self.unmerged_lens.insert(file.pack, file.pack_len);
         for e in &file.entries {
             self.recent.entry(e.id).or_insert(e.loc(n));
         }

@@ -204,11 +204,9 @@ impl ObjectStore for MemoryStore {
 
     fn list(&self, prefix: &str) -> Result<Vec<String>> {
         Ok(self
-            .objects
-            .read()
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, _)| k.clone())
+            .list_sizes(prefix)?
+            .into_iter()
+            .map(|(k, _)| k)
             .collect())
     }
 
