@@ -258,7 +258,8 @@ pub fn restore(
                 stats.symlinks += 1;
             }
             NodeKind::File => {
-                restore_file(repo, manifest, i, parent, target, opts)?;
+                let path = shown_path(target, manifest, i);
+                restore_file(repo, manifest, i, parent, &node.name, path, opts)?;
                 stats.files += 1;
                 stats.bytes += node.size;
                 opts.progress.files_done.fetch_add(1, Ordering::Relaxed);
@@ -381,17 +382,73 @@ fn restore_symlink(parent: &DirHandle, manifest: &Manifest, i: usize, target: &P
     })
 }
 
+/// Restores file node `i` of `manifest` into the existing directory `dir`
+/// under `name` (one plain component) rather than its own name and path,
+/// the way every restored file is written: under a temporary name, synced,
+/// and renamed when complete. An existing `name` is replaced only with
+/// `opts.overwrite`, and never written through.
+pub fn restore_file_as(
+    repo: &Repository,
+    manifest: &Manifest,
+    i: usize,
+    dir: &Path,
+    name: &str,
+    opts: &RestoreOptions,
+) -> Result<()> {
+    let node = manifest
+        .nodes
+        .get(i)
+        .filter(|n| n.kind == NodeKind::File)
+        .ok_or_else(|| Error::InvalidInput(format!("node {i} is not a file")))?;
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(Error::InvalidInput(format!(
+            "{name:?}: not a plain file name"
+        )));
+    }
+    let parent = DirHandle::open_target(dir, false)
+        .map_err(|e| Error::io(dir, e))?
+        .ok_or_else(|| Error::NotFound(dir.display().to_string()))?;
+    let path = dir.join(name);
+    match parent
+        .entry(name.as_bytes())
+        .map_err(|e| Error::io(&path, e))?
+    {
+        None => {}
+        Some(Existing::Dir) => {
+            return Err(Error::InvalidInput(format!(
+                "{}: is a directory",
+                path.display()
+            )))
+        }
+        Some(_) if !opts.overwrite => {
+            return Err(Error::InvalidInput(format!(
+                "{}: exists (overwrite not asked for)",
+                path.display()
+            )))
+        }
+        Some(_) => {}
+    }
+    opts.progress
+        .total_bytes
+        .fetch_add(node.size, Ordering::Relaxed);
+    restore_file(repo, manifest, i, &parent, name.as_bytes(), path, opts)?;
+    opts.progress.files_done.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Restores file node `i` into `parent` as `name`; `path` is where that
+/// is, for messages.
 fn restore_file(
     repo: &Repository,
     manifest: &Manifest,
     i: usize,
     parent: &DirHandle,
-    target: &Path,
+    name: &[u8],
+    path: PathBuf,
     opts: &RestoreOptions,
 ) -> Result<()> {
     let node = &manifest.nodes[i];
-    let path = shown_path(target, manifest, i);
-    let partial = partial_name(&node.name);
+    let partial = partial_name(name);
     let partial_path = path.with_file_name(String::from_utf8_lossy(&partial).as_ref());
     remove_stale(parent, &partial, &partial_path)?;
     let file = parent
@@ -402,84 +459,49 @@ fn restore_file(
     let result = (|file: File| -> Result<()> {
         let chunks = node.content.chunks(node.size);
         let fetcher = FrameFetcher::new(repo, None);
-        for batch in batches(&chunks) {
-            if opts.cancel.load(Ordering::Relaxed) {
-                return Err(Error::InvalidInput("restore cancelled".into()));
-            }
-            // The batch's frames, each once, and each chunk's frame: one
-            // request covers neighbouring frames of a pack.
-            let mut frames: Vec<FrameRequest> = Vec::new();
-            let mut frame_of: IdMap<usize> = IdMap::default();
-            let mut slots: Vec<Option<(usize, ChunkLoc, PackId)>> = Vec::with_capacity(batch.len());
-            for (id, offset, _) in batch {
-                let Some(id) = id else {
-                    slots.push(None);
-                    continue;
-                };
-                let (loc, pack) = repo
-                    .locate(id)
-                    .ok_or_else(|| with_file(Error::MissingChunk(*id), manifest, i, *offset))?;
-                let frame_key = loc.frame_key(&pack);
-                let k = *frame_of.entry(frame_key).or_insert_with(|| {
-                    frames.push(FrameRequest {
-                        chunk: *id,
-                        loc,
-                        pack,
-                        frame_key,
-                    });
-                    frames.len() - 1
-                });
-                slots.push(Some((k, loc, pack)));
-            }
-            let mut decoded = fetcher.fetch_frames(&frames);
-            // The first chunk (in file order) whose frame failed names the
-            // failure.
-            for ((_, offset, _), slot) in batch.iter().zip(&slots) {
-                if let Some((k, _, _)) = slot {
-                    if decoded[*k].is_err() {
-                        let e = std::mem::replace(&mut decoded[*k], Ok(Vec::new()))
-                            .expect_err("checked");
-                        return Err(with_file(e, manifest, i, *offset));
+        // Decoding and checking a batch runs on the pool while a thread of
+        // its own writes the batch before: one batch waits in between, so
+        // at most three are held.
+        std::thread::scope(|s| -> Result<()> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Checked>(1);
+            let file = &file;
+            let partial_path = &partial_path;
+            let writer = s.spawn(move || -> Result<()> {
+                for batch in rx {
+                    for w in &batch.writes {
+                        let data = &batch.frames[w.frame][w.start..w.start + w.len];
+                        write_at(file, data, w.offset).map_err(|e| Error::io(partial_path, e))?;
+                    }
+                    opts.progress
+                        .read_bytes
+                        .fetch_add(batch.logical, Ordering::Relaxed);
+                }
+                Ok(())
+            });
+            let mut sent = Ok(());
+            for batch in batches(&chunks) {
+                if opts.cancel.load(Ordering::Relaxed) {
+                    sent = Err(Error::InvalidInput("restore cancelled".into()));
+                    break;
+                }
+                match check_batch(repo, manifest, i, &fetcher, batch) {
+                    // A closed channel means the writer failed: its error
+                    // is the one to report.
+                    Ok(checked) => {
+                        if tx.send(checked).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        sent = Err(e);
+                        break;
                     }
                 }
             }
-            let frames: Vec<&[u8]> = decoded
-                .iter()
-                .map(|f| f.as_deref().expect("checked"))
-                .collect();
-            let checked: Vec<Result<Option<&[u8]>>> = batch
-                .par_iter()
-                .zip(slots.par_iter())
-                .map(|((id, _, _), slot)| match (id, slot) {
-                    (Some(id), Some((k, loc, pack))) => {
-                        repo.chunk_in_frame(id, loc, pack, frames[*k]).map(Some)
-                    }
-                    _ => Ok(None),
-                })
-                .collect();
-            for ((id, offset, len), data) in batch.iter().zip(checked) {
-                let data = data.map_err(|e| with_file(e, manifest, i, *offset))?;
-                if let (Some(id), Some(data)) = (id, data) {
-                    // The chunk matches its id, so the manifest is what
-                    // is wrong; writing it would shift the rest of the file.
-                    if data.len() != *len as usize {
-                        return Err(Error::malformed(
-                            format!("restore point {}", manifest.full_name()),
-                            format!(
-                                "file {}, offset {offset}: chunk {id} holds {} bytes, \
-                                 the manifest gives its slot {len}",
-                                manifest.path_of(i),
-                                data.len()
-                            ),
-                        ));
-                    }
-                    write_at(&file, data, *offset).map_err(|e| Error::io(&partial_path, e))?;
-                }
-                opts.progress
-                    .read_bytes
-                    .fetch_add(*len as u64, Ordering::Relaxed);
-            }
-        }
+            drop(tx);
+            let written = writer.join().expect("the restore writer does not panic");
+            sent.and(written)
+        })?;
         // Holes at the end are made by the length, not by writing zeros.
         file.set_len(node.size)
             .map_err(|e| Error::io(&partial_path, e))?;
@@ -487,13 +509,130 @@ fn restore_file(
         dir_handle::set_file_metadata(&file, node).map_err(|e| Error::io(&partial_path, e))?;
         drop(file);
         parent
-            .rename(&partial, &node.name)
+            .rename(&partial, name)
             .map_err(|e| Error::io(&path, e))
     })(file);
     if result.is_err() {
         let _ = parent.remove(&partial);
     }
     result
+}
+
+/// One batch of a file, decoded and checked, with where its bytes go.
+struct Checked {
+    frames: Vec<Vec<u8>>,
+    writes: Vec<Piece>,
+    /// Logical bytes the batch covers, holes included.
+    logical: u64,
+}
+
+/// Bytes `start..start + len` of `frames[frame]` go to file offset `offset`.
+struct Piece {
+    frame: usize,
+    start: usize,
+    len: usize,
+    offset: u64,
+}
+
+/// Fetches, decodes and checks one batch of file `i`'s chunks. Chunks
+/// that lie next to each other both in the file and in one frame become
+/// one write.
+fn check_batch(
+    repo: &Repository,
+    manifest: &Manifest,
+    i: usize,
+    fetcher: &FrameFetcher<&Repository>,
+    batch: &[(Option<crate::ids::ChunkId>, u64, u32)],
+) -> Result<Checked> {
+    // The batch's frames, each once, and each chunk's frame: one request
+    // covers neighbouring frames of a pack.
+    let mut frames: Vec<FrameRequest> = Vec::new();
+    let mut frame_of: IdMap<usize> = IdMap::default();
+    let mut slots: Vec<Option<(usize, ChunkLoc, PackId)>> = Vec::with_capacity(batch.len());
+    for (id, offset, _) in batch {
+        let Some(id) = id else {
+            slots.push(None);
+            continue;
+        };
+        let (loc, pack) = repo
+            .locate(id)
+            .ok_or_else(|| with_file(Error::MissingChunk(*id), manifest, i, *offset))?;
+        let frame_key = loc.frame_key(&pack);
+        let k = *frame_of.entry(frame_key).or_insert_with(|| {
+            frames.push(FrameRequest {
+                chunk: *id,
+                loc,
+                pack,
+                frame_key,
+            });
+            frames.len() - 1
+        });
+        slots.push(Some((k, loc, pack)));
+    }
+    let mut decoded = fetcher.fetch_frames(&frames);
+    // The first chunk (in file order) whose frame failed names the failure.
+    for ((_, offset, _), slot) in batch.iter().zip(&slots) {
+        if let Some((k, _, _)) = slot {
+            if decoded[*k].is_err() {
+                let e = std::mem::replace(&mut decoded[*k], Ok(Vec::new())).expect_err("checked");
+                return Err(with_file(e, manifest, i, *offset));
+            }
+        }
+    }
+    let frames: Vec<Vec<u8>> = decoded.into_iter().map(|f| f.expect("checked")).collect();
+    let checked: Vec<Result<()>> = batch
+        .par_iter()
+        .zip(slots.par_iter())
+        .map(|((id, _, _), slot)| match (id, slot) {
+            (Some(id), Some((k, loc, pack))) => {
+                repo.chunk_in_frame(id, loc, pack, &frames[*k]).map(|_| ())
+            }
+            _ => Ok(()),
+        })
+        .collect();
+    let mut writes: Vec<Piece> = Vec::new();
+    let mut logical = 0u64;
+    for (((id, offset, len), slot), ok) in batch.iter().zip(&slots).zip(checked) {
+        ok.map_err(|e| with_file(e, manifest, i, *offset))?;
+        logical += *len as u64;
+        let (Some(id), Some((k, loc, _))) = (id, slot) else {
+            continue;
+        };
+        // The chunk matches its id, so the manifest is what is wrong;
+        // writing it would shift the rest of the file.
+        if loc.raw_len != *len {
+            return Err(Error::malformed(
+                format!("restore point {}", manifest.full_name()),
+                format!(
+                    "file {}, offset {offset}: chunk {id} holds {} bytes, \
+                     the manifest gives its slot {len}",
+                    manifest.path_of(i),
+                    loc.raw_len
+                ),
+            ));
+        }
+        let start = loc.frame_offset as usize;
+        match writes.last_mut() {
+            Some(w)
+                if w.frame == *k
+                    && w.start + w.len == start
+                    && w.offset + w.len as u64 == *offset =>
+            {
+                w.len += *len as usize;
+            }
+            _ => writes.push(Piece {
+                frame: *k,
+                start,
+                len: *len as usize,
+                offset: *offset,
+            }),
+        }
+    }
+    Ok(Checked {
+        frames,
+        writes,
+        logical,
+    })
 }
 
 fn with_file(e: Error, manifest: &Manifest, i: usize, offset: u64) -> Error {
@@ -635,6 +774,67 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    /// A file of several batches, with a hole and repeated runs, written
+    /// by the pipelined writer under another name: byte-identical; and
+    /// what `restore_file_as` refuses.
+    #[test]
+    fn a_file_of_many_batches_restores_byte_identical_under_another_name() {
+        let mut data = Vec::with_capacity(80 << 20);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut noise = |n: usize, data: &mut Vec<u8>| {
+            for _ in 0..n / 8 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                data.extend_from_slice(&x.to_le_bytes());
+            }
+        };
+        noise(40 << 20, &mut data);
+        data.resize(data.len() + (3 << 20), 0);
+        data.extend_from_within(..5 << 20);
+        noise(30 << 20, &mut data);
+        data.extend_from_within(1 << 20..2 << 20);
+        let store = Arc::new(MemoryStore::new());
+        Repository::init(store.as_ref(), None).unwrap();
+        let repo = Repository::open(store, || Ok(Vec::new())).unwrap();
+        let source = Source::Stream(StdinSource {
+            name: "big".into(),
+            reader: Box::new(std::io::Cursor::new(data.clone())),
+            mode: 0o640,
+            uid: 0,
+            gid: 0,
+        });
+        let opts = BackupOptions {
+            job: "t".into(),
+            chunker: None,
+            hostname: "test".into(),
+            progress: Default::default(),
+        };
+        let m = backup(&repo, source, &opts).unwrap();
+        let (_tmp, target, _) = dirs();
+        let o = options(false);
+        restore_file_as(&repo, &m, 1, &target, "copy", &o).unwrap();
+        let back = std::fs::read(target.join("copy")).unwrap();
+        assert_eq!(back.len(), data.len());
+        assert!(back == data, "restored bytes differ");
+        assert_eq!(
+            o.progress.read_bytes.load(Ordering::Relaxed),
+            data.len() as u64
+        );
+        assert_eq!(entries(&target), ["copy"]);
+
+        let err = restore_file_as(&repo, &m, 1, &target, "copy", &o).unwrap_err();
+        assert!(err.to_string().contains("exists"), "{err}");
+        restore_file_as(&repo, &m, 1, &target, "copy", &options(true)).unwrap();
+        for bad in ["", ".", "..", "a/b"] {
+            let err = restore_file_as(&repo, &m, 1, &target, bad, &o).unwrap_err();
+            assert!(err.to_string().contains("plain file name"), "{bad}: {err}");
+        }
+        let err = restore_file_as(&repo, &m, 0, &target, "root", &o).unwrap_err();
+        assert!(err.to_string().contains("not a file"), "{err}");
+        assert_eq!(entries(&target), ["copy"]);
     }
 
     #[test]
