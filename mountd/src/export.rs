@@ -862,9 +862,6 @@ fn free_port() -> Result<u16> {
 /// Copies a tree (files, directories, symlinks; modes, owners, times);
 /// returns the bytes copied. Not synced here: the caller syncs the
 /// target's filesystem once before the rename.
-/// Copies a tree (files, directories, symlinks; modes, owners, times);
-/// returns the bytes copied. Not synced here: the caller syncs the
-/// target's filesystem once before the rename.
 fn copy_tree(from: &Path, to: &Path, ctl: &ExportControl) -> Result<u64> {
     let meta =
         std::fs::symlink_metadata(from).with_context(|| format!("stat {}", from.display()))?;
@@ -1098,6 +1095,161 @@ fn send_remote(
     Ok(sent.1)
 }
 
+/// How an export reads the database out of the restore point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reading {
+    /// A writable session, mounted: the engine runs on it (PostgreSQL).
+    Session,
+    /// A read-only mount of the restore point: the engine only reads.
+    ReadOnlyMount,
+    /// Nothing mounted: the file goes straight from the repository to the
+    /// target.
+    Stored,
+    /// The files restored into staging, where the engine recovers them.
+    Staged,
+}
+
+/// Something that goes to the target.
+enum Item {
+    /// A file or tree to copy (on a mount).
+    Path(PathBuf),
+    /// A file or tree the export made in its staging directory: moved to
+    /// a local target when it is on the same filesystem.
+    Staged(PathBuf),
+    /// A file node of the restore point, restored from the repository.
+    Stored(usize),
+}
+
+/// The files beside SQLite database `path` that hold part of it: a WAL
+/// or a rollback journal with bytes in it, as (node, suffix).
+fn sqlite_companions(m: &Manifest, path: &str) -> Vec<(usize, String)> {
+    ["-wal", "-journal"]
+        .iter()
+        .filter_map(|suffix| {
+            let i = node_at(m, &format!("{}{suffix}", path.trim_end_matches('/')))?;
+            let n = &m.nodes[i];
+            (n.kind == NodeKind::File && n.size > 0).then(|| (i, suffix.to_string()))
+        })
+        .collect()
+}
+
+/// A `file:` URI that opens `path` read-only and immutable: sqlite3 takes
+/// no locks and looks for no WAL, which is right for a file that cannot
+/// change and has no WAL with bytes beside it.
+fn immutable_uri(path: &Path) -> String {
+    #[cfg(unix)]
+    let bytes = {
+        use std::os::unix::ffi::OsStrExt;
+        path.as_os_str().as_bytes().to_vec()
+    };
+    #[cfg(not(unix))]
+    let bytes = path.to_string_lossy().into_owned().into_bytes();
+    let mut uri = String::from("file:");
+    for &b in &bytes {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            uri.push(b as char);
+        } else {
+            uri.push_str(&format!("%{b:02X}"));
+        }
+    }
+    uri.push_str("?immutable=1");
+    uri
+}
+
+/// Brings a staged SQLite database at `file` to a consistent main file:
+/// opening it rolls a hot journal back, the checkpoint moves the WAL's
+/// frames into the main file, and the last connection's close removes the
+/// WAL. `run_sql` runs one command of sqlite3 on it as the engine's user.
+fn sqlite_recover(file: &Path, run_sql: &dyn Fn(&str) -> Result<()>) -> Result<()> {
+    run_sql("PRAGMA wal_checkpoint(TRUNCATE); SELECT count(*) FROM sqlite_master;")?;
+    let beside = |suffix: &str| {
+        let mut p = file.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p)
+    };
+    let _ = std::fs::remove_file(beside("-shm"));
+    for suffix in ["-wal", "-journal"] {
+        let left = beside(suffix);
+        match std::fs::metadata(&left) {
+            Ok(m) if m.len() > 0 => bail!(
+                "sqlite3 left {} with {} bytes after recovering the database",
+                left.display(),
+                m.len()
+            ),
+            Ok(_) => std::fs::remove_file(&left)
+                .with_context(|| format!("cannot remove {}", left.display()))?,
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Restores file node `node` into `dir` as `name` with the repository's
+/// own restore (frames decoded on every core, holes kept sparse, synced),
+/// stopping when the export is stopped; counted in the export's progress
+/// when `count`. Returns the file's size.
+fn restore_into(
+    repo: &Repository,
+    m: &Manifest,
+    node: usize,
+    dir: &Path,
+    name: &str,
+    ctl: &ExportControl,
+    count: bool,
+) -> Result<u64> {
+    let progress = Arc::new(vfs_core::backup::Progress::default());
+    let cancel = Arc::new(AtomicBool::new(false));
+    let opts = vfs_core::restore::RestoreOptions {
+        paths: Vec::new(),
+        overwrite: false,
+        progress: progress.clone(),
+        cancel: cancel.clone(),
+    };
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let mut shown = 0u64;
+            loop {
+                let finished = done.load(Ordering::Acquire);
+                if ctl.stopped() {
+                    cancel.store(true, Ordering::Relaxed);
+                }
+                let now = progress.read_bytes.load(Ordering::Relaxed);
+                if count {
+                    ctl.add(now.saturating_sub(shown) as usize);
+                }
+                shown = now;
+                if finished {
+                    break;
+                }
+                std::thread::park_timeout(Duration::from_millis(100));
+            }
+        });
+        let restored = vfs_core::restore::restore_file_as(repo, m, node, dir, name, &opts);
+        done.store(true, Ordering::Release);
+        watcher.thread().unpark();
+        restored
+    })
+    .with_context(|| format!("cannot restore {} into {}", m.path_of(node), dir.display()))?;
+    Ok(m.nodes[node].size)
+}
+
+/// Moves what the export staged at `from` to `to`: a rename when both are
+/// on one filesystem, a copy otherwise. Returns the bytes moved.
+fn move_staged(from: &Path, to: &Path, ctl: &ExportControl) -> Result<u64> {
+    match std::fs::rename(from, to) {
+        Ok(()) => {
+            let n = tree_bytes(to);
+            ctl.add(n as usize);
+            Ok(n)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => copy_tree(from, to, ctl),
+        Err(e) => {
+            Err(e).with_context(|| format!("cannot move {} to {}", from.display(), to.display()))
+        }
+    }
+}
+
 /// One export, step by step; `ctl` stops it and shows its progress.
 /// Every check runs before anything is written; whatever happens after,
 /// what the run made is undone before it returns.
@@ -1160,39 +1312,81 @@ pub fn run(
         receive: None,
     };
     write_state(&dir, &cleanup.state)?;
-    let id = format!("export-{}-{seq}", std::process::id());
-    let cow = crate::writable::open_session(
-        repo.clone(),
-        &args.repo_path,
-        &rp,
-        &dir.join("sessions"),
-        &id,
-        false,
-        crate::writable::OpenOptions {
-            // One sequential pass: a small cache of decoded frames does.
-            cache_bytes: 64 << 20,
-            cache: None,
-            disk_cache: None,
-            session: SessionOptions {
-                reserve_bytes: 64 << 20,
-                min_free_bytes: 256 << 20,
-            },
-        },
-    )?;
-    cleanup.session = Some(cow.clone());
-    let opts = backends::os_mount::MountOptions {
-        threads: 2,
-        allow_other: true,
-        auto_unmount: false,
-        fs_name: format!("flr-export:{}", args.repo_path),
+    // How the database is read. PostgreSQL runs on a writable session.
+    // A SQLite database whose WAL or rollback journal holds bytes is
+    // restored to staging and recovered there; one without is read as it
+    // is stored: restored straight into the target for `files`, and
+    // otherwise opened immutable on a read-only mount.
+    let companions = match plan.engine {
+        Engine::Sqlite => sqlite_companions(&manifest, &args.path),
+        Engine::Postgres { .. } => Vec::new(),
     };
-    cleanup.mount = Some(
-        backends::os_mount::mount(cow.clone(), &mountpoint, &opts)
-            .with_context(|| format!("cannot mount at {}", mountpoint.display()))?,
-    );
+    let local_target = matches!(args.to, Target::Local(_));
+    let reading = match plan.engine {
+        Engine::Postgres { .. } => Reading::Session,
+        Engine::Sqlite if !companions.is_empty() => Reading::Staged,
+        Engine::Sqlite if args.format == "files" && local_target => Reading::Stored,
+        Engine::Sqlite => Reading::ReadOnlyMount,
+    };
+    let os_mount = |fs: Arc<dyn vfs_core::fs::FsModel>| -> Result<backends::os_mount::Mount> {
+        let opts = backends::os_mount::MountOptions {
+            threads: 2,
+            allow_other: true,
+            auto_unmount: false,
+            fs_name: format!("flr-export:{}", args.repo_path),
+        };
+        backends::os_mount::mount(fs, &mountpoint, &opts)
+            .with_context(|| format!("cannot mount at {}", mountpoint.display()))
+    };
+    match reading {
+        Reading::Session => {
+            let id = format!("export-{}-{seq}", std::process::id());
+            let cow = crate::writable::open_session(
+                repo.clone(),
+                &args.repo_path,
+                &rp,
+                &dir.join("sessions"),
+                &id,
+                false,
+                crate::writable::OpenOptions {
+                    // One sequential pass: a small cache of decoded frames does.
+                    cache_bytes: 64 << 20,
+                    cache: None,
+                    disk_cache: None,
+                    session: SessionOptions {
+                        reserve_bytes: 64 << 20,
+                        min_free_bytes: 256 << 20,
+                    },
+                },
+            )?;
+            cleanup.session = Some(cow.clone());
+            cleanup.mount = Some(os_mount(cow)?);
+        }
+        Reading::ReadOnlyMount => {
+            let fs = vfs_core::fs::RepoFs::new(
+                repo.clone(),
+                vfs_core::fs::FsOptions {
+                    cache_bytes: 64 << 20,
+                    disk_cache: None,
+                    readahead_threads: crate::read_stats::readahead_threads(&repo),
+                    uid: 0,
+                    gid: 0,
+                    filter: vfs_core::fs::MountFilter {
+                        job: None,
+                        restore_point: Some(rp.clone()),
+                        rooted: true,
+                    },
+                },
+            )?;
+            cleanup.mount = Some(os_mount(fs)?);
+        }
+        Reading::Stored | Reading::Staged => {}
+    }
     let db = mountpoint.join(args.path.trim_start_matches('/'));
-    std::fs::metadata(&db)
-        .with_context(|| format!("the mount does not answer at {}", db.display()))?;
+    if matches!(reading, Reading::Session | Reading::ReadOnlyMount) {
+        std::fs::metadata(&db)
+            .with_context(|| format!("the mount does not answer at {}", db.display()))?;
+    }
 
     ctl.begin("stage");
     // 3. Stage: consistent, or dumped.
@@ -1204,45 +1398,77 @@ pub fn run(
     std::fs::create_dir(&out)?;
     crate::host::set_mode(&out, 0o700)?;
     crate::host::lchown(&out, plan.owner.0, plan.owner.1)?;
-    // What goes to the target: (path to copy from, name at the target).
-    let mut items: Vec<(PathBuf, String)> = Vec::new();
+    // What goes to the target, and its name there.
+    let mut items: Vec<(Item, String)> = Vec::new();
     match &plan.engine {
         Engine::Sqlite => {
             let sqlite = find_program("sqlite3").expect("checked");
-            let run_sql = |sql: &str| -> Result<()> {
+            let run_sqlite = |database: &str, command: &str, stdout: Stdio| -> Result<()> {
                 let child = as_user(plan.owner.0, &sqlite)?
-                    .arg(&db)
-                    .arg(sql)
-                    .stdout(Stdio::null())
+                    .arg(database)
+                    .arg(command)
+                    .stdout(stdout)
                     .stderr(Stdio::piped())
                     .spawn()?;
-                wait_child(child, &format!("sqlite3 {sql:?}"), &ctl.stop)
+                wait_child(child, &format!("sqlite3 {command:?}"), &ctl.stop)
+            };
+            // The database as sqlite3 is to open it.
+            let source = if reading == Reading::Staged {
+                let restored = out.join("restored");
+                std::fs::create_dir(&restored)?;
+                crate::host::set_mode(&restored, 0o700)?;
+                crate::host::lchown(&restored, plan.owner.0, plan.owner.1)?;
+                let node = node_at(&manifest, &args.path).expect("checked");
+                restore_into(&repo, &manifest, node, &restored, &name, ctl, false)?;
+                for (i, suffix) in &companions {
+                    restore_into(
+                        &repo,
+                        &manifest,
+                        *i,
+                        &restored,
+                        &format!("{name}{suffix}"),
+                        ctl,
+                        false,
+                    )?;
+                }
+                let file = restored.join(&name);
+                sqlite_recover(&file, &|command| {
+                    run_sqlite(&file.display().to_string(), command, Stdio::null())
+                })?;
+                if args.format == "files" {
+                    items.push((Item::Staged(file.clone()), name.clone()));
+                }
+                file.display().to_string()
+            } else {
+                immutable_uri(&db)
             };
             match args.format.as_str() {
-                "files" => {
-                    run_sql("PRAGMA wal_checkpoint(TRUNCATE);")?;
-                    items.push((db.clone(), name.clone()));
-                }
+                "files" => match reading {
+                    Reading::Staged => {}
+                    Reading::Stored => {
+                        let node = node_at(&manifest, &args.path).expect("checked");
+                        items.push((Item::Stored(node), name.clone()));
+                    }
+                    _ => items.push((Item::Path(db.clone()), name.clone())),
+                },
                 "archive" => {
                     let copy = out.join(&name);
-                    run_sql(&format!(
-                        ".backup '{}'",
-                        copy.display().to_string().replace('\'', "''")
-                    ))?;
-                    items.push((copy, name.clone()));
+                    run_sqlite(
+                        &source,
+                        &format!(
+                            ".backup '{}'",
+                            copy.display().to_string().replace('\'', "''")
+                        ),
+                        Stdio::null(),
+                    )?;
+                    items.push((Item::Staged(copy), name.clone()));
                 }
                 _ => {
                     let dump = out.join(format!("{name}.sql"));
                     let file = std::fs::File::create(&dump)?;
                     crate::host::lchown(&dump, plan.owner.0, plan.owner.1)?;
-                    let child = as_user(plan.owner.0, &sqlite)?
-                        .arg(&db)
-                        .arg(".dump")
-                        .stdout(file)
-                        .stderr(Stdio::piped())
-                        .spawn()?;
-                    wait_child(child, "sqlite3 .dump", &ctl.stop)?;
-                    items.push((dump, format!("{name}.sql")));
+                    run_sqlite(&source, ".dump", Stdio::from(file))?;
+                    items.push((Item::Staged(dump), format!("{name}.sql")));
                 }
             }
         }
@@ -1348,22 +1574,22 @@ pub fn run(
                     wait_child(child, &format!("pg_dump of database {d}"), &ctl.stop)?;
                 }
                 cleanup.stop_server()?;
-                items.push((dumps, name.clone()));
+                items.push((Item::Staged(dumps), name.clone()));
             } else {
                 // Shut down cleanly: the files need no recovery now.
                 cleanup.stop_server()?;
                 let _ = std::fs::remove_file(db.join("postmaster.opts"));
                 if args.format == "files" {
-                    items.push((db.clone(), name.clone()));
+                    items.push((Item::Path(db.clone()), name.clone()));
                 } else {
                     let file = format!("{name}.tar{}", if args.compress { ".zst" } else { "" });
                     if matches!(args.to, Target::Remote(_)) {
                         // One file to send: made here, then streamed.
                         let staged = out.join(&file);
                         write_archive(&db, &staged, args.compress, ctl)?;
-                        items.push((staged, file));
+                        items.push((Item::Staged(staged), file));
                     } else {
-                        items.push((db.clone(), file));
+                        items.push((Item::Path(db.clone()), file));
                     }
                 }
             }
@@ -1376,7 +1602,13 @@ pub fn run(
         && args.format == "archive"
         && matches!(args.to, Target::Local(_));
     ctl.bytes_total.store(
-        items.iter().map(|(from, _)| tree_bytes(from)).sum(),
+        items
+            .iter()
+            .map(|(from, _)| match from {
+                Item::Stored(node) => manifest.nodes[*node].size,
+                Item::Path(p) | Item::Staged(p) => tree_bytes(p),
+            })
+            .sum(),
         Ordering::Relaxed,
     );
     let names: Vec<String> = items.iter().map(|(_, n)| n.clone()).collect();
@@ -1395,10 +1627,15 @@ pub fn run(
             let mut bytes = 0u64;
             for (from, to_name) in &items {
                 let dest = partial.join(to_name);
-                bytes += if is_archive {
-                    write_archive(from, &dest, args.compress, ctl)?
-                } else {
-                    copy_tree(from, &dest, ctl)?
+                bytes += match from {
+                    Item::Stored(node) => {
+                        restore_into(&repo, &manifest, *node, &partial, to_name, ctl, true)?
+                    }
+                    Item::Path(p) | Item::Staged(p) if is_archive => {
+                        write_archive(p, &dest, args.compress, ctl)?
+                    }
+                    Item::Staged(p) => move_staged(p, &dest, ctl)?,
+                    Item::Path(p) => copy_tree(p, &dest, ctl)?,
                 };
             }
             if ctl.stopped() {
@@ -1432,7 +1669,16 @@ pub fn run(
         }
         Target::Remote(r) => {
             let need = plan.estimate + plan.estimate / 10 + (16 << 20);
-            let bytes = send_remote(r, &items, args.overwrite, need, &mut cleanup, ctl)?;
+            let paths = items
+                .iter()
+                .map(|(from, name)| match from {
+                    Item::Path(p) | Item::Staged(p) => Ok((p.clone(), name.clone())),
+                    Item::Stored(_) => {
+                        Err(anyhow!("a remote target is sent files, not stored nodes"))
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let bytes = send_remote(r, &paths, args.overwrite, need, &mut cleanup, ctl)?;
             let written = names
                 .iter()
                 .map(|n| format!("{}/{n}", r.url().trim_end_matches('/')))

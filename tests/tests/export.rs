@@ -147,6 +147,119 @@ fn sqlite_exports_as_files_archive_and_dump_hold_the_rows_only_the_wal_had() {
     assert!(verify.status.success(), "{verify}");
 }
 
+#[test]
+fn sqlite_without_a_wal_is_exported_as_stored_and_a_hot_journal_is_rolled_back() {
+    let tmp = scratch("export-sqlite-stored");
+    let src = tmp.path().join("src");
+    flr_e2e::mkdir(&src);
+    // plain.db: rollback-journal mode, nothing beside it. hot.db: copied
+    // with its journal in the middle of a transaction whose pages the
+    // tiny cache had already spilled into the main file.
+    let script = format!(
+        "import sqlite3, shutil\n\
+         p = sqlite3.connect({plain:?})\n\
+         p.execute('create table t(id integer primary key, v text)')\n\
+         p.executemany('insert into t(v) values (?)', [('row %d ' % i * 8,) for i in range(4000)])\n\
+         p.commit(); p.close()\n\
+         live = {live:?}\n\
+         c = sqlite3.connect(live, isolation_level=None)\n\
+         c.execute('pragma cache_size=5')\n\
+         c.execute('create table t(id integer primary key, v text)')\n\
+         c.execute('begin')\n\
+         c.executemany('insert into t(v) values (?)', [('row %d ' % i * 8,) for i in range(4000)])\n\
+         c.execute('commit')\n\
+         before = open(live, 'rb').read()\n\
+         c.execute('begin')\n\
+         c.execute(\"update t set v = 'changed ' || v\")\n\
+         assert open(live, 'rb').read() != before, 'nothing spilled'\n\
+         shutil.copy(live, {hot:?}); shutil.copy(live + '-journal', {hot:?} + '-journal')\n\
+         c.execute('rollback')\n",
+        plain = src.join("plain.db").to_str().unwrap(),
+        live = tmp.path().join("live.db").to_str().unwrap(),
+        hot = src.join("hot.db").to_str().unwrap(),
+    );
+    let r = tool("python3", ["-c", &script]);
+    assert!(r.status.success(), "{r}");
+    assert!(src.join("hot.db-journal").metadata().unwrap().len() > 0);
+    let rows = "SELECT count(*), sum(v LIKE 'changed%') FROM t";
+    let want = sqlite(&tmp.path().join("live.db"), rows);
+    assert_eq!(want, "4000|0");
+    let repo = TestRepo::init(&tmp.path().join("repo"));
+    let rp = repo.backup("app", &[&src]).restore_point;
+    let staging = tmp.path().join("staging");
+
+    // `files` of a database with nothing beside it is the stored file,
+    // byte for byte.
+    let out = tmp.path().join("files");
+    export(&repo, &rp, "src/plain.db", "files", &out, &staging, &[]).success();
+    assert_eq!(
+        std::fs::read(out.join("plain.db")).unwrap(),
+        std::fs::read(src.join("plain.db")).unwrap()
+    );
+    let archive = tmp.path().join("archive");
+    export(
+        &repo,
+        &rp,
+        "src/plain.db",
+        "archive",
+        &archive,
+        &staging,
+        &[],
+    )
+    .success();
+    assert_eq!(sqlite(&archive.join("plain.db"), rows), want);
+    assert_eq!(
+        sqlite(&archive.join("plain.db"), "PRAGMA integrity_check"),
+        "ok"
+    );
+    let logical = tmp.path().join("logical");
+    export(
+        &repo,
+        &rp,
+        "src/plain.db",
+        "logical",
+        &logical,
+        &staging,
+        &[],
+    )
+    .success();
+    let rebuilt = tmp.path().join("rebuilt.db");
+    let dump = std::fs::read_to_string(logical.join("plain.db.sql")).unwrap();
+    let r = flr_e2e::command::run_with(
+        Command::new("sqlite3").arg(&rebuilt),
+        Some(dump.as_bytes()),
+        Duration::from_secs(60),
+    );
+    assert!(r.status.success(), "{r}");
+    assert_eq!(sqlite(&rebuilt, rows), want);
+
+    // The hot journal is rolled back: the half-done update is gone, in
+    // every format, and no journal goes with the files.
+    let out = tmp.path().join("hot-files");
+    export(&repo, &rp, "src/hot.db", "files", &out, &staging, &[]).success();
+    assert!(!out.join("hot.db-journal").exists());
+    let names: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["hot.db"]);
+    assert_eq!(sqlite(&out.join("hot.db"), rows), want);
+    assert_eq!(sqlite(&out.join("hot.db"), "PRAGMA integrity_check"), "ok");
+    let out = tmp.path().join("hot-archive");
+    export(&repo, &rp, "src/hot.db", "archive", &out, &staging, &[]).success();
+    assert_eq!(sqlite(&out.join("hot.db"), rows), want);
+    let out = tmp.path().join("hot-logical");
+    export(&repo, &rp, "src/hot.db", "logical", &out, &staging, &[]).success();
+    let dump = std::fs::read_to_string(out.join("hot.db.sql")).unwrap();
+    assert!(dump.contains("row 3999"));
+    assert!(!dump.contains("changed"));
+    assert_clean_staging(&staging);
+
+    // The restore point is as it was.
+    let verify = repo.verify_run(true);
+    assert!(verify.status.success(), "{verify}");
+}
+
 fn fingerprint_at(data: &Path) -> String {
     let server = PgServer::start(data);
     let fp = items_fingerprint(&server);
