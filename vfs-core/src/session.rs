@@ -1831,6 +1831,33 @@ impl CowFs {
         Ok(())
     }
 
+    /// The manifest index of file `ino` in the restore point when the
+    /// session has left its bytes as stored: never written and never cut.
+    /// `None` for a file made or changed in the session, and for anything
+    /// that is not a file. Its metadata may have changed: `getattr` has it.
+    pub fn unchanged_file(&self, ino: u64) -> Option<u32> {
+        if ino >= FIRST_NEW_INO {
+            return None;
+        }
+        {
+            let ov = self.overlay.read();
+            if let Some(node) = ov.nodes.get(&ino) {
+                match &node.body {
+                    Body::File(f)
+                        if f.from_restore_point
+                            && f.extents.total() == 0
+                            && f.base_len == f.base_size
+                            && f.size == f.base_size => {}
+                    _ => return None,
+                }
+            }
+        }
+        if self.base.getattr(ino).ok()?.kind != NodeKind::File {
+            return None;
+        }
+        self.base.node_index(ROOT_INO, ino).ok()
+    }
+
     /// Reads `[offset, offset + size)` of file `ino`, merging session data
     /// over the restore point.
     pub fn read_ino(&self, ino: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {

@@ -556,3 +556,57 @@ fn a_session_of_another_format_is_refused_by_name_and_version() {
     discard(fx.state.path(), "s").unwrap();
     assert!(!fx.dir().exists());
 }
+
+/// `unchanged_file` names a restore point file only while the session has
+/// left its bytes as stored; metadata changes do not count.
+#[test]
+fn only_files_left_as_stored_are_named_unchanged() {
+    let fx = Fixture::new();
+    let fs = fx.resume().unwrap();
+    let d = fs.lookup(ROOT_INO, b"d").unwrap().ino;
+    let f = fs.lookup(d, b"f").unwrap().ino;
+    let g = fs.lookup(ROOT_INO, b"g").unwrap().ino;
+    assert_eq!(fs.unchanged_file(f), Some(2));
+    assert_eq!(fs.unchanged_file(g), Some(3));
+    assert_eq!(fs.unchanged_file(d), None, "a directory");
+    assert_eq!(fs.unchanged_file(ROOT_INO), None);
+
+    let chmod = SetAttr {
+        mode: Some(0o600),
+        ..Default::default()
+    };
+    fs.setattr(g, &chmod).unwrap();
+    assert_eq!(fs.unchanged_file(g), Some(3), "only its mode changed");
+    let same_size = SetAttr {
+        size: Some(3),
+        ..Default::default()
+    };
+    fs.setattr(g, &same_size).unwrap();
+    assert_eq!(fs.unchanged_file(g), Some(3), "truncated to its own size");
+
+    let fh = fs.open(f, true, false).unwrap();
+    fs.write(fh, 4999, b"x").unwrap();
+    fs.release(fh);
+    assert_eq!(fs.unchanged_file(f), None, "written");
+    let cut = SetAttr {
+        size: Some(1),
+        ..Default::default()
+    };
+    fs.setattr(g, &cut).unwrap();
+    let grown = SetAttr {
+        size: Some(3),
+        ..Default::default()
+    };
+    fs.setattr(g, &grown).unwrap();
+    assert_eq!(
+        fs.unchanged_file(g),
+        None,
+        "cut, then grown back with zeros"
+    );
+    let caller = Caller { uid: 0, gid: 0 };
+    let new = fs
+        .mknod(ROOT_INO, b"n", NodeKind::File, 0o644, 0, caller)
+        .unwrap();
+    assert_eq!(fs.unchanged_file(new.ino), None, "made in the session");
+    fs.close(false).unwrap();
+}
