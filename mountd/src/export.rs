@@ -5,13 +5,21 @@
 //!    free space in staging and at the target, rights, an empty target,
 //!    and for a remote target that its daemon answers and takes the token
 //!    — each failure names its check and nothing is written anywhere;
-//! 2. mount: the restore point as a writable session whose changes go to
-//!    the staging directory (the repository never changes);
-//! 3. stage: make the database consistent on the session (PostgreSQL runs
-//!    recovery and shuts down cleanly; SQLite checkpoints its WAL), or dump
-//!    it there (`pg_dump`, `sqlite3 .dump`);
+//! 2. mount: for PostgreSQL, the restore point as a writable session whose
+//!    changes go to the staging directory (the repository never changes).
+//!    A SQLite database with no WAL or journal beside it needs no
+//!    recovery: it is mounted read-only and opened immutable, or, for
+//!    `files` to a local target, not mounted at all;
+//! 3. stage: make the database consistent (PostgreSQL runs recovery on the
+//!    session and shuts down cleanly; a SQLite database with a WAL or a
+//!    journal is restored to staging, where opening it rolls the journal
+//!    back and a checkpoint moves the WAL into the main file), or dump it
+//!    (`pg_dump`, `sqlite3 .dump`);
 //! 4. transfer: into a hidden partial directory at the target, renamed
-//!    into place once complete, so no partial file ever has a final name;
+//!    into place once complete, so no partial file ever has a final name.
+//!    A file read as stored is restored there from the repository (frames
+//!    decoded on every core); what was staged on the target's filesystem
+//!    is renamed there; anything else is copied;
 //!    to another host, as one checksummed tar stream its daemon unpacks
 //!    ([`crate::transfer`]);
 //! 5. clean up: server stopped, unmounted, session discarded, staging
@@ -165,6 +173,9 @@ pub struct ExportControl {
     pub stop: AtomicBool,
     pub bytes_done: AtomicU64,
     pub bytes_total: AtomicU64,
+    /// Bytes restored straight from the repository, not read through a
+    /// mount.
+    pub bytes_from_store: AtomicU64,
     step: Mutex<Option<(String, Instant)>>,
     steps: Mutex<Vec<StepTime>>,
     /// When the transfer began, for its rate.
@@ -230,6 +241,11 @@ pub struct ExportReport {
     pub bytes: u64,
     pub logical_bytes: u64,
     pub estimate_bytes: u64,
+    /// Of the files written (at the target or in staging), the bytes
+    /// restored straight from the repository rather than read through a
+    /// mount.
+    #[serde(default)]
+    pub from_store_bytes: u64,
     pub duration_ms: u64,
     pub steps: Vec<StepTime>,
 }
@@ -863,6 +879,47 @@ fn free_port() -> Result<u16> {
 /// returns the bytes copied. Not synced here: the caller syncs the
 /// target's filesystem once before the rename.
 fn copy_tree(from: &Path, to: &Path, ctl: &ExportControl) -> Result<u64> {
+    copy_tree_with(from, to, ctl, None)
+}
+
+/// Files of a writable session that still hold the restore point's bytes
+/// as stored: restored from the repository (frames decoded on every core)
+/// instead of read through the mount.
+struct StoredFiles<'a> {
+    session: &'a vfs_core::session::CowFs,
+    repo: &'a Repository,
+    manifest: &'a Manifest,
+}
+
+/// Files smaller than this are copied through the mount even when
+/// unchanged: a restore syncs each file it writes, and for small files one
+/// sync of the whole target at the end costs less.
+const RESTORE_FROM_STORE_MIN: u64 = 1 << 20;
+
+impl StoredFiles<'_> {
+    /// The manifest node to restore for the file at `meta` on the mount.
+    fn node_for(&self, meta: &std::fs::Metadata) -> Option<usize> {
+        if meta.len() < RESTORE_FROM_STORE_MIN {
+            return None;
+        }
+        #[cfg(unix)]
+        let ino = std::os::unix::fs::MetadataExt::ino(meta);
+        #[cfg(not(unix))]
+        let ino: u64 = return None;
+        let i = self.session.unchanged_file(ino)? as usize;
+        let n = self.manifest.nodes.get(i)?;
+        (n.kind == NodeKind::File && n.size == meta.len()).then_some(i)
+    }
+}
+
+/// [`copy_tree`], with files the session left as stored restored from the
+/// repository.
+fn copy_tree_with(
+    from: &Path,
+    to: &Path,
+    ctl: &ExportControl,
+    stored: Option<&StoredFiles>,
+) -> Result<u64> {
     let meta =
         std::fs::symlink_metadata(from).with_context(|| format!("stat {}", from.display()))?;
     let mut bytes = 0;
@@ -877,16 +934,34 @@ fn copy_tree(from: &Path, to: &Path, ctl: &ExportControl) -> Result<u64> {
         let mut entries: Vec<_> = std::fs::read_dir(from)?.flatten().collect();
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
-            bytes += copy_tree(&e.path(), &to.join(e.file_name()), ctl)?;
+            bytes += copy_tree_with(&e.path(), &to.join(e.file_name()), ctl, stored)?;
         }
         crate::host::set_mode(to, crate::host::mode(&meta))?;
     } else if meta.is_file() {
-        let src =
-            std::fs::File::open(from).with_context(|| format!("cannot open {}", from.display()))?;
-        let mut dst =
-            std::fs::File::create(to).with_context(|| format!("cannot create {}", to.display()))?;
-        bytes += std::io::copy(&mut counted_reader(src, ctl), &mut dst)
-            .with_context(|| format!("cannot copy {}", from.display()))?;
+        match stored.and_then(|s| Some((s, s.node_for(&meta)?))) {
+            Some((s, i)) => {
+                let (Some(dir), Some(name)) = (to.parent(), to.file_name()) else {
+                    bail!("{}: no directory and name to restore to", to.display());
+                };
+                bytes += restore_into(
+                    s.repo,
+                    s.manifest,
+                    i,
+                    dir,
+                    &name.to_string_lossy(),
+                    ctl,
+                    true,
+                )?;
+            }
+            None => {
+                let src = std::fs::File::open(from)
+                    .with_context(|| format!("cannot open {}", from.display()))?;
+                let mut dst = std::fs::File::create(to)
+                    .with_context(|| format!("cannot create {}", to.display()))?;
+                bytes += std::io::copy(&mut counted_reader(src, ctl), &mut dst)
+                    .with_context(|| format!("cannot copy {}", from.display()))?;
+            }
+        }
         crate::host::set_mode(to, crate::host::mode(&meta))?;
     } else {
         // Sockets and pipes (a server's leftovers) are not exported.
@@ -1231,6 +1306,8 @@ fn restore_into(
         restored
     })
     .with_context(|| format!("cannot restore {} into {}", m.path_of(node), dir.display()))?;
+    ctl.bytes_from_store
+        .fetch_add(m.nodes[node].size, Ordering::Relaxed);
     Ok(m.nodes[node].size)
 }
 
@@ -1635,7 +1712,19 @@ pub fn run(
                         write_archive(p, &dest, args.compress, ctl)?
                     }
                     Item::Staged(p) => move_staged(p, &dest, ctl)?,
-                    Item::Path(p) => copy_tree(p, &dest, ctl)?,
+                    Item::Path(p) => match &cleanup.session {
+                        Some(session) => copy_tree_with(
+                            p,
+                            &dest,
+                            ctl,
+                            Some(&StoredFiles {
+                                session,
+                                repo: &repo,
+                                manifest: &manifest,
+                            }),
+                        )?,
+                        None => copy_tree(p, &dest, ctl)?,
+                    },
                 };
             }
             if ctl.stopped() {
@@ -1702,6 +1791,7 @@ pub fn run(
         bytes,
         logical_bytes: plan.logical,
         estimate_bytes: plan.estimate,
+        from_store_bytes: ctl.bytes_from_store.load(Ordering::Relaxed),
         duration_ms: started.elapsed().as_millis() as u64,
         steps: ctl.steps(),
     })

@@ -191,7 +191,11 @@ fn sqlite_without_a_wal_is_exported_as_stored_and_a_hot_journal_is_rolled_back()
     // `files` of a database with nothing beside it is the stored file,
     // byte for byte.
     let out = tmp.path().join("files");
-    export(&repo, &rp, "src/plain.db", "files", &out, &staging, &[]).success();
+    let report = export(&repo, &rp, "src/plain.db", "files", &out, &staging, &[])
+        .success()
+        .json();
+    let size = src.join("plain.db").metadata().unwrap().len();
+    assert_eq!(report["from_store_bytes"].as_u64(), Some(size));
     assert_eq!(
         std::fs::read(out.join("plain.db")).unwrap(),
         std::fs::read(src.join("plain.db")).unwrap()
@@ -289,7 +293,15 @@ fn postgres_exports_of_a_stopped_and_a_running_cluster_start_and_answer_as_the_s
 
     for (rp, what) in [(&stopped_rp, "stopped"), (&running_rp, "running")] {
         let out = tmp.path().join(format!("files-{what}"));
-        export(&repo, rp, "pgdata", "files", &out, &staging, &[]).success();
+        let report = export(&repo, rp, "pgdata", "files", &out, &staging, &[])
+            .success()
+            .json();
+        // The relation files the server left alone come from the
+        // repository, not through the mount.
+        assert!(
+            report["from_store_bytes"].as_u64().unwrap() > 1 << 20,
+            "{what}: {report}"
+        );
         let exported = out.join("pgdata");
         assert!(
             !exported.join("backup_label").exists(),
