@@ -36,6 +36,7 @@ SERVER_PID=""
 cleanup() {
     [ -d "$RUN/native-pg" ] && runuser -u postgres -- "$PGBIN/pg_ctl" -D "$RUN/native-pg" -m fast stop >/dev/null 2>&1 || true
     [ -d "$RUN/restored-pg/pgdata" ] && runuser -u postgres -- "$PGBIN/pg_ctl" -D "$RUN/restored-pg/pgdata" -m immediate stop >/dev/null 2>&1 || true
+    [ -d "$RUN/restored-pg${PG_SRC:-/none}/pgdata" ] && runuser -u postgres -- "$PGBIN/pg_ctl" -D "$RUN/restored-pg$PG_SRC/pgdata" -m immediate stop >/dev/null 2>&1 || true
     rm -rf "$RUN"
 }
 trap cleanup EXIT
@@ -123,6 +124,9 @@ export_run lite-files-flr lite "$LITE_DB_REL" files
 export_run lite-archive-flr lite "$LITE_DB_REL" archive
 export_run lite-logical-flr lite "$LITE_DB_REL" logical
 fresh; timed lite-files-cp cp -a "$LITE_SRC/bench.db" "$RUN/out/"
+# The export syncs what it wrote before it renames it into place; cp -a
+# does not. The same copy with a sync, for reference.
+fresh; timed lite-files-cpsync bash -c "cp -a '$LITE_SRC/bench.db' '$RUN/out/' && sync"
 fresh; timed lite-files-manual "$FLR" restore --repo "$RUN/repo" lite --to "$RUN/restored" --quiet
 fresh; timed2 lite-archive-manual "$FLR restore --repo $RUN/repo lite --to $RUN/restored --quiet" \
     "sqlite3 $RUN/restored/$LITE_DB_REL \".backup '$RUN/out/bench.db'\""
@@ -132,7 +136,7 @@ fresh; timed lite-logical-native bash -c "sqlite3 '$LITE_SRC/bench.db' .dump > '
 if [ $HAVE_RESTIC = 1 ]; then
     fresh; timed lite-files-restic restic -r "$RUN/restic" --cache-dir "$RUN/restic-cache" restore latest --tag lite --target "$RUN/restored" -q
     fresh; timed2 lite-logical-restic "restic -r $RUN/restic --cache-dir $RUN/restic-cache restore latest --tag lite --target $RUN/restored -q" \
-        "sqlite3 $RUN/restored/$LITE_DB_REL .dump > $RUN/out/bench.sql"
+        "sqlite3 $RUN/restored$LITE_SRC/$LITE_DB_REL .dump > $RUN/out/bench.sql"
 fi
 
 # ------------------------------------------------------------ PostgreSQL
@@ -141,9 +145,15 @@ export_run pg-files-flr pg "$PG_REL" files
 export_run pg-archive-flr pg "$PG_REL" archive
 export_run pg-logical-flr pg "$PG_REL" logical
 fresh; timed pg-files-cp cp -a "$PG_SRC/pgdata" "$RUN/out/"
+fresh; timed pg-files-cpsync bash -c "cp -a '$PG_SRC/pgdata' '$RUN/out/' && sync"
 fresh; timed pg-files-manual "$FLR" restore --repo "$RUN/repo" pg --to "$RUN/restored-pg" --quiet
 PGRUN="runuser -u postgres -- $PGBIN"
-DUMP_RESTORED="chown -R postgres $RUN/restored-pg && $PGRUN/pg_ctl -D $RUN/restored-pg/$PG_REL -w -o \"-c port=54392 -c listen_addresses='' -c unix_socket_directories=/tmp\" start >/dev/null && $PGRUN/pg_dump -h /tmp -p 54392 -U postgres -Fc -f $RUN/out/postgres.dump postgres && $PGRUN/pg_ctl -D $RUN/restored-pg/$PG_REL -m fast -w stop >/dev/null"
+# dump_restored DATADIR: start a server on a restored data directory,
+# pg_dump it, stop it (as one shell command for timed2).
+dump_restored() {
+    echo "chown -R postgres $RUN/restored-pg && $PGRUN/pg_ctl -D $1 -w -o \"-c port=54392 -c listen_addresses='' -c unix_socket_directories=/tmp\" start >/dev/null && $PGRUN/pg_dump -h /tmp -p 54392 -U postgres -Fc -f $RUN/out/postgres.dump postgres && $PGRUN/pg_ctl -D $1 -m fast -w stop >/dev/null"
+}
+DUMP_RESTORED=$(dump_restored "$RUN/restored-pg/$PG_REL")
 fresh; timed2 pg-archive-manual "$FLR restore --repo $RUN/repo pg --to $RUN/restored-pg --quiet" \
     "tar -cf $RUN/out/pgdata.tar -C $RUN/restored-pg/$PG_REL ."
 fresh; timed2 pg-logical-manual "$FLR restore --repo $RUN/repo pg --to $RUN/restored-pg --quiet" "$DUMP_RESTORED"
@@ -153,7 +163,9 @@ fresh; timed pg-logical-native runuser -u postgres -- "$PGBIN/pg_dump" -h /tmp -
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PG_SRC/pgdata" -m fast -w stop >/dev/null
 if [ $HAVE_RESTIC = 1 ]; then
     fresh; timed pg-files-restic restic -r "$RUN/restic" --cache-dir "$RUN/restic-cache" restore latest --tag pg --target "$RUN/restored-pg" -q
-    fresh; timed2 pg-logical-restic "restic -r $RUN/restic --cache-dir $RUN/restic-cache restore latest --tag pg --target $RUN/restored-pg -q" "$DUMP_RESTORED"
+    # restic restores the source's absolute path below its target.
+    fresh; timed2 pg-logical-restic "restic -r $RUN/restic --cache-dir $RUN/restic-cache restore latest --tag pg --target $RUN/restored-pg -q" \
+        "$(dump_restored "$RUN/restored-pg$PG_SRC/$PG_REL")"
 fi
 
 # ------------------------------------------------------------ report
@@ -191,6 +203,8 @@ for db in ["lite", "pg"]:
             cells.append(f"{s} s / {m} MiB" if s != "—" else "—")
         lines.append(f"| {fmt} | " + " | ".join(cells) +
                      f" | {ratio(f'{db}-{fmt}-flr', f'{db}-{fmt}-manual')} | {ratio(f'{db}-{fmt}-flr', native)} |")
+    if f"{db}-files-cpsync" in r:
+        lines.append(f"`cp -a` followed by `sync` (the export syncs before it renames): {r[f'{db}-files-cpsync'][0]:.2f} s.")
     lines.append("")
 lines += ["Ratios are the other path's time over flr's: above 1 means flr is faster.",
           "Native for files is `cp -a` of the source file or data directory; for logical, `sqlite3 .dump` / `pg_dump -Fc` on the source.", ""]
