@@ -560,7 +560,21 @@ fn checks(repo: &Repository, m: &Manifest, args: &ExportRequest, staging: &Path)
     let remote = matches!(args.to, Target::Remote(_));
     let staged_copy = args.format == "logical"
         || (args.format == "archive" && (engine == Engine::Sqlite || remote));
-    let staging_need = STAGING_FLOOR + logical / 10 + if staged_copy { estimate } else { 0 };
+    // A SQLite database with a WAL or journal is restored into staging,
+    // with them, and recovered there.
+    let recovered: u64 = match engine {
+        Engine::Sqlite => {
+            let beside = sqlite_companions(m, &args.path);
+            if beside.is_empty() {
+                0
+            } else {
+                logical + beside.iter().map(|(i, _)| m.nodes[*i].size).sum::<u64>()
+            }
+        }
+        Engine::Postgres { .. } => 0,
+    };
+    let staging_need =
+        STAGING_FLOOR + logical / 10 + if staged_copy { estimate } else { 0 } + recovered;
     let staging_free = free_bytes(staging)?;
     if staging_free < staging_need {
         return Err(check_failed(

@@ -591,3 +591,65 @@ fn an_export_killed_during_staging_is_cleaned_up_by_the_next() {
     assert_clean_staging(&staging);
     assert!(!out.exists() || std::fs::read_dir(&out).unwrap().next().is_none());
 }
+
+/// A SQLite database whose WAL holds bytes is restored into staging with
+/// its WAL to be recovered: the staging check counts both, while one with
+/// nothing beside it stages nothing for `files`.
+#[test]
+fn staging_space_counts_a_sqlite_wal_restored_there() {
+    let tmp = scratch("export-sqlite-space");
+    let src = tmp.path().join("src");
+    flr_e2e::mkdir(&src);
+    // walled.db: its 120 MB of rows are all in its WAL.
+    let live = tmp.path().join("live.db");
+    let script = format!(
+        "import sqlite3, shutil\n\
+         c = sqlite3.connect({live:?})\n\
+         c.execute('pragma journal_mode=wal'); c.execute('pragma wal_autocheckpoint=0')\n\
+         c.execute('create table t(b blob)')\n\
+         c.execute('with recursive n(i) as (select 1 union all select i + 1 from n where i < 30000) \
+                    insert into t select randomblob(4000) from n')\n\
+         c.commit()\n\
+         shutil.copy({live:?}, {db:?}); shutil.copy({live:?} + '-wal', {db:?} + '-wal')\n\
+         p = sqlite3.connect({plain:?}); p.execute('create table t(v)'); p.execute('insert into t values (1)'); p.commit()\n",
+        live = live.to_str().unwrap(),
+        db = src.join("walled.db").to_str().unwrap(),
+        plain = src.join("plain.db").to_str().unwrap(),
+    );
+    let r = tool("python3", ["-c", &script]);
+    assert!(r.status.success(), "{r}");
+    assert!(src.join("walled.db-wal").metadata().unwrap().len() > 100 << 20);
+    let repo = TestRepo::init(&tmp.path().join("repo"));
+    let rp = repo.backup("app", &[&src]).restore_point;
+
+    // 400 MiB: the 320 MiB floor and the plain file fit; the WAL does not.
+    let small = tmp.path().join("small");
+    flr_e2e::mkdir(&small);
+    let r = tool(
+        "mount",
+        [
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=400m",
+            "tmpfs",
+            small.to_str().unwrap(),
+        ],
+    );
+    assert!(r.status.success(), "{r}");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    let staging = small.join("stage");
+    let out = tmp.path().join("out");
+    let run = export(&repo, &rp, "src/walled.db", "files", &out, &staging, &[]).expect_code(1);
+    assert!(run.stderr.contains("check `staging space` failed"), "{run}");
+    assert!(!out.exists() && !staging.exists());
+    export(&repo, &rp, "src/plain.db", "files", &out, &staging, &[]).success();
+    assert_eq!(sqlite(&out.join("plain.db"), "SELECT v FROM t"), "1");
+    assert_clean_staging(&staging);
+}
