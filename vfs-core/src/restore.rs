@@ -472,6 +472,9 @@ fn restore_file(
                         let data = &batch.frames[w.frame][w.start..w.start + w.len];
                         write_at(file, data, w.offset).map_err(|e| Error::io(partial_path, e))?;
                     }
+                    if let (Some(first), Some(last)) = (batch.writes.first(), batch.writes.last()) {
+                        start_writeback(file, first.offset, last.offset + last.len as u64);
+                    }
                     opts.progress
                         .read_bytes
                         .fetch_add(batch.logical, Ordering::Relaxed);
@@ -657,6 +660,21 @@ fn with_file(e: Error, manifest: &Manifest, i: usize, offset: u64) -> Error {
         other => other,
     }
 }
+
+/// Starts writing `[start, end)` of `file` back to disk without waiting,
+/// so the sync at the end of a restore has little left to wait for: on
+/// Linux, `POSIX_FADV_DONTNEED` starts writeback of the range's dirty
+/// pages (and drops the clean ones, which a restore does not read again).
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File, start: u64, end: u64) {
+    if let Some(len) = std::num::NonZeroU64::new(end.saturating_sub(start)) {
+        // A failure only leaves the writeback to the final sync.
+        let _ = rustix::fs::fadvise(file, start, Some(len), rustix::fs::Advice::DontNeed);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File, _start: u64, _end: u64) {}
 
 #[cfg(unix)]
 pub(crate) fn write_at(file: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
