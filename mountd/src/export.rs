@@ -911,8 +911,10 @@ struct StoredFiles<'a> {
 const RESTORE_FROM_STORE_MIN: u64 = 1 << 20;
 
 impl StoredFiles<'_> {
-    /// The manifest node to restore for the file at `meta` on the mount.
-    fn node_for(&self, meta: &std::fs::Metadata) -> Option<usize> {
+    /// The manifest node to restore for the file `name` at `meta` on the
+    /// mount: the node its inode names, when it is a file of that name and
+    /// size.
+    fn node_for(&self, name: &str, meta: &std::fs::Metadata) -> Option<usize> {
         if meta.len() < RESTORE_FROM_STORE_MIN {
             return None;
         }
@@ -922,7 +924,7 @@ impl StoredFiles<'_> {
         let ino: u64 = return None;
         let i = self.session.unchanged_file(ino)? as usize;
         let n = self.manifest.nodes.get(i)?;
-        (n.kind == NodeKind::File && n.size == meta.len()).then_some(i)
+        (n.kind == NodeKind::File && n.size == meta.len() && n.name == name.as_bytes()).then_some(i)
     }
 }
 
@@ -952,20 +954,17 @@ fn copy_tree_with(
         }
         crate::host::set_mode(to, crate::host::mode(&meta))?;
     } else if meta.is_file() {
-        match stored.and_then(|s| Some((s, s.node_for(&meta)?))) {
-            Some((s, i)) => {
-                let (Some(dir), Some(name)) = (to.parent(), to.file_name()) else {
-                    bail!("{}: no directory and name to restore to", to.display());
-                };
-                bytes += restore_into(
-                    s.repo,
-                    s.manifest,
-                    i,
-                    dir,
-                    &name.to_string_lossy(),
-                    ctl,
-                    true,
-                )?;
+        // A name that is not UTF-8 is copied: the restore takes a `str`.
+        let place = to
+            .parent()
+            .zip(from.file_name().and_then(|n| n.to_str()))
+            .filter(|(_, name)| to.file_name().and_then(|n| n.to_str()) == Some(*name));
+        let node = stored
+            .zip(place)
+            .and_then(|(s, (dir, name))| s.node_for(name, &meta).map(|i| (s, dir, name, i)));
+        match node {
+            Some((s, dir, name, i)) => {
+                bytes += restore_into(s.repo, s.manifest, i, dir, name, ctl, true)?;
             }
             None => {
                 let src = std::fs::File::open(from)
