@@ -6,7 +6,10 @@
 //!    and for a remote target that its daemon answers and takes the token
 //!    — each failure names its check and nothing is written anywhere;
 //! 2. mount: for PostgreSQL, the restore point as a writable session whose
-//!    changes go to the staging directory (the repository never changes).
+//!    changes go to the staging directory (the repository never changes);
+//!    a cluster backed up cleanly shut down needs no recovery, so for
+//!    `files` to a local target it is not mounted: its files are restored
+//!    as stored.
 //!    A SQLite database with no WAL or journal beside it needs no
 //!    recovery: it is mounted read-only and opened immutable, or, for
 //!    `files` to a local target, not mounted at all;
@@ -1206,6 +1209,9 @@ enum Item {
     Staged(PathBuf),
     /// A file node of the restore point, restored from the repository.
     Stored(usize),
+    /// A directory node of the restore point and everything below it,
+    /// restored from the repository.
+    StoredTree(usize),
 }
 
 /// The files beside SQLite database `path` that hold part of it: a WAL
@@ -1285,10 +1291,61 @@ fn restore_into(
     ctl: &ExportControl,
     count: bool,
 ) -> Result<u64> {
+    watched_restore(ctl, count, Vec::new(), |opts| {
+        vfs_core::restore::restore_file_as(repo, m, node, dir, name, opts)
+    })
+    .with_context(|| format!("cannot restore {} into {}", m.path_of(node), dir.display()))?;
+    ctl.bytes_from_store
+        .fetch_add(m.nodes[node].size, Ordering::Relaxed);
+    Ok(m.nodes[node].size)
+}
+
+/// Restores directory node `node` (everything below it) from the
+/// repository to `to`, which must not exist yet; counted in the export's
+/// progress. Returns the bytes of its files.
+fn restore_tree(
+    repo: &Repository,
+    m: &Manifest,
+    node: usize,
+    to: &Path,
+    ctl: &ExportControl,
+) -> Result<u64> {
+    let Some(dir) = to.parent() else {
+        bail!("{}: no directory to restore into", to.display());
+    };
+    // The restore writes the node at its own path below a scratch
+    // directory beside `to`; that is then moved into place.
+    let scratch = dir.join(format!(
+        ".flr-tree-{}",
+        to.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let path = m.path_of(node);
+    let stats = watched_restore(ctl, true, vec![path.clone()], |opts| {
+        vfs_core::restore::restore(repo, m, &scratch, opts)
+    })
+    .with_context(|| format!("cannot restore {path} into {}", dir.display()))?;
+    std::fs::rename(scratch.join(&path), to)
+        .with_context(|| format!("cannot move the restored {path} to {}", to.display()))?;
+    std::fs::remove_dir_all(&scratch)
+        .with_context(|| format!("cannot remove {}", scratch.display()))?;
+    ctl.bytes_from_store
+        .fetch_add(stats.bytes, Ordering::Relaxed);
+    Ok(stats.bytes)
+}
+
+/// Runs a restore of `paths` (the options' selection) with `f`, moving its
+/// progress into the export's (when `count`) and stopping it when the
+/// export is stopped.
+fn watched_restore<T>(
+    ctl: &ExportControl,
+    count: bool,
+    paths: Vec<String>,
+    f: impl FnOnce(&vfs_core::restore::RestoreOptions) -> vfs_core::Result<T>,
+) -> vfs_core::Result<T> {
     let progress = Arc::new(vfs_core::backup::Progress::default());
     let cancel = Arc::new(AtomicBool::new(false));
     let opts = vfs_core::restore::RestoreOptions {
-        paths: Vec::new(),
+        paths,
         overwrite: false,
         progress: progress.clone(),
         cancel: cancel.clone(),
@@ -1313,15 +1370,41 @@ fn restore_into(
                 std::thread::park_timeout(Duration::from_millis(100));
             }
         });
-        let restored = vfs_core::restore::restore_file_as(repo, m, node, dir, name, &opts);
+        let restored = f(&opts);
         done.store(true, Ordering::Release);
         watcher.thread().unpark();
         restored
     })
-    .with_context(|| format!("cannot restore {} into {}", m.path_of(node), dir.display()))?;
-    ctl.bytes_from_store
-        .fetch_add(m.nodes[node].size, Ordering::Relaxed);
-    Ok(m.nodes[node].size)
+}
+
+/// `pg_control`'s `state` when the cluster was shut down cleanly
+/// (`DB_SHUTDOWNED`). The field follows the system identifier and two
+/// version numbers, at byte 16 in every release flr reads.
+const PG_STATE_SHUT_DOWN: u32 = 1;
+
+/// Whether PostgreSQL data directory `node` was backed up cleanly shut
+/// down, so its files attach as they are stored: `pg_control` says so, and
+/// there is no `backup_label` (a base backup's copy), no recovery or
+/// standby signal file and no `postmaster.pid`.
+fn pg_shut_down_cleanly(repo: &Repository, m: &Manifest, node: usize) -> Result<bool> {
+    for name in [
+        "backup_label",
+        "recovery.signal",
+        "standby.signal",
+        "postmaster.pid",
+    ] {
+        if child_named(m, node, name).is_some() {
+            return Ok(false);
+        }
+    }
+    let Some(control) =
+        child_named(m, node, "global").and_then(|g| child_named(m, g, "pg_control"))
+    else {
+        return Ok(false);
+    };
+    let head = read_head(repo, m, control, 20)?;
+    Ok(head.len() == 20
+        && u32::from_le_bytes(head[16..20].try_into().expect("four bytes")) == PG_STATE_SHUT_DOWN)
 }
 
 /// Moves what the export staged at `from` to `to`: a rename when both are
@@ -1412,7 +1495,17 @@ pub fn run(
         Engine::Postgres { .. } => Vec::new(),
     };
     let local_target = matches!(args.to, Target::Local(_));
+    let db_node = node_at(&manifest, &args.path).expect("checked");
     let reading = match plan.engine {
+        // A cluster shut down cleanly needs no recovery: its files are
+        // what the engine attaches as they are.
+        Engine::Postgres { .. }
+            if args.format == "files"
+                && local_target
+                && pg_shut_down_cleanly(&repo, &manifest, db_node)? =>
+        {
+            Reading::Stored
+        }
         Engine::Postgres { .. } => Reading::Session,
         Engine::Sqlite if !companions.is_empty() => Reading::Staged,
         Engine::Sqlite if args.format == "files" && local_target => Reading::Stored,
@@ -1562,6 +1655,9 @@ pub fn run(
                 }
             }
         }
+        Engine::Postgres { .. } if reading == Reading::Stored => {
+            items.push((Item::StoredTree(db_node), name.clone()));
+        }
         Engine::Postgres { .. } => {
             let bin = plan.pg_bin.clone().expect("checked");
             let sock = dir.join("sock");
@@ -1696,6 +1792,7 @@ pub fn run(
             .iter()
             .map(|(from, _)| match from {
                 Item::Stored(node) => manifest.nodes[*node].size,
+                Item::StoredTree(node) => sizes(&manifest, *node, None).0,
                 Item::Path(p) | Item::Staged(p) => tree_bytes(p),
             })
             .sum(),
@@ -1721,6 +1818,7 @@ pub fn run(
                     Item::Stored(node) => {
                         restore_into(&repo, &manifest, *node, &partial, to_name, ctl, true)?
                     }
+                    Item::StoredTree(node) => restore_tree(&repo, &manifest, *node, &dest, ctl)?,
                     Item::Path(p) | Item::Staged(p) if is_archive => {
                         write_archive(p, &dest, args.compress, ctl)?
                     }
@@ -1775,7 +1873,7 @@ pub fn run(
                 .iter()
                 .map(|(from, name)| match from {
                     Item::Path(p) | Item::Staged(p) => Ok((p.clone(), name.clone())),
-                    Item::Stored(_) => {
+                    Item::Stored(_) | Item::StoredTree(_) => {
                         Err(anyhow!("a remote target is sent files, not stored nodes"))
                     }
                 })
