@@ -1601,8 +1601,7 @@ pub fn run(
                 std::fs::create_dir(&restored)?;
                 crate::host::set_mode(&restored, 0o700)?;
                 crate::host::lchown(&restored, plan.owner.0, plan.owner.1)?;
-                let node = node_at(&manifest, &args.path).expect("checked");
-                restore_into(&repo, &manifest, node, &restored, &name, ctl, false)?;
+                restore_into(&repo, &manifest, db_node, &restored, &name, ctl, false)?;
                 for (i, suffix) in &companions {
                     restore_into(
                         &repo,
@@ -1628,10 +1627,7 @@ pub fn run(
             match args.format.as_str() {
                 "files" => match reading {
                     Reading::Staged => {}
-                    Reading::Stored => {
-                        let node = node_at(&manifest, &args.path).expect("checked");
-                        items.push((Item::Stored(node), name.clone()));
-                    }
+                    Reading::Stored => items.push((Item::Stored(db_node), name.clone())),
                     _ => items.push((Item::Path(db.clone()), name.clone())),
                 },
                 "archive" => {
