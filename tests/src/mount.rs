@@ -319,6 +319,26 @@ impl Drop for UnmountOnDrop {
     }
 }
 
+/// Mounts a tmpfs at `dir` (created if missing) with mount options
+/// `options` (`size=16m`, `ro,size=8m`), unmounted when the guard drops.
+#[track_caller]
+pub fn tmpfs(dir: &Path, options: &str) -> UnmountOnDrop {
+    crate::mkdir(dir);
+    let r = crate::command::tool(
+        "mount",
+        [
+            "-t",
+            "tmpfs",
+            "-o",
+            options,
+            "tmpfs",
+            &dir.to_string_lossy(),
+        ],
+    );
+    assert!(r.status.success(), "{r}");
+    UnmountOnDrop(dir.to_path_buf())
+}
+
 /// The other ways to start a [`WritableMount`]: with more `flr mount`
 /// options, and mounting an existing session again.
 impl WritableMount {

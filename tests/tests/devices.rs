@@ -326,22 +326,7 @@ fn a_device_nobody_writes_to_times_out_and_the_other_database_commits() {
 fn a_full_repository_disk_commits_nothing_and_says_so() {
     let tmp = scratch("devices-full");
     let small = tmp.path().join("small");
-    flr_e2e::mkdir(&small);
-    let r = flr_e2e::command::tool(
-        "mount",
-        ["-t", "tmpfs", "-o", "size=16m", "tmpfs"]
-            .iter()
-            .copied()
-            .chain([small.to_str().unwrap()]),
-    );
-    assert!(r.status.success(), "{r}");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    let _small = flr_e2e::mount::tmpfs(&small, "size=16m");
     let repo = TestRepo::init(&small.join("repo"));
     let src = tmp.path().join("src");
     std::fs::write(&src, Rng::new(3).bytes(64 << 20)).unwrap();

@@ -507,23 +507,8 @@ fn each_failed_check_names_itself_and_writes_nothing() {
     // Staging on a small tmpfs, and a read-only target.
     let small = tmp.path().join("small");
     let ro = tmp.path().join("ro");
-    for (dir, opts) in [(&small, "size=8m"), (&ro, "ro,size=8m")] {
-        flr_e2e::mkdir(dir);
-        let r = tool(
-            "mount",
-            ["-t", "tmpfs", "-o", opts, "tmpfs", dir.to_str().unwrap()],
-        );
-        assert!(r.status.success(), "{r}");
-    }
-    struct Unmount(Vec<PathBuf>);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            for p in &self.0 {
-                let _ = Command::new("umount").arg(p).status();
-            }
-        }
-    }
-    let _unmount = Unmount(vec![small.clone(), ro.clone()]);
+    let _small = flr_e2e::mount::tmpfs(&small, "size=8m");
+    let _ro = flr_e2e::mount::tmpfs(&ro, "ro,size=8m");
     let run = export(
         &repo,
         &rp,
@@ -648,26 +633,7 @@ fn staging_space_counts_a_sqlite_wal_restored_there() {
 
     // 400 MiB: the 320 MiB floor and the plain file fit; the WAL does not.
     let small = tmp.path().join("small");
-    flr_e2e::mkdir(&small);
-    let r = tool(
-        "mount",
-        [
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=400m",
-            "tmpfs",
-            small.to_str().unwrap(),
-        ],
-    );
-    assert!(r.status.success(), "{r}");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(small.clone());
+    let _small = flr_e2e::mount::tmpfs(&small, "size=400m");
     let staging = small.join("stage");
     let out = tmp.path().join("out");
     let run = export(&repo, &rp, "src/walled.db", "files", &out, &staging, &[]).expect_code(1);

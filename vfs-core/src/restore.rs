@@ -704,14 +704,14 @@ mod tests {
 
     const DATA: &[u8] = b"restored bytes\n";
 
-    /// A repository holding one file of `DATA`, and that file's content.
-    fn repo_with_data() -> (Repository, Content) {
+    /// A repository holding one file `name` of `data`, and its manifest.
+    fn repo_holding(name: &str, data: Vec<u8>) -> (Repository, Manifest) {
         let store = Arc::new(MemoryStore::new());
         Repository::init(store.as_ref(), None).unwrap();
         let repo = Repository::open(store, || Ok(Vec::new())).unwrap();
         let source = Source::Stream(StdinSource {
-            name: "data".into(),
-            reader: Box::new(std::io::Cursor::new(DATA.to_vec())),
+            name: name.into(),
+            reader: Box::new(std::io::Cursor::new(data)),
             mode: 0o644,
             uid: 0,
             gid: 0,
@@ -723,6 +723,12 @@ mod tests {
             progress: Default::default(),
         };
         let m = backup(&repo, source, &opts).unwrap();
+        (repo, m)
+    }
+
+    /// A repository holding one file of `DATA`, and that file's content.
+    fn repo_with_data() -> (Repository, Content) {
+        let (repo, m) = repo_holding("data", DATA.to_vec());
         let content = m.nodes[1].content.clone();
         (repo, content)
     }
@@ -814,23 +820,7 @@ mod tests {
         data.extend_from_within(..5 << 20);
         noise(30 << 20, &mut data);
         data.extend_from_within(1 << 20..2 << 20);
-        let store = Arc::new(MemoryStore::new());
-        Repository::init(store.as_ref(), None).unwrap();
-        let repo = Repository::open(store, || Ok(Vec::new())).unwrap();
-        let source = Source::Stream(StdinSource {
-            name: "big".into(),
-            reader: Box::new(std::io::Cursor::new(data.clone())),
-            mode: 0o640,
-            uid: 0,
-            gid: 0,
-        });
-        let opts = BackupOptions {
-            job: "t".into(),
-            chunker: None,
-            hostname: "test".into(),
-            progress: Default::default(),
-        };
-        let m = backup(&repo, source, &opts).unwrap();
+        let (repo, m) = repo_holding("big", data.clone());
         let (_tmp, target, _) = dirs();
         let o = options(false);
         restore_file_as(&repo, &m, 1, &target, "copy", &o).unwrap();
