@@ -5,7 +5,7 @@
 //! `pg_basebackup`. Each check made to fail writes nothing, and an export
 //! killed outright is cleaned up by the next one.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
