@@ -921,14 +921,21 @@ impl StoredFiles<'_> {
         if meta.len() < RESTORE_FROM_STORE_MIN {
             return None;
         }
-        #[cfg(unix)]
-        let ino = std::os::unix::fs::MetadataExt::ino(meta);
-        #[cfg(not(unix))]
-        let ino: u64 = return None;
-        let i = self.session.unchanged_file(ino)? as usize;
+        let i = self.session.unchanged_file(inode(meta)?)? as usize;
         let n = self.manifest.nodes.get(i)?;
         (n.kind == NodeKind::File && n.size == meta.len() && n.name == name.as_bytes()).then_some(i)
     }
+}
+
+/// A file's inode number; `None` where the platform gives none.
+#[cfg(unix)]
+fn inode(meta: &std::fs::Metadata) -> Option<u64> {
+    Some(std::os::unix::fs::MetadataExt::ino(meta))
+}
+
+#[cfg(not(unix))]
+fn inode(_meta: &std::fs::Metadata) -> Option<u64> {
+    None
 }
 
 /// [`copy_tree`], with files the session left as stored restored from the
