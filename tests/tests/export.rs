@@ -45,6 +45,25 @@ fn sqlite(db: &Path, sql: &str) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// Runs Python `body`, which uses `c`: a connection to `live` in WAL mode
+/// with automatic checkpoints off. Then copies `live` and its WAL to `db`
+/// while that connection still keeps the WAL from being checkpointed.
+fn copy_with_wal(live: &Path, db: &Path, body: &str) {
+    let script = format!(
+        "import sqlite3, shutil\n\
+         c = sqlite3.connect({live:?})\n\
+         c.execute('pragma journal_mode=wal'); c.execute('pragma wal_autocheckpoint=0')\n\
+         {body}\
+         shutil.copy({live:?}, {db:?}); shutil.copy({live:?} + '-wal', {db:?} + '-wal')\n",
+        live = live.to_str().unwrap(),
+        db = db.to_str().unwrap(),
+    );
+    let r = tool("python3", ["-c", &script]);
+    assert!(r.status.success(), "{r}");
+    let wal = db.with_file_name(format!("{}-wal", db.file_name().unwrap().to_str().unwrap()));
+    assert!(wal.metadata().unwrap().len() > 0);
+}
+
 /// Nothing of an export is left in `staging`.
 fn assert_clean_staging(staging: &Path) {
     let left: Vec<_> = std::fs::read_dir(staging)
@@ -64,26 +83,18 @@ fn sqlite_exports_as_files_archive_and_dump_hold_the_rows_only_the_wal_had() {
     let tmp = scratch("export-sqlite");
     let src = tmp.path().join("src");
     flr_e2e::mkdir(&src);
-    // A database whose newest rows are only in its WAL, copied while a
-    // connection keeps the WAL from being checkpointed.
+    // A database whose newest rows are only in its WAL.
     let live = tmp.path().join("live.db");
-    let script = format!(
-        "import sqlite3, shutil\n\
-         c = sqlite3.connect({live:?})\n\
-         c.execute('pragma journal_mode=wal'); c.execute('pragma wal_autocheckpoint=0')\n\
-         c.execute('create table t(id integer primary key, v text)')\n\
+    copy_with_wal(
+        &live,
+        &src.join("app.db"),
+        "c.execute('create table t(id integer primary key, v text)')\n\
          c.executemany('insert into t(v) values (?)', [('row %d' % i,) for i in range(5000)])\n\
          c.commit()\n\
          c.execute('pragma wal_checkpoint(truncate)')\n\
          c.executemany('insert into t(v) values (?)', [('wal %d' % i,) for i in range(777)])\n\
-         c.commit()\n\
-         shutil.copy({live:?}, {db:?}); shutil.copy({live:?} + '-wal', {db:?} + '-wal')\n",
-        live = live.to_str().unwrap(),
-        db = src.join("app.db").to_str().unwrap(),
+         c.commit()\n",
     );
-    let r = tool("python3", ["-c", &script]);
-    assert!(r.status.success(), "{r}");
-    assert!(src.join("app.db-wal").metadata().unwrap().len() > 0);
     let want = sqlite(
         &live,
         "SELECT count(*), md5sum FROM (SELECT count(*) AS md5sum FROM t WHERE v LIKE 'wal%')",
@@ -610,23 +621,18 @@ fn staging_space_counts_a_sqlite_wal_restored_there() {
     let src = tmp.path().join("src");
     flr_e2e::mkdir(&src);
     // walled.db: its 120 MB of rows are all in its WAL.
-    let live = tmp.path().join("live.db");
-    let script = format!(
-        "import sqlite3, shutil\n\
-         c = sqlite3.connect({live:?})\n\
-         c.execute('pragma journal_mode=wal'); c.execute('pragma wal_autocheckpoint=0')\n\
-         c.execute('create table t(b blob)')\n\
+    copy_with_wal(
+        &tmp.path().join("live.db"),
+        &src.join("walled.db"),
+        "c.execute('create table t(b blob)')\n\
          c.execute('with recursive n(i) as (select 1 union all select i + 1 from n where i < 30000) \
                     insert into t select randomblob(4000) from n')\n\
-         c.commit()\n\
-         shutil.copy({live:?}, {db:?}); shutil.copy({live:?} + '-wal', {db:?} + '-wal')\n\
-         p = sqlite3.connect({plain:?}); p.execute('create table t(v)'); p.execute('insert into t values (1)'); p.commit()\n",
-        live = live.to_str().unwrap(),
-        db = src.join("walled.db").to_str().unwrap(),
-        plain = src.join("plain.db").to_str().unwrap(),
+         c.commit()\n",
     );
-    let r = tool("python3", ["-c", &script]);
-    assert!(r.status.success(), "{r}");
+    sqlite(
+        &src.join("plain.db"),
+        "CREATE TABLE t(v); INSERT INTO t VALUES (1);",
+    );
     assert!(src.join("walled.db-wal").metadata().unwrap().len() > 100 << 20);
     let repo = TestRepo::init(&tmp.path().join("repo"));
     let rp = repo.backup("app", &[&src]).restore_point;
