@@ -1066,54 +1066,180 @@ fn append_item<W: Write>(
 /// A tar of `dir`'s contents (pg_basebackup's layout is the data
 /// directory's own), optionally zstd-compressed, written to `out`.
 fn write_archive(dir: &Path, out: &Path, compress: bool, ctl: &ExportControl) -> Result<u64> {
-    let file =
-        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let counted = CountingWriter {
-        inner: std::io::BufWriter::with_capacity(1 << 20, file),
-        n: 0,
-    };
-    let fill = |b: &mut dyn FnMut(&Path, &Path) -> Result<()>| -> Result<()> {
-        let mut entries: Vec<_> = std::fs::read_dir(dir)?.flatten().collect();
-        entries.sort_by_key(|e| e.file_name());
-        for e in entries {
-            b(&e.path(), Path::new(&e.file_name()))?;
+    let mut b = tar::Builder::new(ArchiveFile::create(out, compress)?);
+    b.follow_symlinks(false);
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        append_item(&mut b, &e.path(), Path::new(&e.file_name()), ctl)?;
+    }
+    b.into_inner()?.finish()
+}
+
+/// The same tar of directory node `dir`'s contents, read straight from
+/// the repository: each file decoded and checked as a restore does, with
+/// the stored mode, owner and mtime. Entries of `dir` named in
+/// `leave_out` are not archived.
+fn write_stored_archive(
+    repo: &Repository,
+    m: &Manifest,
+    dir: usize,
+    leave_out: &[&str],
+    out: &Path,
+    compress: bool,
+    ctl: &ExportControl,
+) -> Result<u64> {
+    let mut b = tar::Builder::new(ArchiveFile::create(out, compress)?);
+    // Each node's path in the tar; `None` outside `dir`. Parents come
+    // before their children (the manifest is checked for it).
+    let mut paths: Vec<Option<PathBuf>> = vec![None; m.nodes.len()];
+    paths[dir] = Some(PathBuf::new());
+    for (i, n) in m.nodes.iter().enumerate().skip(dir + 1) {
+        let parent = n.parent as usize;
+        let Some(above) = &paths[parent] else {
+            continue;
+        };
+        if parent == dir && leave_out.iter().any(|l| l.as_bytes() == n.name) {
+            continue;
         }
-        Ok(())
-    };
-    let finish = |counted: CountingWriter<std::io::BufWriter<std::fs::File>>| -> Result<u64> {
-        let n = counted.n;
-        let file = counted.inner.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        Ok(n)
-    };
-    if compress {
-        let enc = zstd::Encoder::new(counted, 3)?;
-        let mut b = tar::Builder::new(enc);
-        b.follow_symlinks(false);
-        fill(&mut |from, name| append_item(&mut b, from, name, ctl))?;
-        let enc = b.into_inner()?;
-        finish(enc.finish()?)
-    } else {
-        let mut b = tar::Builder::new(counted);
-        b.follow_symlinks(false);
-        fill(&mut |from, name| append_item(&mut b, from, name, ctl))?;
-        finish(b.into_inner()?)
+        if ctl.stopped() {
+            bail!("stopped");
+        }
+        let path = above.join(crate::host::name_from_bytes(&n.name));
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(n.mode);
+        h.set_uid(n.uid.into());
+        h.set_gid(n.gid.into());
+        h.set_mtime(n.mtime_sec.max(0) as u64);
+        h.set_size(0);
+        let shown = || format!("cannot archive {}", m.path_of(i));
+        match n.kind {
+            NodeKind::Dir => {
+                h.set_entry_type(tar::EntryType::Directory);
+                b.append_data(&mut h, &path, std::io::empty())
+                    .with_context(shown)?;
+            }
+            NodeKind::Symlink => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                b.append_link(&mut h, &path, crate::host::name_from_bytes(&n.target))
+                    .with_context(shown)?;
+            }
+            NodeKind::File => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(n.size);
+                vfs_core::restore::read_file(repo, m, i, &ctl.stop, |r| {
+                    b.append_data(&mut h, &path, Counted { inner: r, ctl })
+                        .with_context(shown)
+                })?;
+                ctl.bytes_from_store.fetch_add(n.size, Ordering::Relaxed);
+            }
+            // Never in a restore point.
+            _ => continue,
+        }
+        paths[i] = Some(path);
+    }
+    b.into_inner()?.finish()
+}
+
+/// What a stored cluster's archive leaves out, as the archive of a
+/// session does: a stopped server's leftovers (pg_basebackup leaves them
+/// out too).
+const PG_LEFT_OUT: [&str; 1] = ["postmaster.opts"];
+
+/// An archive being written: plain or zstd-compressed, behind one buffer.
+struct ArchiveFile {
+    out: std::io::BufWriter<ArchiveSink>,
+}
+
+enum ArchiveSink {
+    Plain(WrittenBack),
+    Zstd(zstd::Encoder<'static, WrittenBack>),
+}
+
+impl ArchiveFile {
+    fn create(path: &Path, compress: bool) -> Result<ArchiveFile> {
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let file = WrittenBack::new(file);
+        let sink = if compress {
+            ArchiveSink::Zstd(zstd::Encoder::new(file, 3)?)
+        } else {
+            ArchiveSink::Plain(file)
+        };
+        Ok(ArchiveFile {
+            out: std::io::BufWriter::with_capacity(COPY_BUF, sink),
+        })
+    }
+
+    /// Ends the archive's stream and syncs it; returns its length.
+    fn finish(self) -> Result<u64> {
+        let file = match self.out.into_inner().map_err(|e| e.into_error())? {
+            ArchiveSink::Plain(f) => f,
+            ArchiveSink::Zstd(enc) => enc.finish()?,
+        };
+        file.file.sync_all()?;
+        Ok(file.written)
     }
 }
 
-struct CountingWriter<W: Write> {
-    inner: W,
-    n: u64,
+impl Write for ArchiveFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.out.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }
 
-impl<W: Write> Write for CountingWriter<W> {
+impl Write for ArchiveSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.n += n as u64;
+        match self {
+            ArchiveSink::Plain(f) => f.write(buf),
+            ArchiveSink::Zstd(enc) => enc.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            ArchiveSink::Plain(f) => f.flush(),
+            ArchiveSink::Zstd(enc) => enc.flush(),
+        }
+    }
+}
+
+/// A file written from start to end whose written part is sent to disk
+/// as it grows, so the sync at its end has little left to wait for.
+struct WrittenBack {
+    file: std::fs::File,
+    written: u64,
+    /// Where the next writeback starts.
+    sent: u64,
+}
+
+/// Bytes written between two writebacks.
+const WRITEBACK_STEP: u64 = 16 << 20;
+
+impl WrittenBack {
+    fn new(file: std::fs::File) -> WrittenBack {
+        WrittenBack {
+            file,
+            written: 0,
+            sent: 0,
+        }
+    }
+}
+
+impl Write for WrittenBack {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.written += n as u64;
+        if self.written - self.sent >= WRITEBACK_STEP {
+            vfs_core::restore::start_writeback(&self.file, self.sent, self.written);
+            self.sent = self.written;
+        }
         Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+        self.file.flush()
     }
 }
 
@@ -1219,6 +1345,9 @@ enum Item {
     /// A directory node of the restore point and everything below it,
     /// restored from the repository.
     StoredTree(usize),
+    /// A tar of a directory node's contents, written straight from the
+    /// repository.
+    StoredArchive(usize),
 }
 
 /// The files beside SQLite database `path` that hold part of it: a WAL
@@ -1492,11 +1621,13 @@ pub fn run(
         receive: None,
     };
     write_state(&dir, &cleanup.state)?;
-    // How the database is read. PostgreSQL runs on a writable session.
+    // How the database is read. PostgreSQL runs on a writable session,
+    // unless the cluster was shut down cleanly: its files then need no
+    // recovery, and `files` and `archive` take them as they are stored.
     // A SQLite database whose WAL or rollback journal holds bytes is
     // restored to staging and recovered there; one without is read as it
-    // is stored: restored straight into the target for `files`, and
-    // otherwise opened immutable on a read-only mount.
+    // is stored: restored straight into the target for `files` and
+    // `archive`, and opened immutable on a read-only mount for `logical`.
     let companions = match plan.engine {
         Engine::Sqlite => sqlite_companions(&manifest, &args.path),
         Engine::Postgres { .. } => Vec::new(),
@@ -1507,15 +1638,16 @@ pub fn run(
         // A cluster shut down cleanly needs no recovery: its files are
         // what the engine attaches as they are.
         Engine::Postgres { .. }
-            if args.format == "files"
-                && local_target
+            if (args.format == "files" && local_target || args.format == "archive")
                 && pg_shut_down_cleanly(&repo, &manifest, db_node)? =>
         {
             Reading::Stored
         }
         Engine::Postgres { .. } => Reading::Session,
         Engine::Sqlite if !companions.is_empty() => Reading::Staged,
-        Engine::Sqlite if args.format == "files" && local_target => Reading::Stored,
+        Engine::Sqlite if args.format == "files" && local_target || args.format == "archive" => {
+            Reading::Stored
+        }
         Engine::Sqlite => Reading::ReadOnlyMount,
     };
     let os_mount = |fs: Arc<dyn vfs_core::fs::FsModel>| -> Result<backends::os_mount::Mount> {
@@ -1637,6 +1769,17 @@ pub fn run(
                     Reading::Stored => items.push((Item::Stored(db_node), name.clone())),
                     _ => items.push((Item::Path(db.clone()), name.clone())),
                 },
+                // Nothing beside it, so the stored file is the consistent
+                // copy the backup API would make: the same pages, only the
+                // header's change counters would differ.
+                "archive" if reading == Reading::Stored => {
+                    if local_target {
+                        items.push((Item::Stored(db_node), name.clone()));
+                    } else {
+                        restore_into(&repo, &manifest, db_node, &out, &name, ctl, false)?;
+                        items.push((Item::Staged(out.join(&name)), name.clone()));
+                    }
+                }
                 "archive" => {
                     let copy = out.join(&name);
                     run_sqlite(
@@ -1659,7 +1802,26 @@ pub fn run(
             }
         }
         Engine::Postgres { .. } if reading == Reading::Stored => {
-            items.push((Item::StoredTree(db_node), name.clone()));
+            if args.format == "archive" {
+                let file = format!("{name}.tar{}", if args.compress { ".zst" } else { "" });
+                if local_target {
+                    items.push((Item::StoredArchive(db_node), file));
+                } else {
+                    let staged = out.join(&file);
+                    write_stored_archive(
+                        &repo,
+                        &manifest,
+                        db_node,
+                        &PG_LEFT_OUT,
+                        &staged,
+                        args.compress,
+                        ctl,
+                    )?;
+                    items.push((Item::Staged(staged), file));
+                }
+            } else {
+                items.push((Item::StoredTree(db_node), name.clone()));
+            }
         }
         Engine::Postgres { .. } => {
             let bin = plan.pg_bin.clone().expect("checked");
@@ -1795,7 +1957,9 @@ pub fn run(
             .iter()
             .map(|(from, _)| match from {
                 Item::Stored(node) => manifest.nodes[*node].size,
-                Item::StoredTree(node) => sizes(&manifest, *node, None).0,
+                Item::StoredTree(node) | Item::StoredArchive(node) => {
+                    sizes(&manifest, *node, None).0
+                }
                 Item::Path(p) | Item::Staged(p) => tree_bytes(p),
             })
             .sum(),
@@ -1822,6 +1986,15 @@ pub fn run(
                         restore_into(&repo, &manifest, *node, &partial, to_name, ctl, true)?
                     }
                     Item::StoredTree(node) => restore_tree(&repo, &manifest, *node, &dest, ctl)?,
+                    Item::StoredArchive(node) => write_stored_archive(
+                        &repo,
+                        &manifest,
+                        *node,
+                        &PG_LEFT_OUT,
+                        &dest,
+                        args.compress,
+                        ctl,
+                    )?,
                     Item::Path(p) | Item::Staged(p) if is_archive => {
                         write_archive(p, &dest, args.compress, ctl)?
                     }
@@ -1876,7 +2049,7 @@ pub fn run(
                 .iter()
                 .map(|(from, name)| match from {
                     Item::Path(p) | Item::Staged(p) => Ok((p.clone(), name.clone())),
-                    Item::Stored(_) | Item::StoredTree(_) => {
+                    Item::Stored(_) | Item::StoredTree(_) | Item::StoredArchive(_) => {
                         Err(anyhow!("a remote target is sent files, not stored nodes"))
                     }
                 })

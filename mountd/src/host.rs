@@ -177,6 +177,21 @@ pub fn symlink(target: &Path, link: &Path) -> io::Result<()> {
     }
 }
 
+/// A file name or symlink target as stored (bytes, as the source OS gave
+/// them) as a path: the same bytes on Unix; elsewhere, where a path is
+/// not bytes, lossily decoded.
+pub fn name_from_bytes(name: &[u8]) -> std::path::PathBuf {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        std::ffi::OsStr::from_bytes(name).into()
+    }
+    #[cfg(not(unix))]
+    {
+        String::from_utf8_lossy(name).into_owned().into()
+    }
+}
+
 /// Kills process `pid` at once (SIGKILL).
 pub fn kill(pid: u32) -> io::Result<()> {
     #[cfg(unix)]

@@ -211,8 +211,9 @@ fn sqlite_without_a_wal_is_exported_as_stored_and_a_hot_journal_is_rolled_back()
         std::fs::read(out.join("plain.db")).unwrap(),
         std::fs::read(src.join("plain.db")).unwrap()
     );
+    // So is its archive: the consistent copy, with nothing to recover.
     let archive = tmp.path().join("archive");
-    export(
+    let report = export(
         &repo,
         &rp,
         "src/plain.db",
@@ -221,7 +222,13 @@ fn sqlite_without_a_wal_is_exported_as_stored_and_a_hot_journal_is_rolled_back()
         &staging,
         &[],
     )
-    .success();
+    .success()
+    .json();
+    assert_eq!(report["from_store_bytes"].as_u64(), Some(size));
+    assert_eq!(
+        std::fs::read(archive.join("plain.db")).unwrap(),
+        std::fs::read(src.join("plain.db")).unwrap()
+    );
     assert_eq!(sqlite(&archive.join("plain.db"), rows), want);
     assert_eq!(
         sqlite(&archive.join("plain.db"), "PRAGMA integrity_check"),
@@ -375,6 +382,44 @@ fn postgres_exports_of_a_stopped_and_a_running_cluster_start_and_answer_as_the_s
     assert!(r.status.success(), "{r}");
     assert!(extracted.join("PG_VERSION").is_file());
     assert_eq!(fingerprint_at(&extracted), want);
+
+    // The stopped cluster's archive is written straight from the
+    // repository, with no session and no server, and leaves out the
+    // stopped server's postmaster.opts; extracted, it starts.
+    let out = tmp.path().join("archive-stopped");
+    let report = export(&repo, &stopped_rp, "pgdata", "archive", &out, &staging, &[])
+        .success()
+        .json();
+    let opts_bytes = std::fs::metadata(data.join("postmaster.opts"))
+        .unwrap()
+        .len();
+    assert_eq!(
+        report["from_store_bytes"].as_u64().unwrap() + opts_bytes,
+        report["logical_bytes"].as_u64().unwrap(),
+        "{report}"
+    );
+    let tarball = out.join("pgdata.tar");
+    let r = tool("tar", ["-tf", tarball.to_str().unwrap()]);
+    assert!(r.status.success(), "{r}");
+    assert!(r
+        .stdout
+        .lines()
+        .any(|l| l.trim_end_matches('/') == "global/pg_control"));
+    assert!(!r.stdout.contains("postmaster"), "{}", r.stdout);
+    let extracted = tmp.path().join("extracted-stopped");
+    flr_e2e::postgres::make_postgres_dir(&extracted);
+    let r = tool(
+        "tar",
+        [
+            "-xpf",
+            tarball.to_str().unwrap(),
+            "-C",
+            extracted.to_str().unwrap(),
+        ],
+    );
+    assert!(r.status.success(), "{r}");
+    assert_eq!(fingerprint_at(&extracted), want);
+    assert_clean_staging(&staging);
 
     // Logical: a dump per database that restores into a fresh cluster.
     let out = tmp.path().join("logical");

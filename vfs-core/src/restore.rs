@@ -20,7 +20,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rayon::prelude::*;
@@ -457,53 +457,22 @@ fn restore_file(
     // The file is closed before the rename: Windows may refuse to rename
     // an open file.
     let result = (|file: File| -> Result<()> {
-        let chunks = node.content.chunks(node.size);
-        let fetcher = FrameFetcher::new(repo, None);
-        // Decoding and checking a batch runs on the pool while a thread of
-        // its own writes the batch before: one batch waits in between, so
-        // at most three are held.
-        std::thread::scope(|s| -> Result<()> {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Checked>(1);
-            let file = &file;
-            let partial_path = &partial_path;
-            let writer = s.spawn(move || -> Result<()> {
-                for batch in rx {
-                    for w in &batch.writes {
-                        let data = &batch.frames[w.frame][w.start..w.start + w.len];
-                        write_at(file, data, w.offset).map_err(|e| Error::io(partial_path, e))?;
-                    }
-                    if let (Some(first), Some(last)) = (batch.writes.first(), batch.writes.last()) {
-                        start_writeback(file, first.offset, last.offset + last.len as u64);
-                    }
-                    opts.progress
-                        .read_bytes
-                        .fetch_add(batch.logical, Ordering::Relaxed);
+        let file_ref = &file;
+        decode_ahead(repo, manifest, i, &opts.cancel, |batches| {
+            for batch in batches {
+                let batch = batch?;
+                for w in &batch.writes {
+                    let data = &batch.frames[w.frame][w.start..w.start + w.len];
+                    write_at(file_ref, data, w.offset).map_err(|e| Error::io(&partial_path, e))?;
                 }
-                Ok(())
-            });
-            let mut sent = Ok(());
-            for batch in batches(&chunks) {
-                if opts.cancel.load(Ordering::Relaxed) {
-                    sent = Err(Error::InvalidInput("restore cancelled".into()));
-                    break;
+                if let (Some(first), Some(last)) = (batch.writes.first(), batch.writes.last()) {
+                    start_writeback(file_ref, first.offset, last.offset + last.len as u64);
                 }
-                match check_batch(repo, manifest, i, &fetcher, batch) {
-                    // A closed channel means the writer failed: its error
-                    // is the one to report.
-                    Ok(checked) => {
-                        if tx.send(checked).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        sent = Err(e);
-                        break;
-                    }
-                }
+                opts.progress
+                    .read_bytes
+                    .fetch_add(batch.logical, Ordering::Relaxed);
             }
-            drop(tx);
-            let written = writer.join().expect("the restore writer does not panic");
-            sent.and(written)
+            Ok(())
         })?;
         // Holes at the end are made by the length, not by writing zeros.
         file.set_len(node.size)
@@ -519,6 +488,168 @@ fn restore_file(
         let _ = parent.remove(&partial);
     }
     result
+}
+
+/// Decodes and checks file node `i`'s chunks batch by batch, in file
+/// order, on a thread of its own (each batch on the pool), while
+/// `consume` takes the batches on the calling thread: one batch waits in
+/// between, so at most three are held. A failed batch is sent as its
+/// error and ends the run; so does `cancel`. A consumer that returns
+/// early stops the decoding at its next batch.
+fn decode_ahead<T, E: From<Error>>(
+    repo: &Repository,
+    manifest: &Manifest,
+    i: usize,
+    cancel: &AtomicBool,
+    consume: impl FnOnce(std::sync::mpsc::Receiver<Result<Checked>>) -> Result<T, E>,
+) -> Result<T, E> {
+    let node = &manifest.nodes[i];
+    let chunks = node.content.chunks(node.size);
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Checked>>(1);
+        let decoder = s.spawn(move || {
+            let fetcher = FrameFetcher::new(repo, None);
+            for batch in batches(&chunks) {
+                if cancel.load(Ordering::Relaxed) {
+                    let _ = tx.send(Err(Error::InvalidInput("restore cancelled".into())));
+                    return;
+                }
+                let checked = check_batch(repo, manifest, i, &fetcher, batch);
+                let failed = checked.is_err();
+                // A closed channel: the consumer has stopped.
+                if tx.send(checked).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let out = consume(rx);
+        if decoder.join().is_err() {
+            return Err(E::from(Error::Storage(format!(
+                "decoding {} of {} stopped unexpectedly",
+                manifest.path_of(i),
+                manifest.full_name()
+            ))));
+        }
+        out
+    })
+}
+
+/// Reads file node `i` of `manifest` from the repository: `read` gets a
+/// reader of its bytes in order, holes as zeros, decoded and checked on
+/// the pool ahead of it (as a restore does). A failure of the
+/// repository's (a missing or corrupt chunk) is what is returned, whatever
+/// `read` made of the reader's error; a chunk that fails its check is
+/// never handed to `read`.
+pub fn read_file<T, E: From<Error>>(
+    repo: &Repository,
+    manifest: &Manifest,
+    i: usize,
+    cancel: &AtomicBool,
+    read: impl FnOnce(&mut StoredReader) -> Result<T, E>,
+) -> Result<T, E> {
+    let node = manifest
+        .nodes
+        .get(i)
+        .filter(|n| n.kind == NodeKind::File)
+        .ok_or_else(|| Error::InvalidInput(format!("node {i} is not a file")))?;
+    let listed = node
+        .content
+        .chunks(node.size)
+        .iter()
+        .map(|c| c.2 as u64)
+        .sum();
+    decode_ahead(repo, manifest, i, cancel, |rx| {
+        let mut reader = StoredReader {
+            rx,
+            batch: None,
+            piece: 0,
+            pos: 0,
+            size: node.size,
+            covered: 0,
+            listed,
+            failure: None,
+        };
+        let out = read(&mut reader);
+        match reader.failure.take() {
+            Some(e) => Err(E::from(e)),
+            None => out,
+        }
+    })
+}
+
+/// The bytes of a stored file, in order: see [`read_file`].
+pub struct StoredReader {
+    rx: std::sync::mpsc::Receiver<Result<Checked>>,
+    batch: Option<Checked>,
+    /// The next piece of `batch` to read from.
+    piece: usize,
+    /// File offset of the next byte to hand out.
+    pos: u64,
+    size: u64,
+    /// Logical bytes of the batches received.
+    covered: u64,
+    /// Logical bytes of the file's chunk list; past them, up to `size`,
+    /// the file is a hole.
+    listed: u64,
+    failure: Option<Error>,
+}
+
+impl std::io::Read for StoredReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if buf.is_empty() || self.pos >= self.size {
+                return Ok(0);
+            }
+            if let Some(e) = &self.failure {
+                return Err(std::io::Error::other(e.to_string()));
+            }
+            let next = self
+                .batch
+                .as_ref()
+                .and_then(|b| b.writes.get(self.piece).map(|w| (b, w)));
+            let Some((batch, w)) = next else {
+                if self.covered >= self.listed {
+                    // Past every chunk: a hole to the end.
+                    let n = (self.size - self.pos).min(buf.len() as u64) as usize;
+                    buf[..n].fill(0);
+                    self.pos += n as u64;
+                    return Ok(n);
+                }
+                match self.rx.recv() {
+                    Ok(Ok(b)) => {
+                        self.covered += b.logical;
+                        self.batch = Some(b);
+                        self.piece = 0;
+                    }
+                    Ok(Err(e)) => self.failure = Some(e),
+                    Err(_) => {
+                        self.failure = Some(Error::Storage(format!(
+                            "the file's decoding ended at offset {} of {}",
+                            self.covered, self.listed
+                        )))
+                    }
+                }
+                continue;
+            };
+            if w.offset > self.pos {
+                // A hole before the piece.
+                let n = (w.offset - self.pos).min(buf.len() as u64) as usize;
+                buf[..n].fill(0);
+                self.pos += n as u64;
+                return Ok(n);
+            }
+            let skip = (self.pos - w.offset) as usize;
+            if skip >= w.len {
+                self.piece += 1;
+                continue;
+            }
+            let data = &batch.frames[w.frame][w.start + skip..w.start + w.len];
+            let n = data.len().min(buf.len());
+            buf[..n].copy_from_slice(&data[..n]);
+            self.pos += n as u64;
+            return Ok(n);
+        }
+    }
 }
 
 /// One batch of a file, decoded and checked, with where its bytes go.
@@ -666,7 +797,7 @@ fn with_file(e: Error, manifest: &Manifest, i: usize, offset: u64) -> Error {
 /// Linux, `POSIX_FADV_DONTNEED` starts writeback of the range's dirty
 /// pages (and drops the clean ones, which a restore does not read again).
 #[cfg(target_os = "linux")]
-fn start_writeback(file: &File, start: u64, end: u64) {
+pub fn start_writeback(file: &File, start: u64, end: u64) {
     if let Some(len) = std::num::NonZeroU64::new(end.saturating_sub(start)) {
         // A failure only leaves the writeback to the final sync.
         let _ = rustix::fs::fadvise(file, start, Some(len), rustix::fs::Advice::DontNeed);
@@ -674,7 +805,7 @@ fn start_writeback(file: &File, start: u64, end: u64) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn start_writeback(_file: &File, _start: u64, _end: u64) {}
+pub fn start_writeback(_file: &File, _start: u64, _end: u64) {}
 
 #[cfg(unix)]
 pub(crate) fn write_at(file: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
@@ -706,9 +837,15 @@ mod tests {
 
     /// A repository holding one file `name` of `data`, and its manifest.
     fn repo_holding(name: &str, data: Vec<u8>) -> (Repository, Manifest) {
+        let (_, repo, m) = stored(name, data);
+        (repo, m)
+    }
+
+    /// The same, with the store under the repository.
+    fn stored(name: &str, data: Vec<u8>) -> (Arc<MemoryStore>, Repository, Manifest) {
         let store = Arc::new(MemoryStore::new());
         Repository::init(store.as_ref(), None).unwrap();
-        let repo = Repository::open(store, || Ok(Vec::new())).unwrap();
+        let repo = Repository::open(store.clone(), || Ok(Vec::new())).unwrap();
         let source = Source::Stream(StdinSource {
             name: name.into(),
             reader: Box::new(std::io::Cursor::new(data)),
@@ -723,7 +860,33 @@ mod tests {
             progress: Default::default(),
         };
         let m = backup(&repo, source, &opts).unwrap();
-        (repo, m)
+        (store, repo, m)
+    }
+
+    /// `data` grown by `n` bytes of xorshift noise from `seed`.
+    fn noise(data: &mut Vec<u8>, n: usize, mut x: u64) {
+        for _ in 0..n / 8 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            data.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+
+    /// Everything `read_file` hands out for node 1, read `step` bytes at
+    /// a time.
+    fn read_back(repo: &Repository, m: &Manifest, step: usize) -> Result<Vec<u8>> {
+        use std::io::Read;
+        read_file(repo, m, 1, &AtomicBool::new(false), |r| {
+            let mut out = Vec::new();
+            let mut buf = vec![0; step];
+            loop {
+                match r.read(&mut buf).map_err(|e| Error::io("the reader", e))? {
+                    0 => return Ok(out),
+                    n => out.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
     }
 
     /// A repository holding one file of `DATA`, and that file's content.
@@ -806,19 +969,10 @@ mod tests {
     #[test]
     fn a_file_of_many_batches_restores_byte_identical_under_another_name() {
         let mut data = Vec::with_capacity(80 << 20);
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut noise = |n: usize, data: &mut Vec<u8>| {
-            for _ in 0..n / 8 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                data.extend_from_slice(&x.to_le_bytes());
-            }
-        };
-        noise(40 << 20, &mut data);
+        noise(&mut data, 40 << 20, 0x9e37_79b9_7f4a_7c15);
         data.resize(data.len() + (3 << 20), 0);
         data.extend_from_within(..5 << 20);
-        noise(30 << 20, &mut data);
+        noise(&mut data, 30 << 20, 0x2545_f491_4f6c_dd1d);
         data.extend_from_within(1 << 20..2 << 20);
         let (repo, m) = repo_holding("big", data.clone());
         let (_tmp, target, _) = dirs();
@@ -843,6 +997,67 @@ mod tests {
         let err = restore_file_as(&repo, &m, 0, &target, "root", &o).unwrap_err();
         assert!(err.to_string().contains("not a file"), "{err}");
         assert_eq!(entries(&target), ["copy"]);
+    }
+
+    /// The reader of a stored file hands out its bytes in order, with a
+    /// hole inside and one at the end as zeros, whatever the size of the
+    /// reads; a damaged frame fails the read as corrupt, naming the file,
+    /// and no byte of it or after it is handed out.
+    #[test]
+    fn a_stored_file_reads_back_in_order_and_a_damaged_frame_fails_the_read() {
+        let mut data = Vec::new();
+        noise(&mut data, 3 << 20, 0x2545_f491_4f6c_dd1d);
+        data.resize(data.len() + (2 << 20), 0);
+        noise(&mut data, 37 << 20, 0x9e37_79b9_7f4a_7c15);
+        data.resize(data.len() + (1 << 20) + 77, 0);
+        let (store, repo, m) = stored("f", data.clone());
+        for step in [1 << 20, 12_345] {
+            let back = read_back(&repo, &m, step).unwrap();
+            assert_eq!(back.len(), data.len(), "reads of {step}");
+            assert!(back == data, "reads of {step}: the bytes differ");
+        }
+
+        // Damage the frame of a chunk about 20 MiB in.
+        let (id, offset) = m.nodes[1]
+            .content
+            .chunks(m.nodes[1].size)
+            .into_iter()
+            .find_map(|(id, offset, _)| id.filter(|_| offset >= 20 << 20).map(|id| (id, offset)))
+            .unwrap();
+        let (loc, pack) = repo.locate(&id).unwrap();
+        store.tamper(&crate::repo::pack_key(&pack), |b| {
+            b[loc.offset as usize + loc.stored_len as usize / 2] ^= 0x55
+        });
+        let mut handed = 0;
+        let err = read_file(&repo, &m, 1, &AtomicBool::new(false), |r| {
+            use std::io::Read;
+            let mut buf = vec![0; 1 << 16];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) => return Ok(()),
+                    Ok(n) => {
+                        assert!(
+                            buf[..n] == data[handed..handed + n],
+                            "wrong bytes at {handed}"
+                        );
+                        handed += n;
+                    }
+                    // What the caller makes of it is not what is returned.
+                    Err(e) => return Err(Error::InvalidInput(format!("tar failed: {e}"))),
+                }
+            }
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::CorruptChunk { .. }), "{err}");
+        assert!(err.to_string().contains("file f"), "{err}");
+        assert!((handed as u64) < offset, "{handed} bytes handed out");
+
+        // A cancelled read ends with an error, not with a short file.
+        let err = read_file(&repo, &m, 1, &AtomicBool::new(true), |r| {
+            std::io::copy(r, &mut std::io::sink()).map_err(|e| Error::io("sink", e))
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("cancelled"), "{err}");
     }
 
     #[test]
