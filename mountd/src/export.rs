@@ -859,6 +859,50 @@ fn wait_child(child: Child, what: &str, stop: &AtomicBool) -> Result<()> {
     wait_child_with(child, what, stop, &mut || {})
 }
 
+/// The files a child writes at `path` (a file, or the files of a
+/// directory), sent to disk as they grow, so the sync before the export
+/// is renamed into place has little left to wait for.
+struct GrowingFiles {
+    path: PathBuf,
+    /// Where each file's next writeback starts.
+    sent: std::collections::HashMap<PathBuf, u64>,
+    last: Instant,
+}
+
+impl GrowingFiles {
+    fn new(path: PathBuf) -> GrowingFiles {
+        GrowingFiles {
+            path,
+            sent: Default::default(),
+            last: Instant::now(),
+        }
+    }
+
+    /// Starts the writeback of what was written since the last time,
+    /// every 200 ms at most (a failure only leaves it to the sync).
+    fn tick(&mut self) {
+        if self.last.elapsed() < Duration::from_millis(200) {
+            return;
+        }
+        self.last = Instant::now();
+        let files: Vec<PathBuf> = match std::fs::read_dir(&self.path) {
+            Ok(dir) => dir.flatten().map(|e| e.path()).collect(),
+            Err(_) => vec![self.path.clone()],
+        };
+        for path in files {
+            let Ok(file) = std::fs::File::open(&path) else {
+                continue;
+            };
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let sent = self.sent.entry(path).or_insert(0);
+            if len >= *sent + WRITEBACK_STEP {
+                vfs_core::restore::start_writeback(&file, *sent, len);
+                *sent = len;
+            }
+        }
+    }
+}
+
 /// [`wait_child`], calling `tick` every few milliseconds while it runs.
 fn wait_child_with(
     mut child: Child,
@@ -1725,14 +1769,29 @@ pub fn run(
     match &plan.engine {
         Engine::Sqlite => {
             let sqlite = find_program("sqlite3").expect("checked");
-            let run_sqlite = |database: &str, command: &str, stdout: Stdio| -> Result<()> {
+            // `writes`: a file the command makes, sent to disk as it grows.
+            let run_sqlite = |database: &str,
+                              command: &str,
+                              stdout: Stdio,
+                              writes: Option<&Path>|
+             -> Result<()> {
                 let child = as_user(plan.owner.0, &sqlite)?
                     .arg(database)
                     .arg(command)
                     .stdout(stdout)
                     .stderr(Stdio::piped())
                     .spawn()?;
-                wait_child(child, &format!("sqlite3 {command:?}"), &ctl.stop)
+                let mut growing = writes.map(|p| GrowingFiles::new(p.to_path_buf()));
+                wait_child_with(
+                    child,
+                    &format!("sqlite3 {command:?}"),
+                    &ctl.stop,
+                    &mut || {
+                        if let Some(g) = &mut growing {
+                            g.tick()
+                        }
+                    },
+                )
             };
             // The database as sqlite3 is to open it.
             let source = if reading == Reading::Staged {
@@ -1754,7 +1813,7 @@ pub fn run(
                 }
                 let file = restored.join(&name);
                 sqlite_recover(&file, &|command| {
-                    run_sqlite(&file.display().to_string(), command, Stdio::null())
+                    run_sqlite(&file.display().to_string(), command, Stdio::null(), None)
                 })?;
                 if args.format == "files" {
                     items.push((Item::Staged(file.clone()), name.clone()));
@@ -1789,6 +1848,7 @@ pub fn run(
                             copy.display().to_string().replace('\'', "''")
                         ),
                         Stdio::null(),
+                        Some(&copy),
                     )?;
                     items.push((Item::Staged(copy), name.clone()));
                 }
@@ -1796,7 +1856,7 @@ pub fn run(
                     let dump = out.join(format!("{name}.sql"));
                     let file = std::fs::File::create(&dump)?;
                     crate::host::lchown(&dump, plan.owner.0, plan.owner.1)?;
-                    run_sqlite(&source, ".dump", Stdio::from(file))?;
+                    run_sqlite(&source, ".dump", Stdio::from(file), Some(&dump))?;
                     items.push((Item::Staged(dump), format!("{name}.sql")));
                 }
             }
@@ -1922,7 +1982,13 @@ pub fn run(
                         cmd.args(["-j", &args.jobs.to_string()]);
                     }
                     let child = cmd.arg(d).stderr(Stdio::piped()).spawn()?;
-                    wait_child(child, &format!("pg_dump of database {d}"), &ctl.stop)?;
+                    let mut growing = GrowingFiles::new(dumps.join(&file));
+                    wait_child_with(
+                        child,
+                        &format!("pg_dump of database {d}"),
+                        &ctl.stop,
+                        &mut || growing.tick(),
+                    )?;
                 }
                 cleanup.stop_server()?;
                 items.push((Item::Staged(dumps), name.clone()));
