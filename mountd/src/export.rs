@@ -1023,8 +1023,10 @@ fn copy_tree_with(
             None => {
                 let src = std::fs::File::open(from)
                     .with_context(|| format!("cannot open {}", from.display()))?;
-                let mut dst = std::fs::File::create(to)
-                    .with_context(|| format!("cannot create {}", to.display()))?;
+                let mut dst = WrittenBack::new(
+                    std::fs::File::create(to)
+                        .with_context(|| format!("cannot create {}", to.display()))?,
+                );
                 bytes += std::io::copy(&mut counted_reader(src, ctl), &mut dst)
                     .with_context(|| format!("cannot copy {}", from.display()))?;
             }
