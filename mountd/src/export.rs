@@ -539,11 +539,17 @@ fn checks(repo: &Repository, m: &Manifest, args: &ExportRequest, staging: &Path)
     // caller must write the target.
     let stage_at = nearest_existing(staging);
     if let Ok(user) = user_name(owner.0) {
-        let ok = Command::new("runuser")
-            .args(["-u", &user, "--", "test", "-x"])
-            .arg(&stage_at)
-            .status()
-            .is_ok_and(|s| s.success());
+        // The engine runs as this process's user when it owns the files:
+        // asked here, with no process started.
+        let ok = if owner.0 == crate::host::own_ids().0 {
+            crate::host::can_enter(&stage_at)
+        } else {
+            Command::new("runuser")
+                .args(["-u", &user, "--", "test", "-x"])
+                .arg(&stage_at)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
         if !ok {
             return Err(check_failed(
                 "staging rights",
@@ -561,8 +567,6 @@ fn checks(repo: &Repository, m: &Manifest, args: &ExportRequest, staging: &Path)
         _ => logical,
     };
     let remote = matches!(args.to, Target::Remote(_));
-    let staged_copy = args.format == "logical"
-        || (args.format == "archive" && (engine == Engine::Sqlite || remote));
     // A SQLite database with a WAL or journal is restored into staging,
     // with them, and recovered there.
     let recovered: u64 = match engine {
@@ -576,6 +580,11 @@ fn checks(repo: &Repository, m: &Manifest, args: &ExportRequest, staging: &Path)
         }
         Engine::Postgres { .. } => 0,
     };
+    // An archive is made in staging for a remote target, and for a SQLite
+    // database recovered there (its backup copy); otherwise it is written
+    // into the target.
+    let staged_copy =
+        args.format == "logical" || (args.format == "archive" && (remote || recovered > 0));
     let staging_need =
         STAGING_FLOOR + logical / 10 + if staged_copy { estimate } else { 0 } + recovered;
     let staging_free = free_bytes(staging)?;

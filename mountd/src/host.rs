@@ -137,6 +137,18 @@ pub fn can_write(path: &Path) -> bool {
     }
 }
 
+/// Whether this process may enter directory `path`.
+pub fn can_enter(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_ok()
+    }
+    #[cfg(not(unix))]
+    {
+        path.is_dir()
+    }
+}
+
 /// Flushes the whole filesystem holding `dir` to disk (syncfs).
 pub fn sync_filesystem(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]
