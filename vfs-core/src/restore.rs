@@ -683,14 +683,18 @@ fn check_batch(
     let mut frames: Vec<FrameRequest> = Vec::new();
     let mut frame_of: IdMap<usize> = IdMap::default();
     let mut slots: Vec<Option<(usize, ChunkLoc, PackId)>> = Vec::with_capacity(batch.len());
-    for (id, offset, _) in batch {
+    // Each lookup may read the index file: on all cores.
+    let located: Vec<Option<(ChunkLoc, PackId)>> = batch
+        .par_iter()
+        .map(|(id, _, _)| id.and_then(|id| repo.locate(&id)))
+        .collect();
+    for ((id, offset, _), found) in batch.iter().zip(located) {
         let Some(id) = id else {
             slots.push(None);
             continue;
         };
-        let (loc, pack) = repo
-            .locate(id)
-            .ok_or_else(|| with_file(Error::MissingChunk(*id), manifest, i, *offset))?;
+        let (loc, pack) =
+            found.ok_or_else(|| with_file(Error::MissingChunk(*id), manifest, i, *offset))?;
         let frame_key = loc.frame_key(&pack);
         let k = *frame_of.entry(frame_key).or_insert_with(|| {
             frames.push(FrameRequest {
