@@ -620,6 +620,7 @@ fn run_restore(
         overwrite,
         progress,
         cancel: Default::default(),
+        sync_each_file: true,
     };
     let stats = restore::restore(&repo, &manifest, to, &opts)
         .with_context(|| format!("restore of {name} to {} failed", to.display()))?;

@@ -1540,6 +1540,10 @@ fn watched_restore<T>(
         overwrite: false,
         progress: progress.clone(),
         cancel: cancel.clone(),
+        // What an export restores goes to its staging directory or to the
+        // target's partial directory; that is synced as a whole before
+        // anything is renamed into place.
+        sync_each_file: false,
     };
     let done = AtomicBool::new(false);
     std::thread::scope(|s| {

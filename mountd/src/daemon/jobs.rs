@@ -319,6 +319,7 @@ pub async fn start(daemon: &Arc<Daemon>, req: JobRequest) -> Result<JobInfo, Api
             overwrite: job.overwrite,
             progress: job.progress.clone(),
             cancel: job.cancel.clone(),
+            sync_each_file: true,
         };
         let target = job.target.clone();
         let result =
