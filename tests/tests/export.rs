@@ -5,7 +5,7 @@
 //! `pg_basebackup`. Each check made to fail writes nothing, and an export
 //! killed outright is cleaned up by the next one.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -282,6 +282,24 @@ fn sqlite_without_a_wal_is_exported_as_stored_and_a_hot_journal_is_rolled_back()
     assert!(verify.status.success(), "{verify}");
 }
 
+/// Extracts a cluster's archive (zstd-compressed when it is named so)
+/// into a fresh data directory `dir`, as tar does it for a DBA.
+fn extract_cluster(tarball: &Path, dir: &Path) -> PathBuf {
+    flr_e2e::postgres::make_postgres_dir(dir);
+    let mut args = vec![
+        "-xpf",
+        tarball.to_str().unwrap(),
+        "-C",
+        dir.to_str().unwrap(),
+    ];
+    if tarball.extension().is_some_and(|e| e == "zst") {
+        args.insert(0, "--zstd");
+    }
+    let r = tool("tar", args);
+    assert!(r.status.success(), "{r}");
+    dir.to_path_buf()
+}
+
 fn fingerprint_at(data: &Path) -> String {
     let server = PgServer::start(data);
     let fp = items_fingerprint(&server);
@@ -367,19 +385,7 @@ fn postgres_exports_of_a_stopped_and_a_running_cluster_start_and_answer_as_the_s
     .success();
     let tarball = out.join("pgdata.tar.zst");
     assert!(tarball.is_file());
-    let extracted = tmp.path().join("extracted");
-    flr_e2e::postgres::make_postgres_dir(&extracted);
-    let r = tool(
-        "tar",
-        [
-            "--zstd",
-            "-xpf",
-            tarball.to_str().unwrap(),
-            "-C",
-            extracted.to_str().unwrap(),
-        ],
-    );
-    assert!(r.status.success(), "{r}");
+    let extracted = extract_cluster(&tarball, &tmp.path().join("extracted"));
     assert!(extracted.join("PG_VERSION").is_file());
     assert_eq!(fingerprint_at(&extracted), want);
 
@@ -406,18 +412,7 @@ fn postgres_exports_of_a_stopped_and_a_running_cluster_start_and_answer_as_the_s
         .lines()
         .any(|l| l.trim_end_matches('/') == "global/pg_control"));
     assert!(!r.stdout.contains("postmaster"), "{}", r.stdout);
-    let extracted = tmp.path().join("extracted-stopped");
-    flr_e2e::postgres::make_postgres_dir(&extracted);
-    let r = tool(
-        "tar",
-        [
-            "-xpf",
-            tarball.to_str().unwrap(),
-            "-C",
-            extracted.to_str().unwrap(),
-        ],
-    );
-    assert!(r.status.success(), "{r}");
+    let extracted = extract_cluster(&tarball, &tmp.path().join("extracted-stopped"));
     assert_eq!(fingerprint_at(&extracted), want);
     assert_clean_staging(&staging);
 
