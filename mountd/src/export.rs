@@ -8,11 +8,12 @@
 //! 2. mount: for PostgreSQL, the restore point as a writable session whose
 //!    changes go to the staging directory (the repository never changes);
 //!    a cluster backed up cleanly shut down needs no recovery, so for
-//!    `files` to a local target it is not mounted: its files are restored
-//!    as stored.
+//!    `files` to a local target and for `archive` it is not mounted: its
+//!    files are restored, or archived, as stored.
 //!    A SQLite database with no WAL or journal beside it needs no
-//!    recovery: it is mounted read-only and opened immutable, or, for
-//!    `files` to a local target, not mounted at all;
+//!    recovery: it is mounted read-only and opened immutable for
+//!    `logical`, and not mounted at all for `archive` and for `files` to a
+//!    local target;
 //! 3. stage: make the database consistent (PostgreSQL runs recovery on the
 //!    session and shuts down cleanly; a SQLite database with a WAL or a
 //!    journal is restored to staging, where opening it rolls the journal
@@ -279,6 +280,9 @@ struct Plan {
     owner: (u32, u32),
     /// PostgreSQL programs.
     pg_bin: Option<PathBuf>,
+    /// SQLite: the WAL or journal with bytes beside the database
+    /// ([`sqlite_companions`]).
+    companions: Vec<(usize, String)>,
 }
 
 fn check_failed(check: &str, why: impl std::fmt::Display) -> anyhow::Error {
@@ -569,16 +573,18 @@ fn checks(repo: &Repository, m: &Manifest, args: &ExportRequest, staging: &Path)
     let remote = matches!(args.to, Target::Remote(_));
     // A SQLite database with a WAL or journal is restored into staging,
     // with them, and recovered there.
-    let recovered: u64 = match engine {
-        Engine::Sqlite => {
-            let beside = sqlite_companions(m, &args.path);
-            if beside.is_empty() {
-                0
-            } else {
-                logical + beside.iter().map(|(i, _)| m.nodes[*i].size).sum::<u64>()
-            }
-        }
-        Engine::Postgres { .. } => 0,
+    let companions = match engine {
+        Engine::Sqlite => sqlite_companions(m, &args.path),
+        Engine::Postgres { .. } => Vec::new(),
+    };
+    let recovered: u64 = if companions.is_empty() {
+        0
+    } else {
+        logical
+            + companions
+                .iter()
+                .map(|(i, _)| m.nodes[*i].size)
+                .sum::<u64>()
     };
     // An archive is made in staging for a remote target, and for a SQLite
     // database recovered there (its backup copy); otherwise it is written
@@ -610,6 +616,7 @@ fn checks(repo: &Repository, m: &Manifest, args: &ExportRequest, staging: &Path)
         estimate,
         owner,
         pg_bin,
+        companions,
     })
 }
 
@@ -1687,10 +1694,7 @@ pub fn run(
     // restored to staging and recovered there; one without is read as it
     // is stored: restored straight into the target for `files` and
     // `archive`, and opened immutable on a read-only mount for `logical`.
-    let companions = match plan.engine {
-        Engine::Sqlite => sqlite_companions(&manifest, &args.path),
-        Engine::Postgres { .. } => Vec::new(),
-    };
+    let companions = &plan.companions;
     let local_target = matches!(args.to, Target::Local(_));
     let db_node = node_at(&manifest, &args.path).expect("checked");
     let reading = match plan.engine {
@@ -1815,7 +1819,7 @@ pub fn run(
                 crate::host::set_mode(&restored, 0o700)?;
                 crate::host::lchown(&restored, plan.owner.0, plan.owner.1)?;
                 restore_into(&repo, &manifest, db_node, &restored, &name, ctl, false)?;
-                for (i, suffix) in &companions {
+                for (i, suffix) in companions {
                     restore_into(
                         &repo,
                         &manifest,
