@@ -1,5 +1,10 @@
 //! The cache of decoded frames (runs of chunks stored together) used by
-//! the mount read path; each chunk is checked against its id when served.
+//! the mount read path. Each chunk is checked against its id the first
+//! time it is served from a frame; the frame remembers the check, so a
+//! cache hit does not hash the chunk again. The frame's bytes never change
+//! once decoded and live only in this process's memory, so every byte
+//! that came from disk or the network is still checked before it is
+//! served.
 //!
 //! Sharded so that readers on different cores rarely meet on one lock;
 //! each shard is an LRU bounded in bytes (a hard limit: an insert evicts
@@ -16,8 +21,55 @@ use crate::ids::{BuildIdHasher, ChunkId, IdMap};
 
 const SHARDS: usize = 16;
 
-/// A decoded chunk, shared by the cache and every reader holding it.
-pub type ChunkData = Arc<Vec<u8>>;
+/// Most chunks one frame remembers as checked: a frame holds a few page
+/// chunks; one with more (small chunks of a text file) checks the rest on
+/// every use, as before.
+const CHECKED_PER_FRAME: usize = 32;
+
+/// A decoded frame and the chunks of it already checked against their
+/// ids. Its bytes are immutable: a chunk that matched its id once still
+/// does.
+pub struct Frame {
+    bytes: Vec<u8>,
+    /// (offset in the frame, length, id) of each chunk checked.
+    checked: Mutex<Vec<(u32, u32, ChunkId)>>,
+}
+
+impl Frame {
+    pub fn new(bytes: Vec<u8>) -> Frame {
+        Frame {
+            bytes,
+            checked: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Whether the `len` bytes at `offset` were found to be chunk `id`.
+    pub fn was_checked(&self, offset: u32, len: u32, id: &ChunkId) -> bool {
+        self.checked
+            .lock()
+            .iter()
+            .any(|(o, l, i)| *o == offset && *l == len && i == id)
+    }
+
+    /// Records that the `len` bytes at `offset` hash to `id`. Only a caller
+    /// that just checked them may say so.
+    pub fn mark_checked(&self, offset: u32, len: u32, id: &ChunkId) {
+        let mut checked = self.checked.lock();
+        if checked.len() < CHECKED_PER_FRAME {
+            checked.push((offset, len, *id));
+        }
+    }
+}
+
+impl std::ops::Deref for Frame {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// A decoded frame, shared by the cache and every reader holding it.
+pub type ChunkData = Arc<Frame>;
 
 /// A frame being fetched: its result once there, for every reader that
 /// waits for it.
@@ -270,7 +322,7 @@ mod tests {
     fn stays_within_its_byte_bound() {
         let cache = ChunkCache::new(16 * 1024);
         for n in 0..1000 {
-            let data: ChunkData = Arc::new(vec![n as u8; 100]);
+            let data: ChunkData = Arc::new(Frame::new(vec![n as u8; 100]));
             cache.get_or_fetch(&id(n), || Ok(data)).unwrap();
             assert!(cache.resident_bytes() <= 16 * 1024);
         }
@@ -291,14 +343,14 @@ mod tests {
                         .get_or_fetch(&id(7), || {
                             fetches.fetch_add(1, Ordering::SeqCst);
                             std::thread::sleep(std::time::Duration::from_millis(50));
-                            Ok(Arc::new(vec![1u8; 10]))
+                            Ok(Arc::new(Frame::new(vec![1u8; 10])))
                         })
                         .unwrap()
                 })
             })
             .collect();
         for t in threads {
-            assert_eq!(&*t.join().unwrap(), &[1u8; 10]);
+            assert_eq!(&**t.join().unwrap(), &[1u8; 10]);
         }
         assert_eq!(fetches.load(Ordering::SeqCst), 1);
     }
@@ -317,8 +369,8 @@ mod tests {
             })
         };
         std::thread::sleep(std::time::Duration::from_millis(30));
-        claim.complete(Ok(Arc::new(vec![9u8; 4])));
-        assert_eq!(&*reader.join().unwrap(), &[9u8; 4]);
+        claim.complete(Ok(Arc::new(Frame::new(vec![9u8; 4]))));
+        assert_eq!(&**reader.join().unwrap(), &[9u8; 4]);
         assert!(cache.claim(&id(3)).is_none(), "cached now");
     }
 
@@ -328,11 +380,32 @@ mod tests {
         let claim = cache.claim(&id(4)).unwrap();
         let reader = {
             let cache = cache.clone();
-            std::thread::spawn(move || cache.get_or_fetch(&id(4), || Ok(Arc::new(vec![5u8]))))
+            std::thread::spawn(move || {
+                cache.get_or_fetch(&id(4), || Ok(Arc::new(Frame::new(vec![5u8]))))
+            })
         };
         std::thread::sleep(std::time::Duration::from_millis(30));
         drop(claim);
-        assert_eq!(&*reader.join().unwrap().unwrap(), &[5u8]);
+        assert_eq!(&**reader.join().unwrap().unwrap(), &[5u8]);
+    }
+
+    #[test]
+    fn a_frame_remembers_only_the_checks_it_was_told_of() {
+        let frame = Frame::new(vec![3u8; 64]);
+        assert_eq!(&*frame, &[3u8; 64][..]);
+        assert!(!frame.was_checked(0, 16, &id(1)));
+        frame.mark_checked(0, 16, &id(1));
+        assert!(frame.was_checked(0, 16, &id(1)));
+        assert!(!frame.was_checked(0, 16, &id(2)), "another id");
+        assert!(!frame.was_checked(16, 16, &id(1)), "another offset");
+        assert!(!frame.was_checked(0, 8, &id(1)), "another length");
+        // Past its bound a frame stops remembering, and then only asks
+        // for more checks.
+        for n in 0..100 {
+            frame.mark_checked(n, 1, &id(n + 10));
+        }
+        assert!(frame.was_checked(0, 16, &id(1)));
+        assert!(!frame.was_checked(99, 1, &id(109)));
     }
 
     #[test]
@@ -342,7 +415,7 @@ mod tests {
             .get_or_fetch(&id(1), || Err(FsError::Corrupt("x".into())))
             .is_err());
         assert!(cache
-            .get_or_fetch(&id(1), || Ok(Arc::new(vec![2u8])))
+            .get_or_fetch(&id(1), || Ok(Arc::new(Frame::new(vec![2u8]))))
             .is_ok());
     }
 }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::cache::{ChunkCache, ChunkData};
+use crate::cache::{ChunkCache, ChunkData, Frame};
 use crate::disk_cache::DiskCache;
 use crate::frame_fetch::{FrameFetcher, FrameRequest};
 use crate::ids::{ChunkId, IdMap, PackId};
@@ -1119,7 +1119,7 @@ impl RepoFs {
         let mut fetched_here: IdMap<ChunkData> = IdMap::default();
         if !claims.is_empty() {
             for (claim, frame) in claims.into_iter().zip(self.fetcher.fetch(&wanted)) {
-                let frame = frame.map(Arc::new);
+                let frame = frame.map(|f| Arc::new(Frame::new(f)));
                 if let Ok(f) = &frame {
                     fetched_here.insert(*claim.id(), f.clone());
                 }
@@ -1417,23 +1417,25 @@ fn prefetch(
         .readahead_frames
         .fetch_add(claims.len() as u64, Ordering::Relaxed);
     for (claim, frame) in claims.into_iter().zip(fetcher.fetch(&wanted)) {
-        claim.complete(frame.map(Arc::new));
+        claim.complete(frame.map(|f| Arc::new(Frame::new(f))));
     }
 }
 
-/// A chunk's range in its decoded frame, checked against its id.
+/// A chunk's range in its decoded frame, checked against its id the first
+/// time the frame serves it.
 fn chunk_in(repo: &Repository, chunk: &Located, frame: ChunkData) -> FsResult<ChunkSlice> {
-    let range = {
-        let bytes = repo.chunk_in_frame(&chunk.id, &chunk.loc, &chunk.pack, &frame)?;
-        let start = chunk.loc.frame_offset as usize;
-        start..start + bytes.len()
-    };
-    Ok((frame, range))
+    let (offset, len) = (chunk.loc.frame_offset, chunk.loc.raw_len);
+    if !frame.was_checked(offset, len, &chunk.id) {
+        repo.chunk_in_frame(&chunk.id, &chunk.loc, &chunk.pack, &frame)?;
+        frame.mark_checked(offset, len, &chunk.id);
+    }
+    let start = offset as usize;
+    Ok((frame, start..start + len as usize))
 }
 
 /// A chunk's bytes: its decoded frame (from the cache, or decoded once
 /// however many readers ask) and the chunk's range in it, checked against
-/// the chunk's id on every use.
+/// the chunk's id once per decoded frame.
 fn chunk_bytes(
     repo: &Repository,
     cache: &ChunkCache,
@@ -1476,7 +1478,7 @@ fn frame_bytes(
 ) -> FsResult<ChunkSlice> {
     let frame = cache.get_or_fetch(&chunk.frame_key, || {
         let mut one = fetcher.fetch(&[chunk.request()]);
-        Ok(Arc::new(one.pop().expect("one frame asked")?))
+        Ok(Arc::new(Frame::new(one.pop().expect("one frame asked")?)))
     })?;
     chunk_in(repo, chunk, frame)
 }
@@ -1580,6 +1582,73 @@ mod tests {
         assert_eq!(fs.read(fh, 0, 20_000).unwrap(), vec![7u8; 10_000]);
         fs.release(fh);
         assert_eq!(fs.open_files(), 0);
+    }
+
+    #[test]
+    fn a_chunk_is_checked_once_per_frame_and_a_damaged_one_never_passes() {
+        use crate::backup::{backup, BackupOptions, Source, StdinSource};
+        let store = Arc::new(crate::store::MemoryStore::new());
+        Repository::init(store.as_ref(), None).unwrap();
+        let repo = Repository::open(store, || Ok(Vec::new())).unwrap();
+        let data: Vec<u8> = (0..64u32 << 10).map(|i| (i * 7 % 251) as u8).collect();
+        let source = Source::Stream(StdinSource {
+            name: "db.bin".into(),
+            reader: Box::new(std::io::Cursor::new(data)),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        });
+        let opts = BackupOptions {
+            job: "app".into(),
+            chunker: None,
+            hostname: "test".into(),
+            progress: Default::default(),
+        };
+        let m = backup(&repo, source, &opts).unwrap();
+        let id = match &m
+            .nodes
+            .iter()
+            .find(|n| n.name == b"db.bin")
+            .unwrap()
+            .content
+        {
+            crate::manifest::Content::Fixed { chunks, .. } => chunks[0].unwrap(),
+            crate::manifest::Content::Variable { chunks } => chunks[0].0.unwrap(),
+            other => panic!("unexpected content {other:?}"),
+        };
+        let chunk = Located::find(&repo, id).unwrap();
+        let plain = repo.read_frame_at(&id, &chunk.loc, &chunk.pack).unwrap();
+        let (offset, len) = (chunk.loc.frame_offset, chunk.loc.raw_len);
+
+        // A frame whose chunk bytes were damaged after decoding fails on
+        // every use: a failed check is never remembered as a pass.
+        let mut damaged = plain.clone();
+        damaged[offset as usize] ^= 1;
+        let damaged = Arc::new(Frame::new(damaged));
+        for _ in 0..2 {
+            assert!(chunk_in(&repo, &chunk, damaged.clone()).is_err());
+            assert!(!damaged.was_checked(offset, len, &id));
+        }
+
+        let good = Arc::new(Frame::new(plain));
+        assert!(!good.was_checked(offset, len, &id));
+        let (frame, range) = chunk_in(&repo, &chunk, good.clone()).unwrap();
+        assert_eq!(range, offset as usize..(offset + len) as usize);
+        assert!(frame.was_checked(offset, len, &id));
+        // Another id, or another range, at the same place is not covered
+        // by that check.
+        let mut other = id;
+        other.0[0] ^= 1;
+        assert!(!good.was_checked(offset, len, &other));
+        assert!(!good.was_checked(offset, len - 1, &id));
+        let moved = Located {
+            id: other,
+            loc: chunk.loc,
+            pack: chunk.pack,
+            frame_key: chunk.frame_key,
+        };
+        assert!(chunk_in(&repo, &moved, good.clone()).is_err());
+        assert!(chunk_in(&repo, &chunk, good).is_ok());
     }
 
     #[test]
