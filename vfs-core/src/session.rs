@@ -84,10 +84,16 @@ fn now() -> Time {
 
 /// Byte ranges `[start, end)`, kept disjoint and merged when they touch.
 /// Decoding checks that, so a damaged checkpoint cannot make lookups loop.
+/// The bytes covered are counted as ranges come and go, so `getattr` of a
+/// file written in many places does not walk its ranges.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "BTreeMap<u64, u64>")]
 pub struct RangeSet {
     ranges: BTreeMap<u64, u64>,
+    /// Bytes covered: the sum of the ranges' lengths. Not stored: decoding
+    /// sums it once.
+    #[serde(skip)]
+    covered: u64,
 }
 
 impl TryFrom<BTreeMap<u64, u64>> for RangeSet {
@@ -95,13 +101,15 @@ impl TryFrom<BTreeMap<u64, u64>> for RangeSet {
 
     fn try_from(ranges: BTreeMap<u64, u64>) -> std::result::Result<Self, String> {
         let mut last_end = None;
+        let mut covered = 0u64;
         for (&a, &b) in &ranges {
             if a >= b || last_end.is_some_and(|e| a <= e) {
                 return Err(format!("byte range {a}..{b} is empty or overlaps another"));
             }
             last_end = Some(b);
+            covered += b - a;
         }
-        Ok(RangeSet { ranges })
+        Ok(RangeSet { ranges, covered })
     }
 }
 
@@ -111,6 +119,7 @@ impl RangeSet {
             return;
         }
         let (mut s, mut e) = (start, end);
+        let mut absorbed = 0;
         if let Some((&a, &b)) = self.ranges.range(..=s).next_back() {
             if b >= s {
                 s = a;
@@ -121,22 +130,28 @@ impl RangeSet {
         for a in inside {
             if let Some(b) = self.ranges.remove(&a) {
                 e = e.max(b);
+                absorbed += b - a;
             }
         }
         self.ranges.insert(s, e);
+        self.covered = self.covered - absorbed + (e - s);
     }
 
     /// Drops everything at or past `len`.
     pub fn truncate(&mut self, len: u64) {
-        let _ = self.ranges.split_off(&len);
+        let dropped = self.ranges.split_off(&len);
+        self.covered -= dropped.iter().map(|(a, b)| b - a).sum::<u64>();
         if let Some((_, b)) = self.ranges.range_mut(..len).next_back() {
-            *b = (*b).min(len);
+            if *b > len {
+                self.covered -= *b - len;
+                *b = len;
+            }
         }
     }
 
     /// Bytes covered.
     pub fn total(&self) -> u64 {
-        self.ranges.iter().map(|(a, b)| b - a).sum()
+        self.covered
     }
 
     /// Where `pos` stands: `(true, end of its range)` inside a range,
@@ -2488,3 +2503,51 @@ mod format_tests;
 
 #[cfg(test)]
 mod replay_tests;
+
+#[cfg(test)]
+mod range_set_tests {
+    use super::RangeSet;
+    use proptest::prelude::*;
+
+    /// What a byte map says the set covers, one bit per byte.
+    fn covered_bytes(set: &RangeSet) -> Vec<bool> {
+        let mut bytes = vec![false; 512];
+        for (a, b) in set.iter() {
+            for x in a..b {
+                bytes[x as usize] = true;
+            }
+        }
+        bytes
+    }
+
+    proptest! {
+        /// The running count always equals the bytes the ranges cover, and
+        /// the ranges cover exactly what a byte map of the same inserts and
+        /// truncates does.
+        #[test]
+        fn the_running_count_matches_the_ranges(
+            ops in proptest::collection::vec((0u64..3, 0u64..200, 0u64..60), 1..60)
+        ) {
+            let mut set = RangeSet::default();
+            let mut model = vec![false; 512];
+            for (kind, at, len) in ops {
+                if kind < 2 {
+                    set.insert(at, at + len);
+                    for x in at..at + len {
+                        model[x as usize] = true;
+                    }
+                } else {
+                    set.truncate(at);
+                    for x in at..512 {
+                        model[x as usize] = false;
+                    }
+                }
+                let summed: u64 = set.iter().map(|(a, b)| b - a).sum();
+                prop_assert_eq!(set.total(), summed);
+                prop_assert_eq!(covered_bytes(&set), model.clone());
+                let decoded = RangeSet::try_from(set.ranges.clone()).unwrap();
+                prop_assert_eq!(&decoded, &set);
+            }
+        }
+    }
+}

@@ -439,7 +439,10 @@ fn a_bad_checkpoint_is_refused() {
         body: Body::File(FileState {
             from_restore_point,
             size: 100,
-            extents: RangeSet { ranges: extents },
+            extents: RangeSet {
+                ranges: extents,
+                covered: 0,
+            },
             ..FileState::default()
         }),
         open: 0,
