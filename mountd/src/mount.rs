@@ -264,6 +264,11 @@ fn open_disk_cache(args: &MountArgs) -> Result<Option<Arc<vfs_core::disk_cache::
 /// The read path's figures at unmount: a summary line, then all of them
 /// as one JSON line (`flr: read stats {...}`) for scripts.
 fn report_reads(fs: &RepoFs, mountpoint: &Path) {
+    // The frames still waiting for the disk cache's writer go to disk
+    // first: the next mount finds them, and the figures count them.
+    if let Some(d) = fs.fetcher().disk_cache() {
+        d.flush();
+    }
     let c = &fs.counters;
     let cache = &fs.cache().counters;
     use std::sync::atomic::Ordering::Relaxed;

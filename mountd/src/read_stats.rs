@@ -39,6 +39,7 @@ pub fn disk_cache_json(disk: Option<&DiskCache>) -> Value {
         "evictions": c.evictions.load(Relaxed),
         "damaged": c.damaged.load(Relaxed),
         "write_errors": c.write_errors.load(Relaxed),
+        "skipped": c.skipped.load(Relaxed),
     })
 }
 

@@ -21,6 +21,11 @@
 //!   open. Files are not fsynced: after a power loss a renamed file may
 //!   hold garbage, which its checksum rejects.
 //!
+//! Frames a mount fetches are written by a thread of the cache's own
+//! ([`DiskCache::insert_later`]), so a read never waits for the disk
+//! cache's file system; at most [`QUEUE_BYTES`] wait to be written, and a
+//! frame past that is not kept. Dropping the cache writes what waits.
+//!
 //! The bound is a hard limit on bytes, counted per file as its size
 //! rounded up to whole 4 KiB blocks (what it takes on disk), including
 //! files being written. Eviction is least recently used; the order
@@ -31,6 +36,7 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use parking_lot::Mutex;
@@ -50,6 +56,11 @@ const _: () = assert!(HEADER_LEN == 80);
 /// Files are charged in whole blocks of this size.
 const BLOCK: u64 = 4096;
 
+/// Payload bytes waiting for the writer thread at most. A frame that
+/// would pass it is not kept: a slow disk costs later requests, never the
+/// reader's time, and the memory stays bounded.
+pub const QUEUE_BYTES: u64 = 16 << 20;
+
 /// Figures for stats and metrics.
 #[derive(Default, Debug)]
 pub struct DiskCacheCounters {
@@ -66,6 +77,8 @@ pub struct DiskCacheCounters {
     pub damaged: AtomicU64,
     /// Writes that failed (a full disk, say); the frame is served anyway.
     pub write_errors: AtomicU64,
+    /// Frames not kept because [`QUEUE_BYTES`] were already waiting.
+    pub skipped: AtomicU64,
 }
 
 struct State {
@@ -77,14 +90,53 @@ struct State {
     writing: IdSet,
 }
 
-pub struct DiskCache {
+/// The cache directory and its table, shared by the cache's users and its
+/// writer thread.
+pub struct CacheDir {
     dir: PathBuf,
     capacity: u64,
     state: Mutex<State>,
     next_temp: AtomicU64,
+    /// Payload bytes queued for the writer thread.
+    queued: AtomicU64,
     /// Held for the cache's life: the OS lock marks the directory as ours.
     _lock: File,
     pub counters: DiskCacheCounters,
+}
+
+/// Work for the writer thread.
+enum Job {
+    Keep(ChunkId, Vec<u8>),
+    /// Answered once every job queued before it is done.
+    Flush(crossbeam_channel::Sender<()>),
+}
+
+struct Writer {
+    jobs: crossbeam_channel::Sender<Job>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// A disk cache of stored frames; see the module comment.
+pub struct DiskCache {
+    dir: Arc<CacheDir>,
+    writer: Mutex<Option<Writer>>,
+}
+
+impl std::ops::Deref for DiskCache {
+    type Target = CacheDir;
+    fn deref(&self) -> &CacheDir {
+        &self.dir
+    }
+}
+
+impl Drop for DiskCache {
+    /// Writes the frames still queued, then lets the directory go.
+    fn drop(&mut self) {
+        if let Some(w) = self.writer.lock().take() {
+            drop(w.jobs);
+            let _ = w.thread.join();
+        }
+    }
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> Error {
@@ -188,7 +240,7 @@ impl DiskCache {
             lru.put(key, c);
             used += c;
         }
-        let cache = DiskCache {
+        let cache = Arc::new(CacheDir {
             dir: dir.to_path_buf(),
             capacity,
             state: Mutex::new(State {
@@ -197,9 +249,10 @@ impl DiskCache {
                 writing: IdSet::default(),
             }),
             next_temp: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
             _lock: lock,
             counters: DiskCacheCounters::default(),
-        };
+        });
         let victims = {
             let mut s = cache.state.lock();
             cache.evict_until(&mut s, 0)
@@ -212,9 +265,77 @@ impl DiskCache {
             cache.used_bytes(),
             capacity
         );
-        Ok(cache)
+        let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
+        let thread = {
+            let cache = cache.clone();
+            std::thread::Builder::new()
+                .name("flr-disk-cache".into())
+                .spawn(move || {
+                    for job in queue {
+                        match job {
+                            Job::Keep(key, payload) => {
+                                cache
+                                    .queued
+                                    .fetch_sub(payload.len() as u64, Ordering::Relaxed);
+                                cache.keep_marked(&key, &payload);
+                            }
+                            Job::Flush(done) => {
+                                let _ = done.send(());
+                            }
+                        }
+                    }
+                })
+                .map_err(|e| io_err(dir, e))?
+        };
+        Ok(DiskCache {
+            dir: cache,
+            writer: Mutex::new(Some(Writer { jobs, thread })),
+        })
     }
 
+    /// Queues the stored frame `payload` to be kept under `key` by the
+    /// cache's writer thread, and returns at once. Nothing is queued for a
+    /// key held or queued already, nor past [`QUEUE_BYTES`] (counted as
+    /// skipped). Until written, the frame is a miss.
+    pub fn insert_later(&self, key: &ChunkId, payload: Vec<u8>) {
+        let len = payload.len() as u64;
+        {
+            let mut s = self.state.lock();
+            if s.lru.contains(key) || s.writing.contains(key) {
+                return;
+            }
+            if self.queued.load(Ordering::Relaxed) + len > QUEUE_BYTES {
+                self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            s.writing.insert(*key);
+            self.queued.fetch_add(len, Ordering::Relaxed);
+        }
+        let sent = match &*self.writer.lock() {
+            Some(w) => w.jobs.send(Job::Keep(*key, payload)).is_ok(),
+            None => false,
+        };
+        if !sent {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            self.state.lock().writing.remove(key);
+        }
+    }
+
+    /// Waits until every frame queued before this call is written (or
+    /// given up).
+    pub fn flush(&self) {
+        let (done, wait) = crossbeam_channel::bounded(1);
+        let sent = match &*self.writer.lock() {
+            Some(w) => w.jobs.send(Job::Flush(done)).is_ok(),
+            None => false,
+        };
+        if sent {
+            let _ = wait.recv();
+        }
+    }
+}
+
+impl CacheDir {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -328,9 +449,25 @@ impl DiskCache {
     /// must to stay within the bound. Failures are logged and counted,
     /// never returned: the cache is an optimisation.
     pub fn insert(&self, key: &ChunkId, payload: &[u8]) {
+        {
+            let mut s = self.state.lock();
+            if s.lru.contains(key) || s.writing.contains(key) {
+                return;
+            }
+            s.writing.insert(*key);
+        }
+        self.keep_marked(key, payload);
+    }
+
+    /// [`Self::insert`] of a key the caller has put in `writing`, which
+    /// this takes out again whatever happens.
+    fn keep_marked(&self, key: &ChunkId, payload: &[u8]) {
         let c = charge(payload.len());
+        let give_up = || {
+            self.state.lock().writing.remove(key);
+        };
         if c > self.capacity || payload.len() > u32::MAX as usize {
-            return;
+            return give_up();
         }
         // Room is made first, its files removed, then the new file's
         // bytes are charged; a few rounds if other writers take the room.
@@ -338,12 +475,8 @@ impl DiskCache {
         for _ in 0..4 {
             let victims = {
                 let mut s = self.state.lock();
-                if s.lru.contains(key) || s.writing.contains(key) {
-                    return;
-                }
                 if s.used + c <= self.capacity {
                     s.used += c;
-                    s.writing.insert(*key);
                     reserved = true;
                     break;
                 }
@@ -351,12 +484,12 @@ impl DiskCache {
             };
             if victims.is_empty() {
                 // Everything left is being written or removed by others.
-                return;
+                break;
             }
             self.drop_victims(&victims);
         }
         if !reserved {
-            return;
+            return give_up();
         }
         let written = self.write_file(key, payload);
         let mut s = self.state.lock();
@@ -581,6 +714,34 @@ mod tests {
         let cache = DiskCache::open(tmp.path(), 1 << 20).unwrap();
         assert_eq!(cache.frames(), 1);
         assert!(!tmp.path().join("frames/zz-not-a-key").exists());
+    }
+
+    #[test]
+    fn queued_frames_are_written_by_the_writer_within_the_queue_bound() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(tmp.path(), 1 << 30).unwrap();
+        cache.insert_later(&key(1), payload(1, 10_000));
+        // Queued twice: once.
+        cache.insert_later(&key(1), payload(1, 10_000));
+        cache.flush();
+        assert_eq!(cache.get(&key(1)), Some(payload(1, 10_000)));
+        assert_eq!(cache.counters.inserts.load(Ordering::Relaxed), 1);
+        // A frame larger than the queue's bound is never queued, so a slow
+        // disk cannot make the queue hold more.
+        cache.insert_later(&key(2), payload(2, QUEUE_BYTES as usize + 1));
+        cache.flush();
+        assert_eq!(cache.counters.skipped.load(Ordering::Relaxed), 1);
+        assert_eq!(cache.get(&key(2)), None);
+        assert_eq!(cache.queued.load(Ordering::Relaxed), 0);
+        // What waits at the end is written when the cache is dropped.
+        for n in 10..40 {
+            cache.insert_later(&key(n), payload(n, 5000));
+        }
+        drop(cache);
+        let cache = DiskCache::open(tmp.path(), 1 << 30).unwrap();
+        for n in 10..40 {
+            assert_eq!(cache.get(&key(n)), Some(payload(n, 5000)), "{n}");
+        }
     }
 
     #[test]

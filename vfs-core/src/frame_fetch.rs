@@ -214,7 +214,7 @@ impl<R: Deref<Target = Repository> + Sync> FrameFetcher<R> {
             let raw = &bytes[from..from + w.loc.stored_len as usize];
             let plain = self.repo.decode_frame(&w.chunk, &w.loc, &w.pack, raw)?;
             if let Some(d) = &self.disk {
-                d.insert(&w.frame_key, raw);
+                d.insert_later(&w.frame_key, raw.to_vec());
             }
             Ok(plain)
         };
@@ -370,6 +370,8 @@ mod tests {
             .map(Result::unwrap)
             .collect();
         let sent = store.ranges.load(Ordering::Relaxed);
+        // Kept by the cache's writer thread, after the reads returned.
+        disk.flush();
         assert_eq!(disk.frames(), wanted.len());
         let again: Vec<_> = fetcher
             .fetch(&wanted)
