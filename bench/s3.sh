@@ -10,6 +10,8 @@
 #   BENCH_SIZE_MB=1024      size of the SQLite database (MiB); 64 for a quick run
 #   BENCH_SEED=20261101     dataset seed (same seed and size -> same bytes)
 #   BENCH_FIO_RUNTIME=15    cap in seconds of each fio run
+#   BENCH_ROUNDS=3          rounds of flr's backups, alternating S3 and local
+#                           (the median is reported, with every round)
 #   BENCH_WORK=/var/tmp/flr-s3bench
 #                           work directory: dataset, server storage, repositories,
 #                           mounts, caches, logs (WORK/logs); the dataset is kept
@@ -29,6 +31,7 @@ ROOT=$(dirname "$HERE")
 SIZE_MB=${BENCH_SIZE_MB:-1024}
 SEED=${BENCH_SEED:-20261101}
 FIO_RUNTIME=${BENCH_FIO_RUNTIME:-15}
+ROUNDS=${BENCH_ROUNDS:-3}
 WORK=${BENCH_WORK:-/var/tmp/flr-s3bench}
 DATE=$(date -u +%F)
 S3S_FS=${FLR_S3S_FS:-/var/cache/flr-tools/s3s-fs-0.14.1/bin/s3s-fs}
@@ -98,7 +101,7 @@ python3 "$HERE/gen_db.py" --size-mb "$SIZE_MB" --seed "$SEED" --out "$WORK/data"
 say "measuring (log lines below; tool output in $WORK/logs/)"
 # in the background and waited for, so that a signal reaches the trap at once
 python3 "$HERE/s3bench.py" --work "$WORK" --flr "$FLR" --flr-rev "$(bench_flr_rev "$ROOT")" \
-    --s3s-fs "$S3S_FS" --size-mb "$SIZE_MB" --fio-runtime "$FIO_RUNTIME" --date "$DATE" --out "$OUT" &
+    --s3s-fs "$S3S_FS" --size-mb "$SIZE_MB" --fio-runtime "$FIO_RUNTIME" --rounds "$ROUNDS" --date "$DATE" --out "$OUT" &
 DRIVER_PID=$!
 rc=0
 wait "$DRIVER_PID" || rc=$?

@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -285,7 +286,8 @@ def targets_lines(results):
         if "wall_s" in a and "wall_s" in b:
             ratio = a["wall_s"] / b["wall_s"]
             oks.append(ratio <= BACKUP_RATIO_MAX)
-            parts.append(f"{phase} {a['wall_s']:.1f} s against {b['wall_s']:.1f} s = {ratio:.2f}x")
+            parts.append(f"{phase} {a['wall_s']:.1f} s{rounds_text(a)} against {b['wall_s']:.1f} s"
+                         f"{rounds_text(b)} = {ratio:.2f}x")
         else:
             oks.append(False)
             parts.append(f"{phase}: not measured")
@@ -378,7 +380,10 @@ def render(ctx, results):
                                     restore_s, req_cell(r), down]))
     L.append("")
     L.append("Full backup of the original database, then the incremental of the updated one into the same "
-             "repository; page cache dropped before each. MB/s = database bytes (10^6) / wall time. "
+             "repository; page cache dropped before each. flr's backups (both rows) run "
+             f"{results.get('rounds', 1)} time(s), each into a new repository, the order of S3 and the local "
+             "directory alternating; their times are the median round (every round's time is in the targets "
+             "below), requests and bytes the last round's. MB/s = database bytes (10^6) / wall time. "
              "Requests and MiB up (request bodies) are counted at the proxy; for the local directory, the "
              "bytes added to it (`du -sb`). Stored = the repository's directory (`du -sb`; for S3 the "
              "server's directory of the prefix) after both backups. Restore: the incremental's restore "
@@ -468,6 +473,31 @@ def render(ctx, results):
     return "\n".join(L)
 
 
+def merge_rounds(runs):
+    """One backup result from several rounds: the last round's entry (its
+    restore point is the one in the repository), with the median time of
+    the rounds that succeeded and every round's time."""
+    out = dict(runs[-1])
+    for phase in ("full", "incr"):
+        ok = [r[phase] for r in runs if "wall_s" in r.get(phase, {})]
+        if not ok or "wall_s" not in out.get(phase, {}):
+            continue
+        walls = sorted(e["wall_s"] for e in ok)
+        entry = dict(out[phase])
+        entry["wall_rounds"] = [e["wall_s"] for e in ok]
+        entry["wall_s"] = statistics.median(walls)
+        entry["mb_s"] = entry["mb_s"] * runs[-1][phase]["wall_s"] / entry["wall_s"]
+        out[phase] = entry
+    return out
+
+
+def rounds_text(entry):
+    w = entry.get("wall_rounds")
+    if not w or len(w) < 2:
+        return ""
+    return " (rounds " + ", ".join(f"{x:.1f}" for x in w) + ")"
+
+
 # ---------------------------------------------------------------------------
 
 def cmd_s3(args):
@@ -499,8 +529,22 @@ def cmd_s3(args):
         bk = results["backup"] = {}
         rs = results["restore"] = {}
         mt = results["mount"] = {}
+        # flr's two backups, whose times the 1.3x target compares, run in
+        # rounds, the order alternating; restic's once (its figure is the
+        # request count). A row reports the median round and keeps every
+        # round's time; the repository left is the last round's.
+        results["rounds"] = max(1, args.rounds)
+        flr_targets = [n for n in TARGETS if n.startswith("flr-")]
+        rounds = {n: [] for n in flr_targets}
+        for r in range(max(1, args.rounds)):
+            order = flr_targets if r % 2 == 0 else list(reversed(flr_targets))
+            for name in order:
+                rounds[name].append(bench.run_backups(ctx, tools[name]))
         for name in TARGETS:
-            bk[name] = bench.run_backups(ctx, tools[name])
+            if name in rounds:
+                bk[name] = merge_rounds(rounds[name])
+            else:
+                bk[name] = bench.run_backups(ctx, tools[name])
         for name in TARGETS:
             incr = bk[name].get("incr", {})
             if "error" in incr:
@@ -551,6 +595,7 @@ def main():
     ap.add_argument("--s3s-fs", required=True, help="path of the s3s-fs binary")
     ap.add_argument("--size-mb", type=int, default=1024)
     ap.add_argument("--fio-runtime", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of flr's backups (median reported)")
     ap.add_argument("--backup-timeout", type=int, default=3600)
     ap.add_argument("--date", default=datetime.date.today().isoformat())
     ap.add_argument("--note", action="append")
