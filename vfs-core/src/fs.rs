@@ -1533,15 +1533,16 @@ impl RepoFs {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_rooted_mount_shows_one_restore_point_at_its_root() {
+    /// A repository in memory holding one restore point of job `app`: a
+    /// file `db.bin` of `data`, backed up from a stream.
+    fn repo_with_file(data: Vec<u8>) -> (Arc<Repository>, crate::manifest::Manifest) {
         use crate::backup::{backup, BackupOptions, Source, StdinSource};
         let store = Arc::new(crate::store::MemoryStore::new());
         Repository::init(store.as_ref(), None).unwrap();
         let repo = Arc::new(Repository::open(store, || Ok(Vec::new())).unwrap());
         let source = Source::Stream(StdinSource {
             name: "db.bin".into(),
-            reader: Box::new(std::io::Cursor::new(vec![7u8; 10_000])),
+            reader: Box::new(std::io::Cursor::new(data)),
             mode: 0o644,
             uid: 0,
             gid: 0,
@@ -1553,6 +1554,12 @@ mod tests {
             progress: Default::default(),
         };
         let m = backup(&repo, source, &opts).unwrap();
+        (repo, m)
+    }
+
+    #[test]
+    fn a_rooted_mount_shows_one_restore_point_at_its_root() {
+        let (repo, m) = repo_with_file(vec![7u8; 10_000]);
         let name = RestorePointName::parse(&m.full_name()).unwrap();
         let fs = RepoFs::new(
             repo,
@@ -1586,25 +1593,7 @@ mod tests {
 
     #[test]
     fn a_chunk_is_checked_once_per_frame_and_a_damaged_one_never_passes() {
-        use crate::backup::{backup, BackupOptions, Source, StdinSource};
-        let store = Arc::new(crate::store::MemoryStore::new());
-        Repository::init(store.as_ref(), None).unwrap();
-        let repo = Repository::open(store, || Ok(Vec::new())).unwrap();
-        let data: Vec<u8> = (0..64u32 << 10).map(|i| (i * 7 % 251) as u8).collect();
-        let source = Source::Stream(StdinSource {
-            name: "db.bin".into(),
-            reader: Box::new(std::io::Cursor::new(data)),
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-        });
-        let opts = BackupOptions {
-            job: "app".into(),
-            chunker: None,
-            hostname: "test".into(),
-            progress: Default::default(),
-        };
-        let m = backup(&repo, source, &opts).unwrap();
+        let (repo, m) = repo_with_file((0..64u32 << 10).map(|i| (i * 7 % 251) as u8).collect());
         let id = match &m
             .nodes
             .iter()

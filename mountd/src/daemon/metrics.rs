@@ -155,6 +155,11 @@ pub async fn render(daemon: &Daemon) -> String {
                 c.damaged.load(Relaxed),
             ),
             (
+                "flr_disk_cache_skipped_total",
+                "Fetched frames not kept because the disk cache's writer was 16 MiB behind.",
+                c.skipped.load(Relaxed),
+            ),
+            (
                 "flr_disk_cache_read_bytes_total",
                 "Stored frame bytes served from the disk cache.",
                 c.bytes_read.load(Relaxed),
