@@ -119,7 +119,8 @@ struct Writer {
 /// A disk cache of stored frames; see the module comment.
 pub struct DiskCache {
     dir: Arc<CacheDir>,
-    writer: Mutex<Option<Writer>>,
+    /// Taken only by `drop`.
+    writer: Option<Writer>,
 }
 
 impl std::ops::Deref for DiskCache {
@@ -132,7 +133,7 @@ impl std::ops::Deref for DiskCache {
 impl Drop for DiskCache {
     /// Writes the frames still queued, then lets the directory go.
     fn drop(&mut self) {
-        if let Some(w) = self.writer.lock().take() {
+        if let Some(w) = self.writer.take() {
             drop(w.jobs);
             let _ = w.thread.join();
         }
@@ -289,15 +290,16 @@ impl DiskCache {
         };
         Ok(DiskCache {
             dir: cache,
-            writer: Mutex::new(Some(Writer { jobs, thread })),
+            writer: Some(Writer { jobs, thread }),
         })
     }
 
     /// Queues the stored frame `payload` to be kept under `key` by the
     /// cache's writer thread, and returns at once. Nothing is queued for a
     /// key held or queued already, nor past [`QUEUE_BYTES`] (counted as
-    /// skipped). Until written, the frame is a miss.
-    pub fn insert_later(&self, key: &ChunkId, payload: Vec<u8>) {
+    /// skipped). Until written, the frame is a miss. The bytes are copied
+    /// only once queued.
+    pub fn insert_later(&self, key: &ChunkId, payload: &[u8]) {
         let len = payload.len() as u64;
         {
             let mut s = self.state.lock();
@@ -311,8 +313,8 @@ impl DiskCache {
             s.writing.insert(*key);
             self.queued.fetch_add(len, Ordering::Relaxed);
         }
-        let sent = match &*self.writer.lock() {
-            Some(w) => w.jobs.send(Job::Keep(*key, payload)).is_ok(),
+        let sent = match &self.writer {
+            Some(w) => w.jobs.send(Job::Keep(*key, payload.to_vec())).is_ok(),
             None => false,
         };
         if !sent {
@@ -325,7 +327,7 @@ impl DiskCache {
     /// given up).
     pub fn flush(&self) {
         let (done, wait) = crossbeam_channel::bounded(1);
-        let sent = match &*self.writer.lock() {
+        let sent = match &self.writer {
             Some(w) => w.jobs.send(Job::Flush(done)).is_ok(),
             None => false,
         };
@@ -720,22 +722,22 @@ mod tests {
     fn queued_frames_are_written_by_the_writer_within_the_queue_bound() {
         let tmp = tempfile::tempdir().unwrap();
         let cache = DiskCache::open(tmp.path(), 1 << 30).unwrap();
-        cache.insert_later(&key(1), payload(1, 10_000));
+        cache.insert_later(&key(1), &payload(1, 10_000));
         // Queued twice: once.
-        cache.insert_later(&key(1), payload(1, 10_000));
+        cache.insert_later(&key(1), &payload(1, 10_000));
         cache.flush();
         assert_eq!(cache.get(&key(1)), Some(payload(1, 10_000)));
         assert_eq!(cache.counters.inserts.load(Ordering::Relaxed), 1);
         // A frame larger than the queue's bound is never queued, so a slow
         // disk cannot make the queue hold more.
-        cache.insert_later(&key(2), payload(2, QUEUE_BYTES as usize + 1));
+        cache.insert_later(&key(2), &payload(2, QUEUE_BYTES as usize + 1));
         cache.flush();
         assert_eq!(cache.counters.skipped.load(Ordering::Relaxed), 1);
         assert_eq!(cache.get(&key(2)), None);
         assert_eq!(cache.queued.load(Ordering::Relaxed), 0);
         // What waits at the end is written when the cache is dropped.
         for n in 10..40 {
-            cache.insert_later(&key(n), payload(n, 5000));
+            cache.insert_later(&key(n), &payload(n, 5000));
         }
         drop(cache);
         let cache = DiskCache::open(tmp.path(), 1 << 30).unwrap();

@@ -214,7 +214,7 @@ impl<R: Deref<Target = Repository> + Sync> FrameFetcher<R> {
             let raw = &bytes[from..from + w.loc.stored_len as usize];
             let plain = self.repo.decode_frame(&w.chunk, &w.loc, &w.pack, raw)?;
             if let Some(d) = &self.disk {
-                d.insert_later(&w.frame_key, raw.to_vec());
+                d.insert_later(&w.frame_key, raw);
             }
             Ok(plain)
         };
